@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for spindle.v1 (see `make proto`)."""
