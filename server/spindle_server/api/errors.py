@@ -1,0 +1,107 @@
+"""The one place where failures become gRPC status codes (AIP-193).
+
+Every error carries a google.rpc.Status in the `grpc-status-details-bin` trailer with an
+ErrorInfo (UPPER_SNAKE reason, domain spindle.v1) and, for bad input, a BadRequest with one
+field violation per problem. INTERNAL is only ever a bug.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from spindle_server.engine.transitions import UnknownToolCallError
+from spindle_server.models.registry import UnknownModelError
+from spindle_server.store.errors import FencedError, NotFoundError, StateError, UnavailableError
+
+DOMAIN = "spindle.v1"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        reason: str,
+        message: str,
+        *,
+        violations: list[tuple[str, str]] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.violations = violations or []
+        self.metadata = metadata or {}
+
+    def to_status(self) -> status_pb2.Status:
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN, metadata=self.metadata)
+        _pack(status, info)
+        if self.violations:
+            bad_request = error_details_pb2.BadRequest()
+            for field, description in self.violations:
+                bad_request.field_violations.add(field=field, description=description)
+            _pack(status, bad_request)
+        return status
+
+
+def _pack(
+    status: status_pb2.Status, detail: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest
+) -> None:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    status.details.append(packed)
+
+
+def invalid_argument(violations: list[tuple[str, str]]) -> ApiError:
+    summary = "; ".join(f"{field}: {description}" for field, description in violations)
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", summary, violations=violations)
+
+
+def not_found(kind: str, resource_id: str) -> ApiError:
+    return ApiError(
+        grpc.StatusCode.NOT_FOUND,
+        f"{kind.upper().replace(' ', '_')}_NOT_FOUND",
+        f"{kind} {resource_id!r} not found",
+        metadata={"resource_id": resource_id},
+    )
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    """Map an exception from any layer to the status the caller gets."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, NotFoundError):
+        return not_found(exc.kind, exc.resource_id)
+    if isinstance(exc, StateError):
+        return ApiError(grpc.StatusCode.FAILED_PRECONDITION, exc.reason, exc.message)
+    if isinstance(exc, UnknownToolCallError):
+        return ApiError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UNKNOWN_TOOL_CALL_ID",
+            str(exc),
+            violations=[
+                ("tool_results.tool_call_id", f"not a pending tool call of this run: {i}") for i in exc.ids
+            ],
+        )
+    if isinstance(exc, UnknownModelError):
+        return ApiError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "UNKNOWN_MODEL",
+            str(exc),
+            violations=[("model", str(exc))],
+        )
+    if isinstance(exc, FencedError):
+        return ApiError(grpc.StatusCode.ABORTED, "CONCURRENT_CHANGE", str(exc))
+    if isinstance(exc, UnavailableError):
+        return ApiError(grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", str(exc))
+    return ApiError(
+        grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({type(exc).__name__}); this is a bug"
+    )
+
+
+def trailing_metadata(error: ApiError) -> tuple[tuple[str, bytes], ...]:
+    return ((STATUS_DETAILS_KEY, error.to_status().SerializeToString()),)

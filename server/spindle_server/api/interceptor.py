@@ -1,0 +1,165 @@
+"""One interceptor for every call: authentication, the error mapping and the access log.
+
+Servicers raise; this turns any exception into the status of api/errors.py, with details.
+Each call is logged with request id, method, status code, latency and run_id: errors and slow
+calls at info, the rest at debug (a log line costs about a third of a bare call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+import structlog
+
+from spindle_server.api import context
+from spindle_server.api.errors import ApiError, to_api_error, trailing_metadata
+
+log = structlog.get_logger("spindle.access")
+
+UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+SLOW_CALL_SECONDS = 1.0
+
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+class ApiKeys:
+    """`authorization: Bearer KEY` -> project. With no keys configured, every call is 'default'."""
+
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        self._keys = dict(keys)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def project_for(self, metadata: Mapping[str, str]) -> str:
+        if not self._keys:
+            return context.DEFAULT_PROJECT
+        header = metadata.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if not header:
+            raise ApiError(
+                grpc.StatusCode.UNAUTHENTICATED, "MISSING_API_KEY", "send 'authorization: Bearer KEY'"
+            )
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(
+                grpc.StatusCode.UNAUTHENTICATED, "MALFORMED_API_KEY", "expected 'authorization: Bearer KEY'"
+            )
+        for known, project in self._keys.items():
+            if secrets.compare_digest(known.encode(), key.strip().encode()):
+                return project
+        raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY", "the API key is not valid")
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, keys: ApiKeys) -> None:
+        self._keys = keys
+        self.calls: Counter[tuple[str, str]] = Counter()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(UNAUTHENTICATED_METHODS):
+            return handler
+        metadata = {
+            key: value for key, value in (details.invocation_metadata or ()) if isinstance(value, str)
+        }
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, metadata, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, metadata, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _unary(self, method: str, metadata: dict[str, str], inner: UnaryBehavior) -> UnaryBehavior:
+        async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            call = _Call(method, metadata)
+            try:
+                context.current_project.set(self._keys.project_for(metadata))
+                response = await inner(request, ctx)
+            except asyncio.CancelledError:
+                call.code = "CANCELLED"  # the client went away
+                raise
+            except Exception as exc:
+                await self._fail(call, ctx, exc)
+                raise  # not reached: abort raises
+            finally:
+                self._finish(call)
+            return response
+
+        return behavior
+
+    def _stream(self, method: str, metadata: dict[str, str], inner: StreamBehavior) -> StreamBehavior:
+        async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(method, metadata, streaming=True)
+            try:
+                context.current_project.set(self._keys.project_for(metadata))
+                async for response in inner(request, ctx):
+                    call.messages += 1
+                    yield response
+            except asyncio.CancelledError:
+                call.code = "CANCELLED"
+                raise
+            except Exception as exc:
+                await self._fail(call, ctx, exc)
+            finally:
+                self._finish(call)
+
+        return behavior
+
+    async def _fail(self, call: _Call, ctx: grpc.aio.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        error = to_api_error(exc)
+        call.code = error.code.name
+        call.reason = error.reason
+        if error.code == grpc.StatusCode.INTERNAL:
+            log.error("unhandled_error", method=call.method, exc_info=exc)
+        await ctx.abort(error.code, error.message, trailing_metadata=trailing_metadata(error))
+
+    def _finish(self, call: _Call) -> None:
+        elapsed = time.perf_counter() - call.started
+        self.calls[(call.method, call.code)] += 1
+        slow = elapsed >= SLOW_CALL_SECONDS and not call.streaming
+        level = log.info if call.code != "OK" or slow else log.debug
+        level(
+            "rpc",
+            method=call.method,
+            code=call.code,
+            reason=call.reason or None,
+            latency_ms=round(elapsed * 1000, 2),
+            request_id=call.request_id,
+            run_id=context.current_run_id.get() or None,
+            messages=call.messages if call.streaming else None,
+        )
+
+
+class _Call:
+    __slots__ = ("code", "messages", "method", "reason", "request_id", "started", "streaming")
+
+    def __init__(self, method: str, metadata: Mapping[str, str], *, streaming: bool = False) -> None:
+        self.method = method
+        self.request_id = metadata.get("x-request-id") or secrets.token_hex(8)
+        self.started = time.perf_counter()
+        self.code = "OK"
+        self.reason = ""
+        self.streaming = streaming
+        self.messages = 0

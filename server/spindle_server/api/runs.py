@@ -1,0 +1,369 @@
+"""RunService: create, inspect, cancel and resume runs; Wait and Listen follow them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from spindle.v1 import assistant_pb2, run_pb2, run_pb2_grpc
+
+from spindle_server import clock, ids
+from spindle_server.api import context, idempotency, validation
+from spindle_server.api.paging import next_page_token, page_query
+from spindle_server.api.threads import messages_from_inputs
+from spindle_server.api.validation import Validator
+from spindle_server.broadcast import EventHub
+from spindle_server.engine import events, transitions
+from spindle_server.engine.engine import Engine, find_tool_step
+from spindle_server.models.registry import ModelRegistry, UnknownModelError
+from spindle_server.store.base import TERMINAL_STATUSES, RunFilter, Store
+from spindle_server.store.errors import StateError
+
+DEFAULT_WAIT_SECONDS = 30.0
+MAX_WAIT_SECONDS = 600.0
+LISTEN_BATCH = 256
+# Without a wake-up (another replica wrote the events), re-read the store this often.
+LISTEN_RECHECK_SECONDS = 2.0
+WAIT_READY = TERMINAL_STATUSES | {run_pb2.TOOL_CALLS}
+
+
+class RunServicer(run_pb2_grpc.RunServiceServicer):
+    def __init__(self, store: Store, engine: Engine, hub: EventHub, models: ModelRegistry) -> None:
+        self._store = store
+        self._engine = engine
+        self._hub = hub
+        self._models = models
+
+    # ---- create ---------------------------------------------------------------------------
+
+    async def Create(self, request: run_pb2.CreateRunRequest, _: grpc.aio.ServicerContext) -> run_pb2.Run:
+        v = Validator()
+        v.resource_id("assistant_id", request.assistant_id, "asst")
+        v.resource_id("thread_id", request.thread_id, "thread")
+        _check_overrides(v, request)
+        project = context.project()
+        messages = messages_from_inputs(
+            v,
+            "additional_messages",
+            request.additional_messages,
+            request.thread_id,
+            project,
+            validation.MAX_ADDITIONAL_MESSAGES,
+        )
+        v.check()
+        assistant = await self._store.get_assistant(project, request.assistant_id)
+        run = self._effective_run(request, assistant, project)
+        v.tool_choice("tool_choice", run.tool_choice, {t.function.name for t in run.tools})
+        try:
+            self._models.resolve(run.model)
+        except UnknownModelError as exc:
+            v.add("model", str(exc))
+        v.check()
+
+        async def create() -> run_pb2.Run:
+            now = clock.now()
+            run.id = ids.new_id("run")
+            run.created_at.CopyFrom(clock.timestamp(now))
+            run.updated_at.CopyFrom(run.created_at)
+            deadline = now + self._engine.config.run_timeout
+            run.expires_at.CopyFrom(clock.timestamp(deadline))
+            for message in messages:
+                message.run_id = ""
+            result = await self._store.insert_run(
+                project, run, messages, deadline, [events.status_change(run, "queued")]
+            )
+            self._engine.wake()
+            return result.run
+
+        created = await idempotency.once(
+            self._store, project, "runs.create", request, request.request_id, run_pb2.Run, create
+        )
+        context.note_run(created.id)
+        return created
+
+    def _effective_run(
+        self, request: run_pb2.CreateRunRequest, assistant: assistant_pb2.Assistant, project: str
+    ) -> run_pb2.Run:
+        """The assistant's configuration with this run's overrides applied."""
+        options = assistant.completion_options
+        truncation = assistant.prompt_truncation_options
+        run = run_pb2.Run(
+            assistant_id=assistant.id,
+            thread_id=request.thread_id,
+            created_by=project,
+            status=run_pb2.PENDING,
+            labels=request.labels,
+            model=request.model if request.HasField("model") and request.model else assistant.model,
+            instructions=request.instructions if request.HasField("instructions") else assistant.instructions,
+            additional_instructions=request.additional_instructions,
+            tools=request.tools if (request.override_tools or request.tools) else assistant.tools,
+            parallel_tool_calls=request.parallel_tool_calls
+            if request.HasField("parallel_tool_calls")
+            else True,
+        )
+        if request.HasField("tool_choice"):
+            run.tool_choice.CopyFrom(request.tool_choice)
+        if request.HasField("truncation_strategy"):
+            run.truncation_strategy.CopyFrom(request.truncation_strategy)
+        elif truncation.HasField("truncation_strategy"):
+            run.truncation_strategy.CopyFrom(truncation.truncation_strategy)
+        if request.HasField("response_format"):
+            run.response_format.CopyFrom(request.response_format)
+        elif assistant.HasField("response_format"):
+            run.response_format.CopyFrom(assistant.response_format)
+        run.model = run.model or self._models.default_model
+        for name, source, fallback in (
+            ("temperature", request, options),
+            ("top_p", request, options),
+        ):
+            if source.HasField(name):
+                setattr(run, name, getattr(source, name))
+            elif fallback.HasField(name):
+                setattr(run, name, getattr(fallback, name))
+        if request.HasField("max_completion_tokens"):
+            run.max_completion_tokens = request.max_completion_tokens
+        elif options.HasField("max_tokens"):
+            run.max_completion_tokens = options.max_tokens
+        if request.HasField("max_prompt_tokens"):
+            run.max_prompt_tokens = request.max_prompt_tokens
+        elif truncation.HasField("max_prompt_tokens"):
+            run.max_prompt_tokens = truncation.max_prompt_tokens
+        return run
+
+    # ---- read -----------------------------------------------------------------------------
+
+    async def Get(self, request: run_pb2.GetRunRequest, _: grpc.aio.ServicerContext) -> run_pb2.Run:
+        _check_run_id(request.run_id)
+        return await self._store.get_run(context.project(), request.run_id)
+
+    async def GetLastByThread(
+        self, request: run_pb2.GetLastRunByThreadRequest, _: grpc.aio.ServicerContext
+    ) -> run_pb2.Run:
+        v = Validator()
+        v.resource_id("thread_id", request.thread_id, "thread")
+        v.check()
+        return await self._store.get_last_run(context.project(), request.thread_id)
+
+    async def List(
+        self, request: run_pb2.ListRunsRequest, _: grpc.aio.ServicerContext
+    ) -> run_pb2.ListRunsResponse:
+        v = Validator()
+        v.resource_id("thread_id", request.thread_id, "thread", required=False)
+        v.resource_id("assistant_id", request.assistant_id, "asst", required=False)
+        for index, status in enumerate(request.statuses):
+            v.enum(f"statuses[{index}]", status, run_pb2.RunStatus, allow_unspecified=False)
+        v.labels("labels", request.labels)
+        labels = tuple(sorted(request.labels.items()))
+        statuses = frozenset(request.statuses)
+        scope = f"runs:{request.thread_id}:{request.assistant_id}:{sorted(statuses)}:{labels}"
+        query = page_query(v, request.page_size, request.page_token, request.order, scope)
+        flt = RunFilter(request.thread_id, request.assistant_id, statuses, labels)
+        page = await self._store.list_runs(context.project(), flt, query)
+        return run_pb2.ListRunsResponse(runs=page.items, next_page_token=next_page_token(page, query, scope))  # type: ignore[arg-type]
+
+    async def ListSteps(
+        self, request: run_pb2.ListRunStepsRequest, _: grpc.aio.ServicerContext
+    ) -> run_pb2.ListRunStepsResponse:
+        v = Validator()
+        v.resource_id("run_id", request.run_id, "run")
+        scope = f"steps:{request.run_id}"
+        query = page_query(v, request.page_size, request.page_token, request.order, scope)
+        context.note_run(request.run_id)
+        page = await self._store.list_steps(context.project(), request.run_id, query)
+        return run_pb2.ListRunStepsResponse(
+            steps=page.items, next_page_token=next_page_token(page, query, scope)
+        )  # type: ignore[arg-type]
+
+    # ---- change ---------------------------------------------------------------------------
+
+    async def Update(self, request: run_pb2.UpdateRunRequest, _: grpc.aio.ServicerContext) -> run_pb2.Run:
+        v = Validator()
+        v.resource_id("run_id", request.run_id, "run")
+        for path in request.update_mask.paths:
+            if path != "labels":
+                v.add("update_mask", f"{path!r} cannot be updated; only 'labels' can")
+        v.labels("labels", request.labels)
+        v.request_id(request.request_id)
+        v.check()
+        project = context.project()
+        context.note_run(request.run_id)
+
+        async def update() -> run_pb2.Run:
+            return await self._store.update_run_labels(project, request.run_id, dict(request.labels))
+
+        return await idempotency.once(
+            self._store, project, "runs.update", request, request.request_id, run_pb2.Run, update
+        )
+
+    async def Cancel(self, request: run_pb2.CancelRunRequest, _: grpc.aio.ServicerContext) -> run_pb2.Run:
+        v = Validator()
+        v.resource_id("run_id", request.run_id, "run")
+        v.request_id(request.request_id)
+        v.check()
+        project = context.project()
+        context.note_run(request.run_id)
+
+        async def cancel() -> run_pb2.Run:
+            run = await self._store.get_run(project, request.run_id)
+            tool_step = None
+            if run.status == run_pb2.TOOL_CALLS:
+                tool_step = find_tool_step(await self._store.run_steps(run.id), run)
+            mutation = transitions.request_cancel(clock.now(), tool_step)
+            result = await self._store.mutate_run(run.id, mutation, project=project)
+            if result.run.status == run_pb2.CANCELLING:
+                self._engine.cancel_local(run.id)
+            return result.run
+
+        return await idempotency.once(
+            self._store, project, "runs.cancel", request, request.request_id, run_pb2.Run, cancel
+        )
+
+    async def SubmitToolResults(
+        self, request: run_pb2.SubmitToolResultsRequest, _: grpc.aio.ServicerContext
+    ) -> run_pb2.Run:
+        results = _check_tool_results(request)
+        project = context.project()
+        context.note_run(request.run_id)
+
+        async def submit() -> run_pb2.Run:
+            run = await self._store.get_run(project, request.run_id)
+            steps = await self._store.run_steps(run.id)
+            if run.status != run_pb2.TOOL_CALLS:
+                if _already_submitted(steps, results):
+                    return run  # a repeat of a submission that went through: nothing to do
+                raise StateError(
+                    "RUN_NOT_WAITING_FOR_TOOLS",
+                    f"run {run.id} is {run_pb2.RunStatus.Name(run.status)}, not waiting for tool results",
+                )
+            step = find_tool_step(steps, run)
+            if step is None:
+                raise StateError("RUN_CHANGED", f"run {run.id} changed while submitting; retry")
+            deadline = transitions.run_deadline(run, self._engine.config.run_timeout)
+            mutation = transitions.submit_tool_results(clock.now(), results, step, deadline)
+            result = await self._store.mutate_run(run.id, mutation, project=project)
+            self._engine.wake()
+            return result.run
+
+        return await idempotency.once(
+            self._store, project, "runs.submit_tool_results", request, request.request_id, run_pb2.Run, submit
+        )
+
+    # ---- follow ---------------------------------------------------------------------------
+
+    async def Wait(self, request: run_pb2.WaitRunRequest, ctx: grpc.aio.ServicerContext) -> run_pb2.Run:
+        v = Validator()
+        v.resource_id("run_id", request.run_id, "run")
+        timeout = DEFAULT_WAIT_SECONDS
+        if request.HasField("timeout"):
+            timeout = request.timeout.ToNanoseconds() / 1e9
+            if not 0 <= timeout <= MAX_WAIT_SECONDS:
+                v.add("timeout", f"must be between 0 and {MAX_WAIT_SECONDS:g} seconds")
+        v.check()
+        project = context.project()
+        context.note_run(request.run_id)
+        remaining = ctx.time_remaining()
+        if remaining is not None:
+            # Answer with the run just before the caller's own deadline rather than let it fail.
+            timeout = max(min(timeout, remaining - 0.05), 0.0)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        with self._hub.subscribe(request.run_id) as feed:
+            while True:
+                changed = feed.changed()
+                run = await self._store.get_run(project, request.run_id)
+                left = give_up - loop.time()
+                if run.status in WAIT_READY or left <= 0:
+                    return run
+                await asyncio.wait({changed}, timeout=min(left, LISTEN_RECHECK_SECONDS))
+
+    async def Listen(
+        self, request: run_pb2.ListenRunRequest, _: grpc.aio.ServicerContext
+    ) -> AsyncIterator[run_pb2.StreamEvent]:
+        v = Validator()
+        v.resource_id("run_id", request.run_id, "run")
+        if request.events_start_idx < 0:
+            v.add("events_start_idx", "must not be negative")
+        v.check()
+        context.note_run(request.run_id)
+        run = await self._store.get_run(context.project(), request.run_id)
+        next_index = request.events_start_idx
+        with self._hub.subscribe(run.id) as feed:
+            while True:
+                changed = feed.changed()
+                batch = feed.cached(next_index)
+                if batch is None:
+                    batch = await self._store.read_events(run.id, next_index, LISTEN_BATCH)
+                if batch:
+                    for event in batch:
+                        yield event
+                        next_index = event.index + 1
+                        if events.is_terminal(event):
+                            return
+                    continue
+                if run.status in TERMINAL_STATUSES:
+                    return  # asked to start past the terminal event
+                await asyncio.wait({changed}, timeout=LISTEN_RECHECK_SECONDS)
+                if not changed.done():
+                    run = await self._store.get_run(context.project(), run.id)
+
+
+def _check_run_id(run_id: str) -> None:
+    v = Validator()
+    v.resource_id("run_id", run_id, "run")
+    v.check()
+    context.note_run(run_id)
+
+
+def _check_overrides(v: Validator, request: run_pb2.CreateRunRequest) -> None:
+    if request.HasField("instructions"):
+        v.text("instructions", request.instructions, validation.MAX_INSTRUCTIONS)
+    v.text("additional_instructions", request.additional_instructions, validation.MAX_INSTRUCTIONS)
+    if request.HasField("model"):
+        v.text("model", request.model, validation.MAX_MODEL_NAME)
+    v.tools("tools", request.tools)
+    v.completion(
+        "",
+        request.temperature if request.HasField("temperature") else None,
+        request.top_p if request.HasField("top_p") else None,
+        request.max_completion_tokens if request.HasField("max_completion_tokens") else None,
+        "max_completion_tokens",
+    )
+    if request.HasField("max_prompt_tokens"):
+        v.positive("max_prompt_tokens", request.max_prompt_tokens)
+    if request.HasField("truncation_strategy"):
+        v.truncation("truncation_strategy", request.truncation_strategy)
+    if request.HasField("response_format"):
+        v.response_format("response_format", request.response_format)
+    v.labels("labels", request.labels)
+    v.request_id(request.request_id)
+
+
+def _check_tool_results(request: run_pb2.SubmitToolResultsRequest) -> dict[str, str]:
+    v = Validator()
+    v.resource_id("run_id", request.run_id, "run")
+    v.request_id(request.request_id)
+    if not request.tool_results:
+        v.add("tool_results", "is required: one result for every pending tool call")
+    if len(request.tool_results) > validation.MAX_TOOL_RESULTS:
+        v.add("tool_results", f"at most {validation.MAX_TOOL_RESULTS} results are allowed")
+    results: dict[str, str] = {}
+    for index, result in enumerate(request.tool_results):
+        if not result.tool_call_id:
+            v.add(f"tool_results[{index}].tool_call_id", "is required")
+        elif result.tool_call_id in results:
+            v.add(f"tool_results[{index}].tool_call_id", f"duplicate result for {result.tool_call_id!r}")
+        v.text(f"tool_results[{index}].output", result.output, validation.MAX_TOOL_OUTPUT_CHARS)
+        results[result.tool_call_id] = result.output
+    v.check()
+    return results
+
+
+def _already_submitted(steps: list[run_pb2.RunStep], results: dict[str, str]) -> bool:
+    for step in steps:
+        if step.type != run_pb2.RunStep.TOOL_CALLS or step.status != run_pb2.RunStep.COMPLETED:
+            continue
+        answered = {call.id: call.output for call in step.tool_calls.tool_calls}
+        if answered == results:
+            return True
+    return False

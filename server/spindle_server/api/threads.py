@@ -1,0 +1,210 @@
+"""ThreadService and MessageService: conversation threads and their messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+from spindle.v1 import message_pb2, message_pb2_grpc, thread_pb2, thread_pb2_grpc
+
+from spindle_server import clock, ids
+from spindle_server.api import context, idempotency, masks, validation
+from spindle_server.api.paging import next_page_token, page_query
+from spindle_server.api.validation import Validator
+from spindle_server.store.base import Store
+
+THREAD_UPDATABLE = ("name", "description", "labels")
+
+
+def new_message(
+    thread_id: str,
+    role: int,
+    parts: Iterable[message_pb2.ContentPart],
+    labels: dict[str, str],
+    created_by: str,
+    now: float,
+) -> message_pb2.Message:
+    message = message_pb2.Message(
+        id=ids.new_id("msg"),
+        thread_id=thread_id,
+        role=role or message_pb2.USER,  # type: ignore[arg-type]
+        content=parts,
+        labels=labels,
+        created_by=created_by,
+    )
+    message.created_at.CopyFrom(clock.timestamp(now))
+    return message
+
+
+def messages_from_inputs(
+    v: Validator,
+    field: str,
+    inputs: Iterable[message_pb2.MessageInput],
+    thread_id: str,
+    project: str,
+    limit: int,
+) -> list[message_pb2.Message]:
+    items = list(inputs)
+    if len(items) > limit:
+        v.add(field, f"has {len(items)} messages; at most {limit} are allowed")
+        return []
+    now = clock.now()
+    messages = []
+    for index, item in enumerate(items):
+        parts = v.message_input(f"{field}[{index}]", item)
+        messages.append(new_message(thread_id, item.role, parts, dict(item.labels), project, now))
+    return messages
+
+
+class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def Create(
+        self, request: thread_pb2.CreateThreadRequest, _: grpc.aio.ServicerContext
+    ) -> thread_pb2.Thread:
+        v = Validator()
+        v.text("name", request.name, validation.MAX_NAME)
+        v.text("description", request.description, validation.MAX_DESCRIPTION)
+        v.labels("labels", request.labels)
+        v.request_id(request.request_id)
+        project = context.project()
+        thread_id = ids.new_id("thread")
+        messages = messages_from_inputs(
+            v, "messages", request.messages, thread_id, project, validation.MAX_THREAD_MESSAGES
+        )
+        v.check()
+
+        async def create() -> thread_pb2.Thread:
+            now = clock.timestamp(clock.now())
+            thread = thread_pb2.Thread(
+                id=thread_id,
+                name=request.name,
+                description=request.description,
+                labels=request.labels,
+                created_at=now,
+                updated_at=now,
+                created_by=project,
+            )
+            await self._store.insert_thread(project, thread, messages)
+            return thread
+
+        return await idempotency.once(
+            self._store, project, "threads.create", request, request.request_id, thread_pb2.Thread, create
+        )
+
+    async def Get(
+        self, request: thread_pb2.GetThreadRequest, _: grpc.aio.ServicerContext
+    ) -> thread_pb2.Thread:
+        v = Validator()
+        v.resource_id("thread_id", request.thread_id, "thread")
+        v.check()
+        return await self._store.get_thread(context.project(), request.thread_id)
+
+    async def Update(
+        self, request: thread_pb2.UpdateThreadRequest, _: grpc.aio.ServicerContext
+    ) -> thread_pb2.Thread:
+        v = Validator()
+        v.resource_id("thread_id", request.thread_id, "thread")
+        fields = masks.fields_to_update(v, request, request.update_mask, THREAD_UPDATABLE)
+        v.text("name", request.name, validation.MAX_NAME)
+        v.text("description", request.description, validation.MAX_DESCRIPTION)
+        v.labels("labels", request.labels)
+        v.request_id(request.request_id)
+        v.check()
+        project = context.project()
+
+        def apply(thread: thread_pb2.Thread) -> None:
+            masks.copy_fields(thread, request, fields)
+            thread.updated_at.CopyFrom(clock.timestamp(clock.now()))
+
+        async def update() -> thread_pb2.Thread:
+            return await self._store.update_thread(project, request.thread_id, apply)
+
+        return await idempotency.once(
+            self._store, project, "threads.update", request, request.request_id, thread_pb2.Thread, update
+        )
+
+    async def Delete(
+        self, request: thread_pb2.DeleteThreadRequest, _: grpc.aio.ServicerContext
+    ) -> thread_pb2.DeleteThreadResponse:
+        v = Validator()
+        v.resource_id("thread_id", request.thread_id, "thread")
+        v.request_id(request.request_id)
+        v.check()
+        project = context.project()
+
+        async def delete() -> thread_pb2.DeleteThreadResponse:
+            await self._store.delete_thread(project, request.thread_id)
+            return thread_pb2.DeleteThreadResponse()
+
+        return await idempotency.once(
+            self._store,
+            project,
+            "threads.delete",
+            request,
+            request.request_id,
+            thread_pb2.DeleteThreadResponse,
+            delete,
+        )
+
+    async def List(
+        self, request: thread_pb2.ListThreadsRequest, _: grpc.aio.ServicerContext
+    ) -> thread_pb2.ListThreadsResponse:
+        scope = "threads"
+        query = page_query(Validator(), request.page_size, request.page_token, request.order, scope)
+        page = await self._store.list_threads(context.project(), query)
+        return thread_pb2.ListThreadsResponse(
+            threads=page.items,
+            next_page_token=next_page_token(page, query, scope),  # type: ignore[arg-type]
+        )
+
+
+class MessageServicer(message_pb2_grpc.MessageServiceServicer):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def Create(
+        self, request: message_pb2.CreateMessageRequest, _: grpc.aio.ServicerContext
+    ) -> message_pb2.Message:
+        v = Validator()
+        v.resource_id("thread_id", request.thread_id, "thread")
+        v.enum("role", request.role, message_pb2.MessageRole)
+        v.labels("labels", request.labels)
+        v.request_id(request.request_id)
+        parts = v.message_content("", request.content, request.text)
+        v.check()
+        project = context.project()
+
+        async def create() -> message_pb2.Message:
+            message = new_message(
+                request.thread_id, request.role, parts, dict(request.labels), project, clock.now()
+            )
+            await self._store.insert_message(project, message)
+            return message
+
+        return await idempotency.once(
+            self._store, project, "messages.create", request, request.request_id, message_pb2.Message, create
+        )
+
+    async def Get(
+        self, request: message_pb2.GetMessageRequest, _: grpc.aio.ServicerContext
+    ) -> message_pb2.Message:
+        v = Validator()
+        v.resource_id("message_id", request.message_id, "msg")
+        v.check()
+        return await self._store.get_message(context.project(), request.message_id)
+
+    async def List(
+        self, request: message_pb2.ListMessagesRequest, _: grpc.aio.ServicerContext
+    ) -> message_pb2.ListMessagesResponse:
+        v = Validator()
+        v.resource_id("thread_id", request.thread_id, "thread")
+        v.resource_id("run_id", request.run_id, "run", required=False)
+        scope = f"messages:{request.thread_id}:{request.run_id}"
+        query = page_query(v, request.page_size, request.page_token, request.order, scope)
+        page = await self._store.list_messages(context.project(), request.thread_id, query, request.run_id)
+        return message_pb2.ListMessagesResponse(
+            messages=page.items,
+            next_page_token=next_page_token(page, query, scope),  # type: ignore[arg-type]
+        )

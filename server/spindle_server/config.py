@@ -1,0 +1,153 @@
+"""Server configuration: every flag has a SPINDLE_* environment variable of the same name.
+
+Precedence: flag, then environment, then the built-in default (which runs everything embedded:
+SQLite in ./data, the builtin model, 127.0.0.1:50051).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spindle_server.engine.config import EngineConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    database: Path = Path("data/spindle.db")
+    default_model: str = "builtin"
+    providers: tuple[str, ...] = ()
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> project
+    allow_unauthenticated_remote: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    grace_period: float = 10.0
+    max_message_bytes: int = 8 * 1024 * 1024
+    log_level: str = "info"
+    log_format: str = "auto"  # auto | json | console
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"SPINDLE_{name.upper().replace('-', '_')}", default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = ServerConfig()
+    engine = EngineConfig()
+    parser = argparse.ArgumentParser(
+        prog="spindle-server",
+        description=(
+            "Spindle: runs AI assistants on conversation threads over gRPC. "
+            "Every flag can also be set by the environment variable SPINDLE_<FLAG> "
+            "(upper case, dashes as underscores), e.g. SPINDLE_PORT=50052."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def option(flag: str, kind: type, default: object, help_text: str) -> None:
+        env_value = _env(flag)
+        value = kind(env_value) if env_value is not None else default
+        parser.add_argument(f"--{flag}", type=kind, default=value, help=help_text)
+
+    option(
+        "host", str, defaults.host, "address to listen on; beyond localhost needs API keys or the flag below"
+    )
+    option("port", int, defaults.port, "port to listen on (0: any free port, printed at start)")
+    option("database", Path, defaults.database, "SQLite database file (created with its folder)")
+    option("default-model", str, defaults.default_model, "model of assistants created without one")
+    parser.add_argument(
+        "--provider",
+        action="append",
+        default=[p for p in (_env("providers") or "").split(";") if p],
+        help="an OpenAI-compatible model provider, NAME=BASE_URL[,option=value...] (repeatable; "
+        "SPINDLE_PROVIDERS separates several with ';')",
+    )
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[k for k in (_env("api_keys") or "").split(",") if k],
+        metavar="KEY=PROJECT",
+        help="accept 'authorization: Bearer KEY' for PROJECT (repeatable; SPINDLE_API_KEYS separates with ',')",
+    )
+    parser.add_argument(
+        "--allow-unauthenticated-remote",
+        action="store_true",
+        default=(_env("allow_unauthenticated_remote", "") or "").lower() in ("1", "true", "yes"),
+        help="listen beyond localhost without API keys (anyone who reaches the port can use it)",
+    )
+    option("tls-cert", Path, None, "PEM certificate chain: serve TLS (with --tls-key)")
+    option("tls-key", Path, None, "PEM private key for --tls-cert")
+    option("grace-period", float, defaults.grace_period, "seconds to finish calls and runs on SIGTERM")
+    option("max-message-bytes", int, defaults.max_message_bytes, "largest gRPC message accepted or sent")
+    option("log-level", str, defaults.log_level, "debug | info | warning | error")
+    option("log-format", str, defaults.log_format, "auto (JSON unless on a terminal) | json | console")
+    option("max-concurrent-runs", int, engine.max_concurrent_runs, "runs executed at once by this server")
+    option("tool-timeout", float, engine.tool_timeout, "seconds a run waits for tool results before EXPIRED")
+    option("run-timeout", float, engine.run_timeout, "seconds a whole run may take before EXPIRED")
+    option(
+        "lease-seconds",
+        float,
+        engine.lease_seconds,
+        "lease on an executing run; a dead server's runs recover after it",
+    )
+    option(
+        "coalesce-ms", float, engine.coalesce_window * 1000, "text deltas within this many ms share one event"
+    )
+    option("max-attempts", int, engine.max_attempts, "model attempts of one run across crashes before FAILED")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    api_keys: dict[str, str] = {}
+    for item in args.api_key:
+        key, sep, project = item.partition("=")
+        if not sep or not key or not project:
+            parser.error(f"--api-key wants KEY=PROJECT, got {item!r}")
+        api_keys[key] = project
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.log_format not in ("auto", "json", "console"):
+        parser.error("--log-format must be auto, json or console")
+    local = args.host in ("127.0.0.1", "localhost", "::1", "[::1]")
+    if not local and not api_keys and not args.allow_unauthenticated_remote:
+        parser.error(
+            f"listening on {args.host} without API keys would let anyone in: "
+            "give --api-key KEY=PROJECT or --allow-unauthenticated-remote"
+        )
+    for name in ("max_concurrent_runs", "max_attempts"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("tool_timeout", "run_timeout", "lease_seconds"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        database=args.database,
+        default_model=args.default_model,
+        providers=tuple(args.provider),
+        api_keys=api_keys,
+        allow_unauthenticated_remote=args.allow_unauthenticated_remote,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        grace_period=args.grace_period,
+        max_message_bytes=args.max_message_bytes,
+        log_level=args.log_level,
+        log_format=args.log_format,
+        engine=EngineConfig(
+            max_concurrent_runs=args.max_concurrent_runs,
+            tool_timeout=args.tool_timeout,
+            run_timeout=args.run_timeout,
+            lease_seconds=args.lease_seconds,
+            coalesce_window=max(args.coalesce_ms, 0.0) / 1000,
+            max_attempts=args.max_attempts,
+        ),
+    )

@@ -1,0 +1,193 @@
+"""The engine: claims PENDING runs, executes them, expires and recovers the rest.
+
+One claim loop takes queued runs (woken by the API, or by a periodic check for runs other
+replicas queued) up to `max_concurrent_runs`; each runs as a task under a renewed lease.
+A sweeper expires runs past their deadline and takes over runs whose lease ran out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+
+import structlog
+from spindle.v1 import run_pb2
+
+from spindle_server import clock
+from spindle_server.engine import transitions
+from spindle_server.engine.config import EngineConfig
+from spindle_server.engine.executor import CANCEL_BY_USER, CANCEL_LOST_RUN, CANCEL_SHUTDOWN, TurnExecutor
+from spindle_server.models.registry import ModelRegistry
+from spindle_server.store.base import ClaimedRun, Store
+from spindle_server.store.errors import NotFoundError, StateError
+
+log = structlog.get_logger(__name__)
+
+
+class Engine:
+    def __init__(self, store: Store, models: ModelRegistry, config: EngineConfig) -> None:
+        self.config = config
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._store = store
+        self._executor = TurnExecutor(store, models, config)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._cancel_reasons: dict[str, str] = {}
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._loops: list[asyncio.Task[None]] = []
+
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        released = await self._store.release_all_leases()
+        if released:
+            log.info("runs_to_recover", count=released)
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name="engine-claim"),
+            asyncio.create_task(self._sweep_loop(), name="engine-sweep"),
+        ]
+
+    def wake(self) -> None:
+        """A run was queued: claim it now rather than at the next periodic check."""
+        self._wakeup.set()
+
+    def cancel_local(self, run_id: str, reason: str = CANCEL_BY_USER) -> bool:
+        task = self._tasks.get(run_id)
+        if task is None or task.done():
+            return False
+        self._cancel_reasons[run_id] = reason
+        task.cancel()
+        return True
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; give running turns `grace` seconds, then re-queue what is left."""
+        self._stopping = True
+        self._wakeup.set()
+        for loop_task in self._loops:
+            loop_task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=grace)
+        for run_id in list(self._tasks):
+            self.cancel_local(run_id, CANCEL_SHUTDOWN)
+        if self._tasks:
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    # ---- claiming ------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            free = self.config.max_concurrent_runs - len(self._tasks)
+            claimed: list[ClaimedRun] = []
+            if free > 0:
+                self._wakeup.clear()
+                try:
+                    claimed = await self._store.claim_runs(
+                        self.owner,
+                        self.config.lease_seconds,
+                        min(free, 32),
+                        transitions.start(clock.now(), self.config.run_timeout),
+                    )
+                except Exception:
+                    log.exception("claim_failed")
+            for claim in claimed:
+                self._spawn(claim)
+            if len(claimed) == 0 or len(self._tasks) >= self.config.max_concurrent_runs:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self.config.idle_poll_interval)
+
+    def _spawn(self, claim: ClaimedRun) -> None:
+        run_id = claim.run.id
+        task = asyncio.create_task(self._run(claim), name=f"run-{run_id}")
+        self._tasks[run_id] = task
+
+    async def _run(self, claim: ClaimedRun) -> None:
+        run_id = claim.run.id
+        renewer = asyncio.create_task(self._renew_lease(claim))
+        try:
+            await self._executor.execute(claim, self._cancel_reasons)
+        finally:
+            renewer.cancel()
+            self._tasks.pop(run_id, None)
+            self._cancel_reasons.pop(run_id, None)
+            self._wakeup.set()  # a slot is free
+
+    async def _renew_lease(self, claim: ClaimedRun) -> None:
+        interval = self.config.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                still_ours = await self._store.renew_lease(
+                    claim.run.id, self.owner, claim.epoch, self.config.lease_seconds
+                )
+            except Exception:
+                log.exception("lease_renewal_failed", run_id=claim.run.id)
+                continue
+            if not still_ours:
+                log.warning("lease_lost", run_id=claim.run.id, epoch=claim.epoch)
+                self.cancel_local(claim.run.id, CANCEL_LOST_RUN)
+                return
+
+    # ---- deadlines and recovery ------------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        while not self._stopping:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("sweep_failed")
+            await asyncio.sleep(self.config.sweep_interval)
+
+    async def sweep(self) -> None:
+        due = await self._store.due_runs(clock.now(), 100)
+        for run_id in due.expired:
+            await self._expire(run_id)
+        for run_id in due.orphaned:
+            if run_id in self._tasks or self._stopping:
+                continue
+            await self._recover(run_id)
+
+    async def _expire(self, run_id: str) -> None:
+        try:
+            _, run = await self._store.get_run_any_project(run_id)
+            tool_step = await self._pending_tool_step(run)
+            await self._store.mutate_run(run_id, transitions.expire(clock.now(), tool_step))
+        except (StateError, NotFoundError):
+            return
+        log.info("run_expired", run_id=run_id)
+        self.cancel_local(run_id, CANCEL_LOST_RUN)
+
+    async def _pending_tool_step(self, run: run_pb2.Run) -> run_pb2.RunStep | None:
+        if run.status != run_pb2.TOOL_CALLS:
+            return None
+        return find_tool_step(await self._store.run_steps(run.id), run)
+
+    async def _recover(self, run_id: str) -> None:
+        try:
+            claim = await self._store.reclaim_run(
+                run_id,
+                self.owner,
+                self.config.lease_seconds,
+                transitions.recover(clock.now(), self.config.max_attempts),
+            )
+        except (StateError, NotFoundError):
+            return
+        if claim is None:
+            return
+        log.info("run_recovered", run_id=run_id, status=run_pb2.RunStatus.Name(claim.run.status))
+        if claim.run.status == run_pb2.IN_PROGRESS:
+            self._spawn(claim)
+
+
+def find_tool_step(steps: list[run_pb2.RunStep], run: run_pb2.Run) -> run_pb2.RunStep | None:
+    """The TOOL_CALLS step that holds the run's pending calls."""
+    pending = {call.id for call in run.required_tool_calls}
+    for step in reversed(steps):
+        if step.type == run_pb2.RunStep.TOOL_CALLS and {c.id for c in step.tool_calls.tool_calls} == pending:
+            return step
+    return None

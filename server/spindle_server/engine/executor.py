@@ -1,0 +1,210 @@
+"""Executes one model turn of a claimed run and moves it to its next state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import structlog
+from spindle.v1 import message_pb2, run_pb2
+
+from spindle_server import clock, ids
+from spindle_server.engine import events, transitions
+from spindle_server.engine.config import EngineConfig
+from spindle_server.engine.prompt import PromptBudgetExceededError, build_request, completion_budget
+from spindle_server.engine.turn import TurnState
+from spindle_server.models.base import ModelBackend, ModelChunk, ModelError
+from spindle_server.models.registry import ModelRegistry, UnknownModelError
+from spindle_server.store.base import ClaimedRun, RunMutation, Store
+from spindle_server.store.errors import FencedError, StateError
+
+log = structlog.get_logger(__name__)
+
+# Why an executor's task was cancelled from outside.
+CANCEL_BY_USER = "cancel"
+CANCEL_SHUTDOWN = "shutdown"
+CANCEL_LOST_RUN = "lost"  # expired or taken over: someone else has written its end
+
+
+class TurnExecutor:
+    def __init__(self, store: Store, models: ModelRegistry, config: EngineConfig) -> None:
+        self._store = store
+        self._models = models
+        self._config = config
+
+    async def execute(self, claimed: ClaimedRun, cancel_reason: dict[str, str]) -> None:
+        run = claimed.run
+        bound = log.bind(run_id=run.id, epoch=claimed.epoch)
+        try:
+            await self._execute(claimed)
+        except asyncio.CancelledError:
+            reason = cancel_reason.get(run.id, CANCEL_SHUTDOWN)
+            bound.info("run_execution_interrupted", reason=reason)
+            if reason == CANCEL_BY_USER:
+                await self._final_write(claimed, transitions.finish_cancel(clock.now()))
+            elif reason == CANCEL_SHUTDOWN:
+                await self._final_write(claimed, transitions.requeue("server shutting down; run re-queued"))
+        except (FencedError, transitions.RunNotInProgressError) as exc:
+            bound.info("run_execution_superseded", reason=str(exc))
+            if isinstance(exc, transitions.RunNotInProgressError) and exc.status == run_pb2.CANCELLING:
+                await self._final_write(claimed, transitions.finish_cancel(clock.now()))
+        except Exception as exc:
+            bound.exception("run_execution_bug")
+            await self._final_write(
+                claimed,
+                transitions.fail(clock.now(), "server_error", f"internal error: {type(exc).__name__}"),
+            )
+
+    async def _final_write(self, claimed: ClaimedRun, mutation: RunMutation) -> None:
+        # Shielded: the end of a run must be written even while the server is being stopped.
+        write = self._store.mutate_run(claimed.run.id, mutation, epoch=claimed.epoch)
+        try:
+            await asyncio.shield(write)
+        except (StateError, FencedError) as exc:
+            log.info("run_final_write_skipped", run_id=claimed.run.id, reason=str(exc))
+
+    async def _execute(self, claimed: ClaimedRun) -> None:
+        run, epoch = claimed.run, claimed.epoch
+        now = clock.now()
+        try:
+            backend, provider_model = self._models.resolve(run.model)
+        except UnknownModelError as exc:
+            await self._write(run, epoch, transitions.fail(now, "model_not_found", str(exc)))
+            return
+        thread_messages = await self._store.thread_messages(run.thread_id)
+        steps = await self._store.run_steps(run.id)
+        if completion_budget(run) == 0:
+            mutation = transitions.incomplete(now, "max_completion_tokens", None, None, None, ())
+            await self._write(run, epoch, mutation)
+            return
+        try:
+            request, prompt_tokens = build_request(
+                run, provider_model, thread_messages, steps, backend.count_tokens
+            )
+        except PromptBudgetExceededError:
+            mutation = transitions.incomplete(now, "max_prompt_tokens", None, None, None, ())
+            await self._write(run, epoch, mutation)
+            return
+
+        turn = TurnState()
+        try:
+            await self._stream(run, epoch, backend.stream(request), turn)
+        except ModelError as exc:
+            await self._write(
+                run, epoch, transitions.fail(clock.now(), exc.code, exc.message, turn.take_pending())
+            )
+            return
+        await self._finish_turn(run, epoch, backend, turn, prompt_tokens)
+
+    async def _stream(
+        self, run: run_pb2.Run, epoch: int, chunks: AsyncIterator[ModelChunk], turn: TurnState
+    ) -> None:
+        """Consume the model stream, writing coalesced deltas at most every coalesce_window."""
+        loop = asyncio.get_running_loop()
+        iterator = chunks.__aiter__()
+        next_chunk: asyncio.Future[ModelChunk] | None = None
+        flush_at: float | None = None
+        try:
+            while True:
+                if next_chunk is None:
+                    next_chunk = asyncio.ensure_future(iterator.__anext__())
+                timeout = None if flush_at is None else max(flush_at - loop.time(), 0.0)
+                done, _ = await asyncio.wait({next_chunk}, timeout=timeout)
+                if done:
+                    try:
+                        chunk = next_chunk.result()
+                    except StopAsyncIteration:
+                        next_chunk = None
+                        return
+                    next_chunk = None
+                    turn.add(chunk)
+                    if turn.pending and flush_at is None:
+                        flush_at = loop.time() + self._config.coalesce_window
+                if flush_at is not None and loop.time() >= flush_at:
+                    flush_at = None
+                    if turn.pending:
+                        await self._write(run, epoch, transitions.stream(turn.take_pending()))
+        finally:
+            if next_chunk is not None:
+                next_chunk.cancel()
+                with contextlib.suppress(BaseException):
+                    await next_chunk
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    async def _finish_turn(
+        self, run: run_pb2.Run, epoch: int, backend: ModelBackend, turn: TurnState, prompt_tokens: int
+    ) -> None:
+        now = clock.now()
+        text = "".join(turn.text)
+        usage = turn.turn_usage(prompt_tokens, backend.count_tokens(text))
+        calls = turn.tool_calls()
+        if calls:
+            step = _step(run, run_pb2.RunStep.TOOL_CALLS, run_pb2.RunStep.IN_PROGRESS, now)
+            step.tool_calls.tool_calls.extend(calls)
+            step.usage.CopyFrom(usage)
+            tool_deadline = min(
+                now + self._config.tool_timeout, transitions.run_deadline(run, self._config.run_timeout)
+            )
+            mutation = transitions.pause_for_tools(
+                now, calls, step, usage, turn.take_pending(), tool_deadline
+            )
+            await self._write(run, epoch, mutation)
+            return
+
+        full_text = await self._earlier_text(run) + text
+        reply = _reply(run, full_text, now)
+        step = _step(run, run_pb2.RunStep.MESSAGE_CREATION, run_pb2.RunStep.COMPLETED, now)
+        step.message_creation.message_id = reply.id
+        step.completed_at.CopyFrom(clock.timestamp(now))
+        step.usage.CopyFrom(usage)
+        if turn.finish_reason == "length":
+            reason = "max_completion_tokens"
+            mutation = transitions.incomplete(now, reason, reply, step, usage, turn.take_pending())
+        else:
+            mutation = transitions.complete(now, reply, step, usage, turn.take_pending())
+        await self._write(run, epoch, mutation)
+
+    async def _earlier_text(self, run: run_pb2.Run) -> str:
+        """Text streamed in earlier turns of this run (before tool calls), as listeners saw it."""
+        if not any(step.type == run_pb2.RunStep.TOOL_CALLS for step in await self._store.run_steps(run.id)):
+            return ""
+        streamed: list[run_pb2.StreamEvent] = []
+        while True:
+            batch = await self._store.read_events(run.id, len(streamed), 1000)
+            streamed.extend(batch)
+            if len(batch) < 1000:
+                return events.replied_text(streamed)
+
+    async def _write(self, run: run_pb2.Run, epoch: int, mutation: RunMutation) -> None:
+        await self._store.mutate_run(run.id, mutation, epoch=epoch)
+
+
+def _step(run: run_pb2.Run, kind: int, status: int, now: float) -> run_pb2.RunStep:
+    step = run_pb2.RunStep(
+        id=ids.new_id("step"),
+        run_id=run.id,
+        thread_id=run.thread_id,
+        assistant_id=run.assistant_id,
+        type=kind,  # type: ignore[arg-type]
+        status=status,  # type: ignore[arg-type]
+    )
+    step.created_at.CopyFrom(clock.timestamp(now))
+    return step
+
+
+def _reply(run: run_pb2.Run, text: str, now: float) -> message_pb2.Message:
+    message = message_pb2.Message(
+        id=ids.new_id("msg"),
+        thread_id=run.thread_id,
+        role=message_pb2.ASSISTANT,
+        run_id=run.id,
+        assistant_id=run.assistant_id,
+        created_by=run.created_by,
+    )
+    message.content.add().text.text = text
+    message.created_at.CopyFrom(clock.timestamp(now))
+    return message

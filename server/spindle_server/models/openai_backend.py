@@ -1,0 +1,607 @@
+"""The `openai` model backend: any OpenAI-compatible Chat Completions endpoint.
+
+One `OpenAIBackend` serves one provider (OpenAI, vLLM, Ollama, llama.cpp's server, Yandex AI
+Studio's compatible API, ...), configured by a `ProviderConfig` that `parse_provider_spec` reads
+from a flag value such as `openai=https://api.openai.com/v1,timeout=60`. Calls go through the
+official `openai` package, always streamed.
+
+What a turn yields: `TextDelta` and `ToolCallDelta` as the provider streams them, then at most
+one `UsageReport` and exactly one `Finish`, last. Each tool call gets its own index; its id and
+name come whole in its first piece (an id is made up if the provider sends none), later pieces
+carry argument text only.
+
+Faults come out as `ModelError`. Rate limits (429), server errors (5xx), 408/409 and connection
+failures are retried with exponential backoff and jitter, but only while nothing has been
+yielded: a turn whose output has started is never streamed twice. A provider that sends nothing
+for `stall_timeout` seconds gets its stream closed and a `timeout` error (not retried: a stalled
+model usually stalls again, and each wait is long). Messages name the provider and HTTP status
+and never contain the API key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import re
+import secrets
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_args
+from urllib.parse import urlsplit
+
+import httpx2
+import structlog
+from openai import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AsyncOpenAI,
+    AsyncStream,
+    Omit,
+)
+from openai.types.chat import (
+    ChatCompletionChunk,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCallParam,
+    ChatCompletionMessageParam,
+    ChatCompletionToolChoiceOptionParam,
+)
+from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall
+
+from spindle_server.models.base import (
+    ChatMessage,
+    Finish,
+    FinishReason,
+    FunctionSpec,
+    ModelChunk,
+    ModelError,
+    ModelRequest,
+    TextDelta,
+    ToolCallDelta,
+    UsageReport,
+)
+
+log = structlog.get_logger(__name__)
+
+# `max_tokens` is what llama.cpp's server, Ollama, vLLM, Yandex AI Studio and OpenAI's
+# non-reasoning models accept; OpenAI's reasoning models (o-series, gpt-5) reject it and want
+# `max_completion_tokens`, which llama.cpp and Ollama ignore. So: the new name for OpenAI
+# itself, the old one everywhere else, and a spec option to override either way.
+MaxTokensField = Literal["max_tokens", "max_completion_tokens"]
+OPENAI_HOSTS = frozenset({"api.openai.com"})
+
+_PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_RESERVED_NAMES = frozenset({"builtin"})
+# The openai client insists on a key; providers without auth get this and no Authorization header.
+_NO_KEY = "spindle-no-api-key"
+_MAX_DETAIL_CHARS = 300
+_TRANSIENT_STATUSES = frozenset({408, 409, 429})
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One OpenAI-compatible endpoint.
+
+    timeout: seconds to connect and to get the response started; it also bounds any single
+      socket read, so the effective stall limit is min(stall_timeout, timeout).
+    stall_timeout: seconds a started stream may go without a chunk before it is closed.
+    max_retries: extra attempts after a transient failure, before any output was streamed.
+    initial_backoff, max_backoff: the retry delay doubles from initial_backoff up to
+      max_backoff, with jitter; a Retry-After longer than max_backoff ends the retries.
+    max_tokens_field: the request field for ModelRequest.max_tokens; None picks
+      max_completion_tokens for api.openai.com and max_tokens elsewhere.
+    """
+
+    name: str
+    base_url: str
+    api_key: str = field(default="", repr=False)
+    api_key_env: str = ""  # the variable api_key was read from, named in error hints
+    timeout: float = 60.0
+    stall_timeout: float = 60.0
+    max_retries: int = 3
+    initial_backoff: float = 0.5
+    max_backoff: float = 20.0
+    max_tokens_field: MaxTokensField | None = None
+
+    def __post_init__(self) -> None:
+        if not _PROVIDER_NAME.match(self.name) or self.name in _RESERVED_NAMES:
+            raise ValueError(
+                f"invalid provider name {self.name!r}: use letters, digits, '_', '.', '-' (not 'builtin')"
+            )
+        url = urlsplit(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"provider {self.name}: base URL must be http(s)://HOST[:PORT]/PATH")
+        for option in ("timeout", "stall_timeout", "initial_backoff", "max_backoff"):
+            value = getattr(self, option)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"provider {self.name}: {option} must be a positive number of seconds")
+        if self.max_retries < 0:
+            raise ValueError(f"provider {self.name}: max_retries must be 0 or more")
+        if self.max_tokens_field not in (None, *get_args(MaxTokensField)):
+            raise ValueError(
+                f"provider {self.name}: max_tokens_field must be max_tokens or max_completion_tokens"
+            )
+
+    @property
+    def completion_limit_field(self) -> MaxTokensField:
+        if self.max_tokens_field is not None:
+            return self.max_tokens_field
+        return "max_completion_tokens" if urlsplit(self.base_url).hostname in OPENAI_HOSTS else "max_tokens"
+
+    @property
+    def display_url(self) -> str:
+        """The base URL without user info or query, safe for messages and logs."""
+        url = urlsplit(self.base_url)
+        host = f"[{url.hostname}]" if ":" in (url.hostname or "") else url.hostname
+        port = f":{url.port}" if url.port else ""
+        return f"{url.scheme}://{host}{port}{url.path}"
+
+
+def default_api_key_env(name: str) -> str:
+    return f"SPINDLE_PROVIDER_{re.sub(r'[^A-Z0-9]', '_', name.upper())}_API_KEY"
+
+
+_Number = TypeVar("_Number", int, float)
+_FLOAT_OPTIONS = ("timeout", "stall_timeout", "initial_backoff", "max_backoff")
+_SPEC_OPTIONS = ("api_key_env", *_FLOAT_OPTIONS, "max_retries", "max_tokens_field")
+
+
+def parse_provider_spec(spec: str, environ: Mapping[str, str] | None = None) -> ProviderConfig:
+    """Read `NAME=BASE_URL[,OPTION=VALUE...]`, e.g. `openai=https://api.openai.com/v1,timeout=30`.
+
+    Options: api_key_env (default SPINDLE_PROVIDER_<NAME>_API_KEY), timeout, stall_timeout,
+    max_retries, initial_backoff, max_backoff, max_tokens_field. The API key is read from
+    `environ[api_key_env]` (default: the process environment), never from the spec itself; a
+    provider whose default variable is unset runs without a key (Ollama, llama.cpp), while a
+    variable named explicitly must be set.
+    The base URL may contain '=' but not ','.
+    """
+    name, sep, rest = spec.strip().partition("=")
+    if not sep or not rest:
+        raise ValueError(f"provider spec {spec!r}: expected NAME=BASE_URL[,OPTION=VALUE...]")
+    name = name.strip()
+    environ = os.environ if environ is None else environ
+    base_url, *option_items = [item.strip() for item in rest.split(",")]
+    options = _parse_options(name, option_items)
+    key_env = options.pop("api_key_env", "")
+    api_key = environ.get(key_env or default_api_key_env(name), "")
+    if key_env and not api_key:
+        raise ValueError(f"provider {name}: environment variable {key_env} is not set")
+    return ProviderConfig(
+        name=name,
+        base_url=base_url,
+        api_key=api_key,
+        api_key_env=key_env or default_api_key_env(name),
+        max_retries=_parse_number(name, "max_retries", options.pop("max_retries", "3"), int),
+        max_tokens_field=_parse_max_tokens_field(name, options.pop("max_tokens_field", None)),
+        **{option: _parse_number(name, option, value, float) for option, value in options.items()},
+    )
+
+
+def _parse_options(name: str, items: Sequence[str]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if key == "api_key":
+            raise ValueError(
+                f"provider {name}: API keys are read from the environment; use api_key_env=VARIABLE"
+            )
+        if not sep or key not in _SPEC_OPTIONS:
+            raise ValueError(f"provider {name}: unknown option {item!r}; known: {', '.join(_SPEC_OPTIONS)}")
+        options[key] = value.strip()
+    return options
+
+
+def _parse_number(name: str, option: str, value: str, kind: Callable[[str], _Number]) -> _Number:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"provider {name}: {option}={value!r} is not a number") from None
+
+
+def _parse_max_tokens_field(name: str, value: str | None) -> MaxTokensField | None:
+    if value is None:
+        return None
+    for choice in get_args(MaxTokensField):
+        if value == choice:
+            return choice
+    raise ValueError(f"provider {name}: max_tokens_field must be max_tokens or max_completion_tokens")
+
+
+class OpenAIBackend:
+    """A `ModelBackend` over one OpenAI-compatible endpoint."""
+
+    def __init__(self, config: ProviderConfig, *, http_client: httpx2.AsyncClient | None = None) -> None:
+        self.name = config.name
+        self.config = config
+        self._client = AsyncOpenAI(
+            api_key=config.api_key or _NO_KEY,
+            base_url=config.base_url,
+            timeout=config.timeout,
+            max_retries=0,  # retried in stream(), which knows whether output has started
+            http_client=http_client,
+        )
+        # The client would add OpenAI account headers from OPENAI_ORG_ID / OPENAI_PROJECT_ID;
+        # a provider gets only what its own config says.
+        self._headers: dict[str, str | Omit] = {"OpenAI-Organization": Omit(), "OpenAI-Project": Omit()}
+        if not config.api_key:
+            self._headers["Authorization"] = Omit()
+
+    def count_tokens(self, text: str) -> int:
+        """Estimate: one token per 4 bytes of UTF-8.
+
+        About 4 characters a token for English (OpenAI's rule of thumb); 2 for Cyrillic and
+        Greek, 1.3 for CJK, which BPE vocabularies split finer than English. Erring high keeps
+        truncated prompts inside their budget. No tokenizer is shipped: providers differ.
+        """
+        return math.ceil(len(text.encode("utf-8")) / 4)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelChunk, None]:
+        params = self._request_params(request)
+        for attempt in range(self.config.max_retries + 1):
+            started = False
+            try:
+                async with aclosing(self._stream_once(params)) as chunks:
+                    async for chunk in chunks:
+                        started = True
+                        yield chunk
+                return
+            except APIError as exc:
+                failure = _Failure.of(exc, self.config, request.model)
+            delay = self._retry_delay(attempt, failure) if failure.transient and not started else None
+            if delay is None:
+                raise failure.final_error(attempts=attempt + 1)
+            log.info(
+                "model call retry",
+                provider=self.name,
+                model=request.model,
+                code=failure.error.code,
+                attempt=attempt + 1,
+                delay_s=round(delay, 3),
+            )
+            await asyncio.sleep(delay)
+
+    async def _stream_once(self, params: dict[str, Any]) -> AsyncGenerator[ModelChunk, None]:
+        """One HTTP call; closing this generator closes the HTTP stream."""
+        stream = await self._client.chat.completions.create(**params, extra_headers=self._headers)
+        translator = _ChunkTranslator()
+        async with stream:
+            while (chunk := await self._next_chunk(stream)) is not None:
+                for item in translator.feed(chunk):
+                    yield item
+        for item in translator.finish():
+            yield item
+
+    async def _next_chunk(self, stream: AsyncStream[ChatCompletionChunk]) -> ChatCompletionChunk | None:
+        try:
+            async with asyncio.timeout(self.config.stall_timeout):
+                return await anext(stream)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            message = f"{self.name} sent nothing for {self.config.stall_timeout:g}s; the stream was closed"
+            raise ModelError("timeout", message, retryable=True) from None
+        except ValueError:  # a chunk that is not JSON, or not a chat.completion.chunk
+            raise ModelError("server_error", f"{self.name} sent a malformed stream chunk") from None
+
+    def _retry_delay(self, attempt: int, failure: _Failure) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up."""
+        if attempt >= self.config.max_retries:
+            return None
+        if failure.retry_after is not None:
+            return failure.retry_after if failure.retry_after <= self.config.max_backoff else None
+        ceiling = min(self.config.max_backoff, self.config.initial_backoff * 2**attempt)
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    def _request_params(self, request: ModelRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": request.model,
+            "messages": [_message_param(message) for message in request.messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.tools:
+            # OpenAI rejects tool_choice and parallel_tool_calls without tools.
+            params["tools"] = [_tool_param(tool) for tool in request.tools]
+            params["tool_choice"] = _tool_choice_param(request.tool_choice)
+            params["parallel_tool_calls"] = request.parallel_tool_calls
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        if request.top_p is not None:
+            params["top_p"] = request.top_p
+        if request.max_tokens is not None:
+            params[self.config.completion_limit_field] = request.max_tokens
+        if request.response_format and request.response_format.get("type") != "text":
+            params["response_format"] = _plain_json(request.response_format)
+        return params
+
+
+# --- Request mapping ----------------------------------------------------------------------
+
+
+def _message_param(message: ChatMessage) -> ChatCompletionMessageParam:
+    if message.role == "system":
+        return {"role": "system", "content": message.content}
+    if message.role == "user":
+        return {"role": "user", "content": message.content}
+    if message.role == "tool":
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    if not message.tool_calls:
+        return {"role": "assistant", "content": message.content}
+    return {
+        "role": "assistant",
+        "content": message.content or None,  # what OpenAI itself returns beside tool calls
+        "tool_calls": [_tool_call_param(call.id, call.name, call.arguments) for call in message.tool_calls],
+    }
+
+
+def _tool_call_param(call_id: str, name: str, arguments: str) -> ChatCompletionMessageFunctionToolCallParam:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _tool_param(tool: FunctionSpec) -> ChatCompletionFunctionToolParam:
+    parameters = _plain_json(tool.parameters) or {"type": "object", "properties": {}}
+    param: ChatCompletionFunctionToolParam = {
+        "type": "function",
+        "function": {"name": tool.name, "parameters": parameters},
+    }
+    if tool.description:
+        param["function"]["description"] = tool.description
+    if tool.strict:  # sent only when set: some servers reject fields they do not know
+        param["function"]["strict"] = True
+    return param
+
+
+def _tool_choice_param(choice: str) -> ChatCompletionToolChoiceOptionParam:
+    if choice == "auto" or not choice:
+        return "auto"
+    if choice == "none":
+        return "none"
+    if choice == "required":
+        return "required"
+    return {"type": "function", "function": {"name": choice}}
+
+
+def _plain_json(value: Any) -> Any:
+    """Mappings and tuples (as frozen requests hold them) as the dicts and lists JSON wants."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_json(item) for item in value]
+    return value
+
+
+# --- Stream translation -------------------------------------------------------------------
+
+
+class _ChunkTranslator:
+    """Chat completion chunks in, ModelChunks out; usage and finish are held for the end."""
+
+    def __init__(self) -> None:
+        self._tool_calls = _ToolCallIndexer()
+        self._finish_reason: str | None = None
+        self._usage: UsageReport | None = None
+
+    def feed(self, chunk: ChatCompletionChunk) -> list[ModelChunk]:
+        if chunk.usage is not None:  # some servers repeat it on every chunk; the last one counts
+            self._usage = UsageReport(chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)
+        out: list[ModelChunk] = []
+        for choice in chunk.choices:
+            if choice.index:
+                continue  # n=1 is requested; ignore anything else
+            delta = choice.delta
+            if delta.content:
+                out.append(TextDelta(delta.content))
+            if delta.refusal:  # a structured-output refusal is the model's answer
+                out.append(TextDelta(delta.refusal))
+            out.extend(self._tool_calls.piece(call) for call in delta.tool_calls or ())
+            if choice.finish_reason:
+                self._finish_reason = choice.finish_reason
+        return out
+
+    def finish(self) -> list[ModelChunk]:
+        end: list[ModelChunk] = [] if self._usage is None else [self._usage]
+        end.append(Finish(_finish_reason(self._finish_reason, called_tools=self._tool_calls.count > 0)))
+        return end
+
+
+def _finish_reason(reason: str | None, *, called_tools: bool) -> FinishReason:
+    if reason in ("length", "max_tokens"):
+        return "length"
+    if reason == "content_filter":
+        return "content_filter"
+    # OpenAI says "stop" when tool_choice names a function, Ollama often does too, and some
+    # servers end without a reason or with their own ("eos", "end_turn"): if the model
+    # called tools, the turn ended with tool calls.
+    return "tool_calls" if called_tools else "stop"
+
+
+@dataclass
+class _CallSlot:
+    index: int
+    call_id: str
+    named: bool = False
+
+
+class _ToolCallIndexer:
+    """Gives each tool call its own index and an id, whatever the provider's quirks.
+
+    Some servers (older Ollama) send parallel calls all with index 0 but different ids; some
+    send no index or no id at all. A new id at a known index starts a new call.
+    """
+
+    def __init__(self) -> None:
+        self._by_provider_index: dict[int, _CallSlot] = {}
+        self._last: _CallSlot | None = None
+        self.count = 0
+
+    def piece(self, call: ChoiceDeltaToolCall) -> ToolCallDelta:
+        function = call.function
+        name = (function.name if function else None) or ""
+        arguments = (function.arguments if function else None) or ""
+        slot, is_new = self._slot_for(call)
+        delta = ToolCallDelta(
+            index=slot.index,
+            id=slot.call_id if is_new else "",
+            name=name if not slot.named else "",
+            arguments=arguments,
+        )
+        slot.named = slot.named or bool(name)
+        return delta
+
+    def _slot_for(self, call: ChoiceDeltaToolCall) -> tuple[_CallSlot, bool]:
+        provider_index: int | None = call.index
+        slot = self._by_provider_index.get(provider_index) if provider_index is not None else self._last
+        if slot is not None and (not call.id or call.id == slot.call_id):
+            return slot, False
+        slot = _CallSlot(index=self.count, call_id=call.id or "call_" + secrets.token_hex(12))
+        self.count += 1
+        if provider_index is not None:
+            self._by_provider_index[provider_index] = slot
+        self._last = slot
+        return slot, True
+
+
+# --- Errors -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A failed attempt: the error to report and whether another attempt may help."""
+
+    error: ModelError
+    transient: bool
+    retry_after: float | None = None
+
+    @classmethod
+    def of(cls, exc: APIError, config: ProviderConfig, model: str) -> _Failure:
+        redact = _Redactor(config.api_key)
+        if isinstance(exc, APITimeoutError):
+            message = f"{config.name} did not answer within {config.timeout:g}s"
+            return cls(ModelError("timeout", message, retryable=True), transient=True)
+        if isinstance(exc, APIConnectionError):
+            cause = exc.__cause__
+            reason = f"{type(cause).__name__}: {cause}" if cause else exc.message
+            message = f"cannot reach {config.name} at {config.display_url}: {redact(reason)}"
+            return cls(ModelError("connection_error", message, retryable=True), transient=True)
+        if isinstance(exc, APIStatusError):
+            return cls._from_status(exc.status_code, exc, config, model, exc.request_id)
+        # An error event inside a 200 stream; vLLM and llama.cpp put an HTTP status in its code.
+        status = _status_in_body(exc.body) or 500
+        return cls._from_status(status, exc, config, model, None)
+
+    @classmethod
+    def _from_status(
+        cls, status: int, exc: APIError, config: ProviderConfig, model: str, request_id: str | None
+    ) -> _Failure:
+        code, summary = _classify_status(status, exc.code, config, model)
+        detail = _Redactor(config.api_key)(_provider_detail(exc))
+        message = f"{summary} (HTTP {status}): {detail}"
+        if status == 401:
+            message += _api_key_hint(config)
+        if request_id:
+            message += f" [request id {request_id}]"
+        transient = (status in _TRANSIENT_STATUSES or status >= 500) and code != "quota_exceeded"
+        error = ModelError(code, message, retryable=transient)
+        retry_after = _retry_after_seconds(exc.response.headers) if isinstance(exc, APIStatusError) else None
+        return cls(error, transient, retry_after)
+
+    def final_error(self, *, attempts: int) -> ModelError:
+        if attempts == 1:
+            return self.error
+        message = f"{self.error.message} (gave up after {attempts} attempts)"
+        return ModelError(self.error.code, message, retryable=self.error.retryable)
+
+
+def _classify_status(
+    status: int, provider_code: str | None, config: ProviderConfig, model: str
+) -> tuple[str, str]:
+    """(our error code, a summary) for an HTTP status and the provider's own error code."""
+    name = config.name
+    if status == 401:
+        return "authentication_error", f"{name} rejected the API key"
+    if status == 403:
+        return "permission_denied", f"{name} denied access to model {model!r}"
+    if status == 404:
+        return "model_not_found", (
+            f"{name} has no model {model!r}, or {config.display_url} is not an OpenAI-compatible endpoint"
+        )
+    if status == 408:
+        return "timeout", f"{name} timed out the request"
+    if status == 409:
+        return "conflict", f"{name} reported a conflict"
+    if status == 429 and provider_code == "insufficient_quota":  # billing, not a rate: waiting won't help
+        return "quota_exceeded", f"{name} says the account's quota is used up"
+    if status == 429:
+        return "rate_limit_exceeded", f"{name} is rate limiting requests"
+    if status >= 500:
+        return "server_error", f"{name} failed"
+    if provider_code == "context_length_exceeded":
+        return "context_length_exceeded", f"{name} says the prompt is longer than model {model!r} allows"
+    return "invalid_request", f"{name} rejected the request"
+
+
+def _api_key_hint(config: ProviderConfig) -> str:
+    variable = config.api_key_env or default_api_key_env(config.name)
+    if config.api_key:
+        return f"; the key was read from ${variable}"
+    return f"; no API key is configured (set ${variable})"
+
+
+def _provider_detail(exc: APIError) -> str:
+    """The provider's own error message, one line and short."""
+    body = exc.body
+    text: Any = body.get("message", json.dumps(body, default=str)) if isinstance(body, Mapping) else body
+    if not isinstance(text, str) or not text.strip():
+        text = exc.message
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_DETAIL_CHARS else text[: _MAX_DETAIL_CHARS - 1] + "…"
+
+
+def _status_in_body(body: object) -> int | None:
+    code = body.get("code") if isinstance(body, Mapping) else None
+    if isinstance(code, int) and 400 <= code <= 599:
+        return code
+    if isinstance(code, str) and code.isdigit() and 400 <= int(code) <= 599:
+        return int(code)
+    return None
+
+
+def _retry_after_seconds(headers: httpx2.Headers) -> float | None:
+    """Retry-After-Ms or Retry-After (seconds); HTTP dates are rare from APIs and ignored."""
+    for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            seconds = float(headers.get(header, "")) * scale
+        except ValueError:
+            continue
+        if math.isfinite(seconds) and seconds >= 0:
+            return seconds
+    return None
+
+
+class _Redactor:
+    """Removes the API key, and anything that looks like a bearer token or key, from text."""
+
+    _PATTERNS = (
+        (re.compile(r"(?i)(bearer\s+)\S+"), r"\1[redacted]"),
+        (re.compile(r"\b(sk-|sk_)[A-Za-z0-9_\-*]{6,}"), r"\1[redacted]"),
+    )
+
+    def __init__(self, api_key: str) -> None:
+        self._api_key = api_key
+
+    def __call__(self, text: str) -> str:
+        if self._api_key:
+            text = text.replace(self._api_key, "[redacted]")
+        for pattern, replacement in self._PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text

@@ -1,0 +1,159 @@
+"""Assembles the server: store, models, engine, servicers, health, reflection; start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from spindle.v1 import (
+    assistant_pb2,
+    assistant_pb2_grpc,
+    message_pb2,
+    message_pb2_grpc,
+    run_pb2,
+    run_pb2_grpc,
+    thread_pb2,
+    thread_pb2_grpc,
+)
+
+from spindle_server.api.assistants import AssistantServicer
+from spindle_server.api.interceptor import ApiKeys, CallInterceptor
+from spindle_server.api.runs import RunServicer
+from spindle_server.api.threads import MessageServicer, ThreadServicer
+from spindle_server.broadcast import EventHub
+from spindle_server.config import ServerConfig
+from spindle_server.engine.engine import Engine
+from spindle_server.models.base import ModelBackend
+from spindle_server.models.builtin import BuiltinBackend
+from spindle_server.models.registry import ModelRegistry
+from spindle_server.store.base import Store
+from spindle_server.store.sqlite import SqliteStore
+
+log = structlog.get_logger("spindle.server")
+
+SERVICE_NAMES = (
+    assistant_pb2.DESCRIPTOR.services_by_name["AssistantService"].full_name,
+    thread_pb2.DESCRIPTOR.services_by_name["ThreadService"].full_name,
+    message_pb2.DESCRIPTOR.services_by_name["MessageService"].full_name,
+    run_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
+)
+
+
+def build_models(config: ServerConfig) -> ModelRegistry:
+    backends: dict[str, ModelBackend] = {"builtin": BuiltinBackend()}
+    return ModelRegistry(backends, config.default_model)
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        # The default (about 1000) refuses a burst of new Listen calls.
+        ("grpc.max_concurrent_streams", 10_000),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class SpindleServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.store: Store = SqliteStore(config.database)
+        self.models = build_models(config)
+        self.hub = EventHub()
+        self.engine = Engine(self.store, self.models, config.engine)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        self.interceptor = CallInterceptor(ApiKeys(config.api_keys))
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        await self.store.start()
+        self.store.add_events_listener(self.hub.publish)
+        server = grpc.aio.server(
+            interceptors=[self.interceptor],
+            options=grpc_options(self.config),
+            maximum_concurrent_rpcs=None,
+        )
+        assistant_pb2_grpc.add_AssistantServiceServicer_to_server(
+            AssistantServicer(self.store, self.models), server
+        )
+        thread_pb2_grpc.add_ThreadServiceServicer_to_server(ThreadServicer(self.store), server)
+        message_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(self.store), server)
+        run_pb2_grpc.add_RunServiceServicer_to_server(
+            RunServicer(self.store, self.engine, self.hub, self.models), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert and self.config.tls_key:
+            credentials = grpc.ssl_server_credentials(
+                [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
+            )
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
+        await server.start()
+        self._server = server
+        await self.engine.start()
+        await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def _set_serving(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            result = self.health.set(name, status)
+            if asyncio.iscoroutine(result):
+                await result
+
+    async def stop(self) -> None:
+        """NOT_SERVING first (load balancers drain us), then finish calls and runs within the grace."""
+        grace = self.config.grace_period
+        await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._server is not None:
+            stop_calls = asyncio.create_task(self._server.stop(grace))
+        await self.engine.stop(grace)
+        if self._server is not None:
+            await stop_calls
+        await self.models.aclose()
+        await self.store.close()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(config: ServerConfig) -> None:
+    server = SpindleServer(config)
+    port = await server.start()
+    # One machine-readable line on stdout (tests and scripts read the port from it).
+    print(json.dumps({"event": "serving", "host": config.host, "port": port}), flush=True)
+    log.info(
+        "serving", host=config.host, port=port, database=str(config.database), model=config.default_model
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping", grace_seconds=config.grace_period)
+    await server.stop()
+    log.info("stopped")
+    sys.stdout.flush()

@@ -1,0 +1,196 @@
+"""The Store protocol: everything the API and the engine persist, behind one interface.
+
+Resources are kept as their protobuf messages (the API contract is the schema) next to the
+columns that queries need. Every change of a run goes through `mutate_run`, which applies a
+pure function to the current run inside one transaction and appends the events it returns
+with gap-free indexes, so a status change and its event are committed together or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
+
+Run = run_pb2.Run
+RunStatus = run_pb2.RunStatus
+
+ACTIVE_STATUSES: frozenset[int] = frozenset(
+    {run_pb2.PENDING, run_pb2.IN_PROGRESS, run_pb2.TOOL_CALLS, run_pb2.CANCELLING}
+)
+TERMINAL_STATUSES: frozenset[int] = frozenset(
+    {run_pb2.COMPLETED, run_pb2.FAILED, run_pb2.CANCELLED, run_pb2.INCOMPLETE, run_pb2.EXPIRED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PageQuery:
+    limit: int
+    after_seq: int | None = None  # the cursor: continue after this row
+    descending: bool = True
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_seq: int | None  # cursor of the next page; None on the last page
+
+
+@dataclass(frozen=True, slots=True)
+class RunFilter:
+    thread_id: str = ""
+    assistant_id: str = ""
+    statuses: frozenset[int] = frozenset()
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(slots=True)
+class RunChange:
+    """What one transaction does to a run: its new state plus what comes with it."""
+
+    run: run_pb2.Run
+    events: list[run_pb2.StreamEvent] = field(
+        default_factory=list
+    )  # index/run_id/created_at set by the store
+    messages: list[message_pb2.Message] = field(default_factory=list)  # appended to the run's thread
+    steps: list[run_pb2.RunStep] = field(default_factory=list)  # inserted or replaced by id
+    deadline: float | None = None  # new value of the expiry column (epoch seconds); None: keep
+    release_lease: bool = False  # the engine lets go of the run (TOOL_CALLS, terminal)
+
+
+# Receives a copy of the current run; returns the change, or raises to abort the transaction.
+RunMutation = Callable[[run_pb2.Run], RunChange]
+
+
+@dataclass(frozen=True, slots=True)
+class MutationResult:
+    run: run_pb2.Run
+    events: list[run_pb2.StreamEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRun:
+    run: run_pb2.Run
+    epoch: int  # fencing token: writes with an older epoch are refused
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyRecord:
+    fingerprint: str
+    response: bytes | None  # None while the first request is still being served
+
+
+@dataclass(frozen=True, slots=True)
+class DueRuns:
+    """Runs the engine's sweeper must look at."""
+
+    expired: list[str]  # deadline passed while PENDING, TOOL_CALLS (or IN_PROGRESS/CANCELLING)
+    orphaned: list[str]  # IN_PROGRESS/CANCELLING whose lease ran out (its owner died)
+
+
+EventsListener = Callable[[Sequence[run_pb2.StreamEvent]], None]
+
+
+class Store(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+    def add_events_listener(self, listener: EventsListener) -> None:
+        """Called in the event loop, after commit, with the events each transaction appended."""
+        ...
+
+    # Assistants
+    async def insert_assistant(self, project: str, assistant: assistant_pb2.Assistant) -> None: ...
+    async def get_assistant(self, project: str, assistant_id: str) -> assistant_pb2.Assistant: ...
+    async def update_assistant(
+        self,
+        project: str,
+        assistant_id: str,
+        mutate: Callable[[assistant_pb2.Assistant], None],
+    ) -> assistant_pb2.Assistant: ...
+    async def delete_assistant(self, project: str, assistant_id: str) -> None: ...
+    async def list_assistants(self, project: str, query: PageQuery) -> Page[assistant_pb2.Assistant]: ...
+
+    # Threads and messages
+    async def insert_thread(
+        self, project: str, thread: thread_pb2.Thread, messages: Sequence[message_pb2.Message]
+    ) -> None: ...
+    async def get_thread(self, project: str, thread_id: str) -> thread_pb2.Thread: ...
+    async def update_thread(
+        self, project: str, thread_id: str, mutate: Callable[[thread_pb2.Thread], None]
+    ) -> thread_pb2.Thread: ...
+    async def delete_thread(self, project: str, thread_id: str) -> None:
+        """Deletes messages, runs, steps and events too; StateError while a run is active."""
+        ...
+
+    async def list_threads(self, project: str, query: PageQuery) -> Page[thread_pb2.Thread]: ...
+    async def insert_message(self, project: str, message: message_pb2.Message) -> None:
+        """StateError while the thread has an active run."""
+        ...
+
+    async def get_message(self, project: str, message_id: str) -> message_pb2.Message: ...
+    async def list_messages(
+        self, project: str, thread_id: str, query: PageQuery, run_id: str = ""
+    ) -> Page[message_pb2.Message]: ...
+    async def thread_messages(self, thread_id: str) -> list[message_pb2.Message]:
+        """All messages of a thread, oldest first (to build a model prompt)."""
+        ...
+
+    # Runs
+    async def insert_run(
+        self,
+        project: str,
+        run: run_pb2.Run,
+        messages: Sequence[message_pb2.Message],
+        deadline: float,
+        events: Sequence[run_pb2.StreamEvent],
+    ) -> MutationResult:
+        """Adds `messages` to the thread and the run; StateError when the thread has an active run."""
+        ...
+
+    async def get_run(self, project: str, run_id: str) -> run_pb2.Run: ...
+    async def get_run_any_project(self, run_id: str) -> tuple[str, run_pb2.Run]: ...
+    async def get_last_run(self, project: str, thread_id: str) -> run_pb2.Run: ...
+    async def list_runs(self, project: str, flt: RunFilter, query: PageQuery) -> Page[run_pb2.Run]: ...
+    async def update_run_labels(self, project: str, run_id: str, labels: dict[str, str]) -> run_pb2.Run: ...
+    async def mutate_run(
+        self, run_id: str, mutate: RunMutation, *, epoch: int | None = None, project: str | None = None
+    ) -> MutationResult:
+        """Apply `mutate` atomically; FencedError if `epoch` is given and is no longer the run's."""
+        ...
+
+    async def list_steps(self, project: str, run_id: str, query: PageQuery) -> Page[run_pb2.RunStep]: ...
+    async def run_steps(self, run_id: str) -> list[run_pb2.RunStep]: ...
+    async def read_events(self, run_id: str, start: int, limit: int) -> list[run_pb2.StreamEvent]: ...
+
+    # Engine
+    async def claim_runs(
+        self, owner: str, lease_seconds: float, limit: int, mutate: RunMutation
+    ) -> list[ClaimedRun]:
+        """Take PENDING runs (oldest first) under a new lease epoch, applying `mutate` to each."""
+        ...
+
+    async def reclaim_run(
+        self, run_id: str, owner: str, lease_seconds: float, mutate: RunMutation
+    ) -> ClaimedRun | None:
+        """Take over an IN_PROGRESS/CANCELLING run whose lease expired; None if it is not orphaned."""
+        ...
+
+    async def renew_lease(self, run_id: str, owner: str, epoch: int, lease_seconds: float) -> bool: ...
+    async def due_runs(self, now: float, limit: int) -> DueRuns: ...
+    async def release_all_leases(self) -> int:
+        """At start-up: end the leases a dead predecessor held, where the store knows it is alone."""
+        ...
+
+    # Idempotency (AIP-155)
+    async def reserve_request(self, project: str, key: str, fingerprint: str) -> IdempotencyRecord | None:
+        """Reserve `key`; None if it was free, else the existing record."""
+        ...
+
+    async def complete_request(self, project: str, key: str, response: bytes) -> None: ...
+    async def release_request(self, project: str, key: str) -> None: ...

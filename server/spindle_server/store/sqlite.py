@@ -1,0 +1,638 @@
+"""The embedded default store: one SQLite file in WAL mode, owned by one server process."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message as ProtoMessage
+from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
+
+from spindle_server import clock
+from spindle_server.store.base import (
+    ACTIVE_STATUSES,
+    ClaimedRun,
+    DueRuns,
+    EventsListener,
+    IdempotencyRecord,
+    MutationResult,
+    Page,
+    PageQuery,
+    RunChange,
+    RunFilter,
+    RunMutation,
+)
+from spindle_server.store.errors import FencedError, NotFoundError, StateError
+from spindle_server.store.sqlite_db import SqliteDatabase
+
+M = TypeVar("M", bound=ProtoMessage)
+
+_ACTIVE = ",".join(str(s) for s in sorted(ACTIVE_STATUSES))
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS assistants (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS assistants_project ON assistants(project, seq);
+CREATE TABLE IF NOT EXISTS threads (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS threads_project ON threads(project, seq);
+CREATE TABLE IF NOT EXISTS messages (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  thread_id TEXT NOT NULL,
+  run_id TEXT NOT NULL DEFAULT '',
+  body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_thread ON messages(thread_id, seq);
+CREATE TABLE IF NOT EXISTS runs (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  thread_id TEXT NOT NULL,
+  assistant_id TEXT NOT NULL,
+  status INTEGER NOT NULL,
+  labels TEXT NOT NULL DEFAULT '{{}}',
+  body BLOB NOT NULL,
+  deadline REAL NOT NULL,
+  lease_owner TEXT NOT NULL DEFAULT '',
+  lease_epoch INTEGER NOT NULL DEFAULT 0,
+  lease_expires REAL NOT NULL DEFAULT 0,
+  next_event_idx INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_project ON runs(project, seq);
+CREATE INDEX IF NOT EXISTS runs_thread ON runs(thread_id, seq);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status, seq);
+CREATE UNIQUE INDEX IF NOT EXISTS runs_one_active_per_thread ON runs(thread_id) WHERE status IN ({_ACTIVE});
+CREATE TABLE IF NOT EXISTS run_steps (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  run_id TEXT NOT NULL,
+  body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_steps_run ON run_steps(run_id, seq);
+CREATE TABLE IF NOT EXISTS run_events (
+  run_id TEXT NOT NULL,
+  idx INTEGER NOT NULL,
+  body BLOB NOT NULL,
+  PRIMARY KEY (run_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+  project TEXT NOT NULL,
+  key TEXT NOT NULL,
+  fingerprint TEXT NOT NULL,
+  response BLOB,
+  created_at REAL NOT NULL,
+  PRIMARY KEY (project, key)
+) WITHOUT ROWID;
+"""
+
+
+def _parse(cls: type[M], body: bytes) -> M:
+    message = cls()
+    message.ParseFromString(body)
+    return message
+
+
+def _page_sql(query: PageQuery) -> tuple[str, list[Any]]:
+    """ORDER/LIMIT (and the cursor condition) for seq-ordered pages; fetches one extra row."""
+    args: list[Any] = []
+    condition = ""
+    if query.after_seq is not None:
+        condition = " AND seq < ?" if query.descending else " AND seq > ?"
+        args.append(query.after_seq)
+    order = "DESC" if query.descending else "ASC"
+    return f"{condition} ORDER BY seq {order} LIMIT {int(query.limit) + 1}", args
+
+
+def _to_page(rows: list[tuple[int, bytes]], cls: type[M], query: PageQuery) -> Page[M]:
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    items = [_parse(cls, body) for _, body in rows]
+    return Page(items, rows[-1][0] if more and rows else None)
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.db = SqliteDatabase(path)
+        self._listeners: list[EventsListener] = []
+
+    async def start(self) -> None:
+        self.db.open(SCHEMA)
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    def add_events_listener(self, listener: EventsListener) -> None:
+        self._listeners.append(listener)
+
+    def _publish(self, result: MutationResult | list[ClaimedRun] | None) -> None:
+        events: list[run_pb2.StreamEvent] = []
+        if isinstance(result, MutationResult):
+            events = result.events
+        if events:
+            for listener in self._listeners:
+                listener(events)
+
+    def _publish_many(self, results: Sequence[MutationResult]) -> None:
+        events = [event for result in results for event in result.events]
+        if events:
+            for listener in self._listeners:
+                listener(events)
+
+    # ---- generic resources -------------------------------------------------------------
+
+    async def _get(self, table: str, cls: type[M], kind: str, project: str, resource_id: str) -> M:
+        def read(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                f"SELECT body FROM {table} WHERE id = ? AND project = ?", (resource_id, project)
+            ).fetchone()
+            return row[0] if row else None
+
+        body = await self.db.read(read)
+        if body is None:
+            raise NotFoundError(kind, resource_id)
+        return _parse(cls, body)
+
+    async def _list(
+        self, table: str, cls: type[M], where: str, args: Sequence[Any], query: PageQuery
+    ) -> Page[M]:
+        tail, tail_args = _page_sql(query)
+
+        def read(conn: sqlite3.Connection) -> list[tuple[int, bytes]]:
+            return conn.execute(
+                f"SELECT seq, body FROM {table} WHERE {where}{tail}", [*args, *tail_args]
+            ).fetchall()
+
+        return _to_page(await self.db.read(read), cls, query)
+
+    async def _update(
+        self, table: str, cls: type[M], kind: str, project: str, resource_id: str, mutate: Callable[[M], None]
+    ) -> M:
+        def write(conn: sqlite3.Connection) -> M:
+            row = conn.execute(
+                f"SELECT body FROM {table} WHERE id = ? AND project = ?", (resource_id, project)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(kind, resource_id)
+            resource = _parse(cls, row[0])
+            mutate(resource)
+            conn.execute(
+                f"UPDATE {table} SET body = ? WHERE id = ?", (resource.SerializeToString(), resource_id)
+            )
+            return resource
+
+        return await self.db.write(write)
+
+    # ---- assistants --------------------------------------------------------------------
+
+    async def insert_assistant(self, project: str, assistant: assistant_pb2.Assistant) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO assistants(id, project, body) VALUES (?, ?, ?)",
+                (assistant.id, project, assistant.SerializeToString()),
+            )
+
+        await self.db.write(write)
+
+    async def get_assistant(self, project: str, assistant_id: str) -> assistant_pb2.Assistant:
+        return await self._get("assistants", assistant_pb2.Assistant, "assistant", project, assistant_id)
+
+    async def update_assistant(
+        self, project: str, assistant_id: str, mutate: Callable[[assistant_pb2.Assistant], None]
+    ) -> assistant_pb2.Assistant:
+        return await self._update(
+            "assistants", assistant_pb2.Assistant, "assistant", project, assistant_id, mutate
+        )
+
+    async def delete_assistant(self, project: str, assistant_id: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            cursor = conn.execute(
+                "DELETE FROM assistants WHERE id = ? AND project = ?", (assistant_id, project)
+            )
+            if cursor.rowcount == 0:
+                raise NotFoundError("assistant", assistant_id)
+
+        await self.db.write(write)
+
+    async def list_assistants(self, project: str, query: PageQuery) -> Page[assistant_pb2.Assistant]:
+        return await self._list("assistants", assistant_pb2.Assistant, "project = ?", [project], query)
+
+    # ---- threads -----------------------------------------------------------------------
+
+    async def insert_thread(
+        self, project: str, thread: thread_pb2.Thread, messages: Sequence[message_pb2.Message]
+    ) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO threads(id, project, body) VALUES (?, ?, ?)",
+                (thread.id, project, thread.SerializeToString()),
+            )
+            _insert_messages(conn, project, messages)
+
+        await self.db.write(write)
+
+    async def get_thread(self, project: str, thread_id: str) -> thread_pb2.Thread:
+        return await self._get("threads", thread_pb2.Thread, "thread", project, thread_id)
+
+    async def update_thread(
+        self, project: str, thread_id: str, mutate: Callable[[thread_pb2.Thread], None]
+    ) -> thread_pb2.Thread:
+        return await self._update("threads", thread_pb2.Thread, "thread", project, thread_id, mutate)
+
+    async def delete_thread(self, project: str, thread_id: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            _require_thread(conn, project, thread_id)
+            _require_no_active_run(conn, thread_id, "delete the thread")
+            run_ids = [
+                row[0] for row in conn.execute("SELECT id FROM runs WHERE thread_id = ?", (thread_id,))
+            ]
+            for run_id in run_ids:
+                conn.execute("DELETE FROM run_events WHERE run_id = ?", (run_id,))
+                conn.execute("DELETE FROM run_steps WHERE run_id = ?", (run_id,))
+            conn.execute("DELETE FROM runs WHERE thread_id = ?", (thread_id,))
+            conn.execute("DELETE FROM messages WHERE thread_id = ?", (thread_id,))
+            conn.execute("DELETE FROM threads WHERE id = ?", (thread_id,))
+
+        await self.db.write(write)
+
+    async def list_threads(self, project: str, query: PageQuery) -> Page[thread_pb2.Thread]:
+        return await self._list("threads", thread_pb2.Thread, "project = ?", [project], query)
+
+    # ---- messages ----------------------------------------------------------------------
+
+    async def insert_message(self, project: str, message: message_pb2.Message) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            _require_thread(conn, project, message.thread_id)
+            _require_no_active_run(conn, message.thread_id, "add a message")
+            _insert_messages(conn, project, [message])
+
+        await self.db.write(write)
+
+    async def get_message(self, project: str, message_id: str) -> message_pb2.Message:
+        return await self._get("messages", message_pb2.Message, "message", project, message_id)
+
+    async def list_messages(
+        self, project: str, thread_id: str, query: PageQuery, run_id: str = ""
+    ) -> Page[message_pb2.Message]:
+        await self.get_thread(project, thread_id)
+        where, args = "project = ? AND thread_id = ?", [project, thread_id]
+        if run_id:
+            where += " AND run_id = ?"
+            args.append(run_id)
+        return await self._list("messages", message_pb2.Message, where, args, query)
+
+    async def thread_messages(self, thread_id: str) -> list[message_pb2.Message]:
+        def read(conn: sqlite3.Connection) -> list[bytes]:
+            rows = conn.execute("SELECT body FROM messages WHERE thread_id = ? ORDER BY seq", (thread_id,))
+            return [row[0] for row in rows]
+
+        return [_parse(message_pb2.Message, body) for body in await self.db.read(read)]
+
+    # ---- runs --------------------------------------------------------------------------
+
+    async def insert_run(
+        self,
+        project: str,
+        run: run_pb2.Run,
+        messages: Sequence[message_pb2.Message],
+        deadline: float,
+        events: Sequence[run_pb2.StreamEvent],
+    ) -> MutationResult:
+        def write(conn: sqlite3.Connection) -> MutationResult:
+            _require_thread(conn, project, run.thread_id)
+            _require_no_active_run(conn, run.thread_id, "start another run")
+            _insert_messages(conn, project, messages)
+            conn.execute(
+                "INSERT INTO runs(id, project, thread_id, assistant_id, status, labels, body, deadline)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run.id,
+                    project,
+                    run.thread_id,
+                    run.assistant_id,
+                    run.status,
+                    json.dumps(dict(run.labels)),
+                    run.SerializeToString(),
+                    deadline,
+                ),
+            )
+            stored = _append_events(conn, run.id, 0, events)
+            conn.execute("UPDATE runs SET next_event_idx = ? WHERE id = ?", (len(stored), run.id))
+            return MutationResult(run, stored)
+
+        return await self.db.write(write, self._publish)
+
+    async def get_run(self, project: str, run_id: str) -> run_pb2.Run:
+        return await self._get("runs", run_pb2.Run, "run", project, run_id)
+
+    async def get_run_any_project(self, run_id: str) -> tuple[str, run_pb2.Run]:
+        def read(conn: sqlite3.Connection) -> tuple[str, bytes] | None:
+            row = conn.execute("SELECT project, body FROM runs WHERE id = ?", (run_id,)).fetchone()
+            return (row[0], row[1]) if row else None
+
+        found = await self.db.read(read)
+        if found is None:
+            raise NotFoundError("run", run_id)
+        return found[0], _parse(run_pb2.Run, found[1])
+
+    async def get_last_run(self, project: str, thread_id: str) -> run_pb2.Run:
+        await self.get_thread(project, thread_id)
+
+        def read(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT body FROM runs WHERE thread_id = ? AND project = ? ORDER BY seq DESC LIMIT 1",
+                (thread_id, project),
+            ).fetchone()
+            return row[0] if row else None
+
+        body = await self.db.read(read)
+        if body is None:
+            raise NotFoundError("run", f"last run of thread {thread_id}")
+        return _parse(run_pb2.Run, body)
+
+    async def list_runs(self, project: str, flt: RunFilter, query: PageQuery) -> Page[run_pb2.Run]:
+        where, args = "project = ?", [project]
+        if flt.thread_id:
+            where += " AND thread_id = ?"
+            args.append(flt.thread_id)
+        if flt.assistant_id:
+            where += " AND assistant_id = ?"
+            args.append(flt.assistant_id)
+        if flt.statuses:
+            where += f" AND status IN ({','.join('?' * len(flt.statuses))})"
+            args.extend(sorted(flt.statuses))
+        for key, value in flt.labels:
+            where += " AND json_extract(labels, ?) = ?"
+            args.extend([f"$.{json.dumps(key)}", value])
+        return await self._list("runs", run_pb2.Run, where, args, query)
+
+    async def update_run_labels(self, project: str, run_id: str, labels: dict[str, str]) -> run_pb2.Run:
+        def write(conn: sqlite3.Connection) -> run_pb2.Run:
+            row = conn.execute(
+                "SELECT body FROM runs WHERE id = ? AND project = ?", (run_id, project)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError("run", run_id)
+            run = _parse(run_pb2.Run, row[0])
+            run.labels.clear()
+            run.labels.update(labels)
+            run.updated_at.CopyFrom(clock.timestamp(clock.now()))
+            conn.execute(
+                "UPDATE runs SET body = ?, labels = ? WHERE id = ?",
+                (run.SerializeToString(), json.dumps(labels), run_id),
+            )
+            return run
+
+        return await self.db.write(write)
+
+    async def mutate_run(
+        self, run_id: str, mutate: RunMutation, *, epoch: int | None = None, project: str | None = None
+    ) -> MutationResult:
+        def write(conn: sqlite3.Connection) -> MutationResult:
+            return _mutate_run(conn, run_id, mutate, epoch=epoch, project=project)
+
+        return await self.db.write(write, self._publish)
+
+    async def run_steps(self, run_id: str) -> list[run_pb2.RunStep]:
+        def read(conn: sqlite3.Connection) -> list[bytes]:
+            return [
+                row[0]
+                for row in conn.execute("SELECT body FROM run_steps WHERE run_id = ? ORDER BY seq", (run_id,))
+            ]
+
+        return [_parse(run_pb2.RunStep, body) for body in await self.db.read(read)]
+
+    async def release_all_leases(self) -> int:
+        # One process owns the file (see SqliteDatabase.open), so a lease found at start-up
+        # belongs to a process that is gone: its runs can be taken over at once.
+        def write(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE runs SET lease_expires = 0 WHERE status IN (?, ?)",
+                (run_pb2.IN_PROGRESS, run_pb2.CANCELLING),
+            )
+            return cursor.rowcount
+
+        return await self.db.write(write)
+
+    async def list_steps(self, project: str, run_id: str, query: PageQuery) -> Page[run_pb2.RunStep]:
+        await self.get_run(project, run_id)
+        return await self._list("run_steps", run_pb2.RunStep, "run_id = ?", [run_id], query)
+
+    async def read_events(self, run_id: str, start: int, limit: int) -> list[run_pb2.StreamEvent]:
+        def read(conn: sqlite3.Connection) -> list[bytes]:
+            rows = conn.execute(
+                "SELECT body FROM run_events WHERE run_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
+                (run_id, start, limit),
+            )
+            return [row[0] for row in rows]
+
+        return [_parse(run_pb2.StreamEvent, body) for body in await self.db.read(read)]
+
+    # ---- engine ------------------------------------------------------------------------
+
+    async def claim_runs(
+        self, owner: str, lease_seconds: float, limit: int, mutate: RunMutation
+    ) -> list[ClaimedRun]:
+        def write(conn: sqlite3.Connection) -> list[tuple[ClaimedRun, MutationResult]]:
+            ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM runs WHERE status = ? ORDER BY seq LIMIT ?", (run_pb2.PENDING, limit)
+                )
+            ]
+            claimed = []
+            for run_id in ids:
+                epoch = _take_lease(conn, run_id, owner, lease_seconds)
+                result = _mutate_run(conn, run_id, mutate, epoch=epoch)
+                claimed.append((ClaimedRun(result.run, epoch), result))
+            return claimed
+
+        pairs = await self.db.write(write, lambda pairs: self._publish_many([r for _, r in pairs]))
+        return [claim for claim, _ in pairs]
+
+    async def reclaim_run(
+        self, run_id: str, owner: str, lease_seconds: float, mutate: RunMutation
+    ) -> ClaimedRun | None:
+        def write(conn: sqlite3.Connection) -> tuple[ClaimedRun, MutationResult] | None:
+            row = conn.execute(
+                "SELECT 1 FROM runs WHERE id = ? AND status IN (?, ?) AND lease_expires < ?",
+                (run_id, run_pb2.IN_PROGRESS, run_pb2.CANCELLING, clock.now()),
+            ).fetchone()
+            if row is None:
+                return None
+            epoch = _take_lease(conn, run_id, owner, lease_seconds)
+            result = _mutate_run(conn, run_id, mutate, epoch=epoch)
+            return ClaimedRun(result.run, epoch), result
+
+        pair = await self.db.write(write, lambda pair: self._publish(pair[1] if pair else None))
+        return pair[0] if pair else None
+
+    async def renew_lease(self, run_id: str, owner: str, epoch: int, lease_seconds: float) -> bool:
+        def write(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE runs SET lease_expires = ? WHERE id = ? AND lease_owner = ? AND lease_epoch = ?",
+                (clock.now() + lease_seconds, run_id, owner, epoch),
+            )
+            return cursor.rowcount == 1
+
+        return await self.db.write(write)
+
+    async def due_runs(self, now: float, limit: int) -> DueRuns:
+        def read(conn: sqlite3.Connection) -> DueRuns:
+            expired = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM runs WHERE status IN ({_ACTIVE}) AND deadline < ? ORDER BY deadline LIMIT ?",
+                    (now, limit),
+                )
+            ]
+            orphaned = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT id FROM runs WHERE status IN (?, ?) AND lease_expires < ? ORDER BY seq LIMIT ?",
+                    (run_pb2.IN_PROGRESS, run_pb2.CANCELLING, now, limit),
+                )
+            ]
+            return DueRuns(expired, orphaned)
+
+        return await self.db.read(read)
+
+    # ---- idempotency -------------------------------------------------------------------
+
+    async def reserve_request(self, project: str, key: str, fingerprint: str) -> IdempotencyRecord | None:
+        def write(conn: sqlite3.Connection) -> IdempotencyRecord | None:
+            row = conn.execute(
+                "SELECT fingerprint, response FROM idempotency WHERE project = ? AND key = ?", (project, key)
+            ).fetchone()
+            if row is not None:
+                return IdempotencyRecord(row[0], row[1])
+            conn.execute(
+                "INSERT INTO idempotency(project, key, fingerprint, created_at) VALUES (?, ?, ?, ?)",
+                (project, key, fingerprint, clock.now()),
+            )
+            return None
+
+        return await self.db.write(write)
+
+    async def complete_request(self, project: str, key: str, response: bytes) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE idempotency SET response = ? WHERE project = ? AND key = ?", (response, project, key)
+            )
+
+        await self.db.write(write)
+
+    async def release_request(self, project: str, key: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "DELETE FROM idempotency WHERE project = ? AND key = ? AND response IS NULL", (project, key)
+            )
+
+        await self.db.write(write)
+
+
+# ---- helpers that run inside a write transaction -----------------------------------------
+
+
+def _require_thread(conn: sqlite3.Connection, project: str, thread_id: str) -> None:
+    row = conn.execute("SELECT 1 FROM threads WHERE id = ? AND project = ?", (thread_id, project)).fetchone()
+    if row is None:
+        raise NotFoundError("thread", thread_id)
+
+
+def _require_no_active_run(conn: sqlite3.Connection, thread_id: str, action: str) -> None:
+    row = conn.execute(
+        f"SELECT id FROM runs WHERE thread_id = ? AND status IN ({_ACTIVE})", (thread_id,)
+    ).fetchone()
+    if row is not None:
+        raise StateError(
+            "THREAD_HAS_ACTIVE_RUN",
+            f"thread {thread_id} has an active run {row[0]}; cannot {action} until it ends",
+        )
+
+
+def _insert_messages(conn: sqlite3.Connection, project: str, messages: Sequence[message_pb2.Message]) -> None:
+    conn.executemany(
+        "INSERT INTO messages(id, project, thread_id, run_id, body) VALUES (?, ?, ?, ?, ?)",
+        [(m.id, project, m.thread_id, m.run_id, m.SerializeToString()) for m in messages],
+    )
+
+
+def _append_events(
+    conn: sqlite3.Connection, run_id: str, first_index: int, events: Sequence[run_pb2.StreamEvent]
+) -> list[run_pb2.StreamEvent]:
+    stored: list[run_pb2.StreamEvent] = []
+    created = clock.timestamp(clock.now())
+    for offset, event in enumerate(events):
+        event.run_id = run_id
+        event.index = first_index + offset
+        if not event.HasField("created_at"):
+            event.created_at.CopyFrom(created)
+        stored.append(event)
+    conn.executemany(
+        "INSERT INTO run_events(run_id, idx, body) VALUES (?, ?, ?)",
+        [(run_id, event.index, event.SerializeToString()) for event in stored],
+    )
+    return stored
+
+
+def _take_lease(conn: sqlite3.Connection, run_id: str, owner: str, lease_seconds: float) -> int:
+    conn.execute(
+        "UPDATE runs SET lease_owner = ?, lease_epoch = lease_epoch + 1, lease_expires = ? WHERE id = ?",
+        (owner, clock.now() + lease_seconds, run_id),
+    )
+    return int(conn.execute("SELECT lease_epoch FROM runs WHERE id = ?", (run_id,)).fetchone()[0])
+
+
+def _mutate_run(
+    conn: sqlite3.Connection,
+    run_id: str,
+    mutate: RunMutation,
+    *,
+    epoch: int | None,
+    project: str | None = None,
+) -> MutationResult:
+    row = conn.execute(
+        "SELECT project, body, lease_epoch, next_event_idx FROM runs WHERE id = ?", (run_id,)
+    ).fetchone()
+    if row is None or (project is not None and row[0] != project):
+        raise NotFoundError("run", run_id)
+    row_project, body, current_epoch, next_index = row
+    if epoch is not None and epoch != current_epoch:
+        raise FencedError(f"run {run_id}: lease epoch {epoch} was superseded by {current_epoch}")
+    change: RunChange = mutate(_parse(run_pb2.Run, body))
+    run = change.run
+    run.updated_at.CopyFrom(clock.timestamp(clock.now()))
+    for event in change.events:
+        if event.status == run_pb2.RUN_STATUS_UNSPECIFIED:
+            event.status = run.status
+    _insert_messages(conn, row_project, change.messages)
+    for step in change.steps:
+        conn.execute(
+            "INSERT INTO run_steps(id, project, run_id, body) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+            (step.id, row_project, run_id, step.SerializeToString()),
+        )
+    stored = _append_events(conn, run_id, next_index, change.events)
+    assignments = "status = ?, body = ?, next_event_idx = ?"
+    args: list[Any] = [run.status, run.SerializeToString(), next_index + len(stored)]
+    if change.deadline is not None:
+        assignments += ", deadline = ?"
+        args.append(change.deadline)
+    if change.release_lease:
+        assignments += ", lease_owner = '', lease_expires = 0"
+    conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*args, run_id])
+    return MutationResult(run, stored)

@@ -1,0 +1,186 @@
+"""SQLite plumbing: one writer thread that commits in batches, a small pool of readers.
+
+Writes are functions of a connection, queued to the writer thread. It runs every write that is
+waiting in one transaction (each under its own SAVEPOINT, so one failing write does not undo
+the others), commits once with synchronous=FULL, and only then answers the callers: many
+concurrent writes cost one fsync. Readers use their own connections; WAL lets them read while
+the writer writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from spindle_server.store.errors import UnavailableError
+
+T = TypeVar("T")
+log = structlog.get_logger(__name__)
+
+MAX_BATCH = 256
+_STOP = object()
+
+
+@dataclass(slots=True)
+class _Write:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    after_commit: Callable[[Any], None] | None
+
+
+class SqliteDatabase:
+    def __init__(self, path: Path, *, readers: int = 4, busy_timeout_ms: int = 5000) -> None:
+        self.path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sqlite-read")
+        self._local = threading.local()
+        self._reader_connections: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
+        self._lock_file: Any = None
+        self.batches = 0
+        self.writes = 0
+
+    def open(self, schema: str) -> None:
+        """Take the single-owner lock, set the pragmas, create the schema, start the writer."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(str(self.path) + ".lock", "w")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._lock_file.close()
+            raise UnavailableError(f"database {self.path} is owned by another running server") from exc
+        self._loop = asyncio.get_running_loop()
+        connection = self._connect()
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.executescript(schema)
+        self._writer = threading.Thread(target=self._write_loop, args=(connection,), name="sqlite-writer")
+        self._writer.daemon = True
+        self._writer.start()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        self._readers.shutdown(wait=True)
+        with self._reader_lock:
+            for connection in self._reader_connections:
+                connection.close()
+            self._reader_connections.clear()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        connection.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.execute("PRAGMA foreign_keys=ON")
+        return connection
+
+    async def write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        after_commit: Callable[[T], None] | None = None,
+    ) -> T:
+        """Run `fn` in the next batch; `after_commit(result)` runs in the loop before the caller resumes."""
+        if self._writer is None or self._loop is None:
+            raise UnavailableError("the database is closed")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Write(fn, future, after_commit))
+        return await future
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._run_read, fn)
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._connect()
+            connection.execute("PRAGMA query_only=ON")
+            self._local.connection = connection
+            with self._reader_lock:
+                self._reader_connections.append(connection)
+        connection.execute("BEGIN")
+        try:
+            return fn(connection)
+        finally:
+            connection.execute("COMMIT")
+
+    def _write_loop(self, connection: sqlite3.Connection) -> None:
+        stopping = False
+        while not stopping:
+            batch: list[_Write] = []
+            item = self._queue.get()
+            while True:
+                if item is _STOP:
+                    stopping = True
+                    break
+                assert isinstance(item, _Write)
+                batch.append(item)
+                if len(batch) >= MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._commit_batch(connection, batch)
+        connection.close()
+
+    def _commit_batch(self, connection: sqlite3.Connection, batch: list[_Write]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                connection.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, write.fn(connection)))
+                    connection.execute("RELEASE op")
+                except Exception as exc:  # the caller gets it; the rest of the batch goes on
+                    connection.execute("ROLLBACK TO op")
+                    connection.execute("RELEASE op")
+                    outcomes.append((False, exc))
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            log.error("sqlite_commit_failed", error=str(exc), writes=len(batch))
+            failure = UnavailableError(f"database write failed: {exc}")
+            outcomes = [(False, failure)] * len(batch)
+        self.batches += 1
+        self.writes += len(batch)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, batch, outcomes)
+
+    @staticmethod
+    def _deliver(batch: list[_Write], outcomes: list[tuple[bool, Any]]) -> None:
+        # Post-commit hooks first (they wake listeners), then the callers, all in commit order.
+        for write, (ok, value) in zip(batch, outcomes, strict=True):
+            if ok and write.after_commit is not None:
+                try:
+                    write.after_commit(value)
+                except Exception:
+                    log.exception("after_commit_failed")
+        for write, (ok, value) in zip(batch, outcomes, strict=True):
+            if write.future.done():
+                continue
+            if ok:
+                write.future.set_result(value)
+            else:
+                write.future.set_exception(value)
