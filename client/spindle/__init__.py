@@ -1,0 +1,1 @@
+"""Spindle client: run AI assistants on conversation threads over gRPC."""
