@@ -115,8 +115,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 async for response in inner(request, ctx):
                     call.messages += 1
                     yield response
-            except asyncio.CancelledError:
-                call.code = "CANCELLED"
+            except (asyncio.CancelledError, GeneratorExit):
+                call.code = "CANCELLED"  # the client went away (grpc closes the generator)
                 raise
             except Exception as exc:
                 await self._fail(call, ctx, exc)

@@ -29,7 +29,7 @@ from spindle_server.models.base import (
 )
 
 _TOOL_LINE = re.compile(r"^/tool\s+(?P<name>[A-Za-z0-9_-]+)\s*(?P<args>.*)$")
-_SLEEP_LINE = re.compile(r"^/sleep\s+(?P<seconds>\d+(?:\.\d+)?)\s*$")
+_SLEEP_LINE = re.compile(r"^/sleep\s+(?P<seconds>\d+(?:\.\d+)?)(?:\s.*)?$")
 _FAIL_LINE = re.compile(r"^/fail(?:\s+(?P<text>.*))?$")
 _WORD = re.compile(r"\S+\s*")
 MAX_SLEEP_SECONDS = 3600.0

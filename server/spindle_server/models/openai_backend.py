@@ -113,8 +113,7 @@ class ProviderConfig:
             raise ValueError(
                 f"invalid provider name {self.name!r}: use letters, digits, '_', '.', '-' (not 'builtin')"
             )
-        url = urlsplit(self.base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
+        if not _is_http_url(self.base_url):
             raise ValueError(f"provider {self.name}: base URL must be http(s)://HOST[:PORT]/PATH")
         for option in ("timeout", "stall_timeout", "initial_backoff", "max_backoff"):
             value = getattr(self, option)
@@ -140,6 +139,15 @@ class ProviderConfig:
         host = f"[{url.hostname}]" if ":" in (url.hostname or "") else url.hostname
         port = f":{url.port}" if url.port else ""
         return f"{url.scheme}://{host}{port}{url.path}"
+
+
+def _is_http_url(text: str) -> bool:
+    try:
+        url = urlsplit(text)
+        url.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.hostname)
 
 
 def default_api_key_env(name: str) -> str:
@@ -172,14 +180,18 @@ def parse_provider_spec(spec: str, environ: Mapping[str, str] | None = None) -> 
     api_key = environ.get(key_env or default_api_key_env(name), "")
     if key_env and not api_key:
         raise ValueError(f"provider {name}: environment variable {key_env} is not set")
+    settings: dict[str, Any] = {}
+    if "max_retries" in options:
+        settings["max_retries"] = _parse_number(name, "max_retries", options.pop("max_retries"), int)
+    if "max_tokens_field" in options:
+        settings["max_tokens_field"] = _parse_max_tokens_field(name, options.pop("max_tokens_field"))
+    settings |= {option: _parse_number(name, option, value, float) for option, value in options.items()}
     return ProviderConfig(
         name=name,
         base_url=base_url,
         api_key=api_key,
         api_key_env=key_env or default_api_key_env(name),
-        max_retries=_parse_number(name, "max_retries", options.pop("max_retries", "3"), int),
-        max_tokens_field=_parse_max_tokens_field(name, options.pop("max_tokens_field", None)),
-        **{option: _parse_number(name, option, value, float) for option, value in options.items()},
+        **settings,
     )
 
 
@@ -205,9 +217,7 @@ def _parse_number(name: str, option: str, value: str, kind: Callable[[str], _Num
         raise ValueError(f"provider {name}: {option}={value!r} is not a number") from None
 
 
-def _parse_max_tokens_field(name: str, value: str | None) -> MaxTokensField | None:
-    if value is None:
-        return None
+def _parse_max_tokens_field(name: str, value: str) -> MaxTokensField:
     for choice in get_args(MaxTokensField):
         if value == choice:
             return choice

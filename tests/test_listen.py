@@ -1,0 +1,174 @@
+"""Listen: replay then live with no gap or duplicate, many listeners, slow and vanishing ones."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from support.server import ServerProcess
+from support.stubs import Stubs
+
+from spindle.v1 import common_pb2, run_pb2
+
+EventType = run_pb2.StreamEvent
+
+
+def indexes(events: list[run_pb2.StreamEvent]) -> list[int]:
+    return [e.index for e in events]
+
+
+def assert_complete_log(events: list[run_pb2.StreamEvent], start: int = 0) -> None:
+    assert indexes(events) == list(range(start, start + len(events)))
+    terminal = [e for e in events if e.type in (EventType.DONE, EventType.ERROR)]
+    assert len(terminal) <= 1
+    assert terminal == [] or terminal[0] is events[-1]
+
+
+def test_listen_live_from_the_start(stubs: Stubs) -> None:
+    run = stubs.start("/sleep 1 " + " ".join(f"w{i}" for i in range(40)))
+    events = stubs.events(run.id)
+    assert_complete_log(events)
+    assert events[-1].type == EventType.DONE
+    deltas = [e for e in events if e.type == EventType.PARTIAL_MESSAGE]
+    assert len(deltas) > 5  # streamed, not all at once
+    assert "".join(e.message_delta.text for e in deltas) == events[-1].done.message.content[0].text.text
+
+
+def test_join_mid_run_hands_over_without_gap_or_duplicate(stubs: Stubs) -> None:
+    """Listeners joining while the run streams, from several start indexes: replay, then live."""
+    run = stubs.start("/sleep 2 " + " ".join(f"w{i}" for i in range(100)))
+    joined: list[tuple[int, list[run_pb2.StreamEvent]]] = []
+
+    def join(start: int) -> None:
+        joined.append((start, stubs.events(run.id, start)))
+
+    threads = []
+    for start in (0, 2, 3, 5, 8):
+        time.sleep(0.3)  # join at different moments of the stream
+        thread = threading.Thread(target=join, args=(start,))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join(30)
+    full = stubs.events(run.id)
+    assert_complete_log(full)
+    assert len(joined) == 5
+    for start, events in joined:
+        assert_complete_log(events, start=start)
+        assert [e.SerializeToString() for e in events] == [e.SerializeToString() for e in full[start:]]
+
+
+def test_reconnect_from_last_index_plus_one(stubs: Stubs) -> None:
+    run = stubs.start("/sleep 1.5 " + " ".join(f"w{i}" for i in range(60)))
+    first: list[run_pb2.StreamEvent] = []
+    call = stubs.runs.Listen(run_pb2.ListenRunRequest(run_id=run.id), timeout=30)
+    for event in call:
+        first.append(event)
+        if len(first) == 4:
+            call.cancel()  # the client goes away mid-stream
+            break
+    rest = stubs.events(run.id, first[-1].index + 1)
+    combined = first + rest
+    assert_complete_log(combined)
+    assert combined[-1].type == EventType.DONE
+    # Disconnecting never cancels the run.
+    assert stubs.runs.Get(run_pb2.GetRunRequest(run_id=run.id)).status == run_pb2.COMPLETED
+
+
+def test_listen_to_a_finished_run_replays_and_ends(stubs: Stubs) -> None:
+    run = stubs.start("done already")
+    stubs.wait(run.id)
+    events = stubs.events(run.id)
+    assert_complete_log(events)
+    assert stubs.events(run.id, len(events) - 1) == events[-1:]
+    assert stubs.events(run.id, len(events) + 10) == []
+
+
+def test_listen_stays_open_across_tool_calls(stubs: Stubs) -> None:
+    assistant = stubs.tool_assistant("lookup")
+    run = stubs.run(assistant.id, stubs.thread("/tool lookup {}").id)
+    received: list[run_pb2.StreamEvent] = []
+    listener = threading.Thread(target=lambda: received.extend(stubs.events(run.id)))
+    listener.start()
+    paused = stubs.wait(run.id)
+    assert paused.status == run_pb2.TOOL_CALLS
+    time.sleep(0.2)
+    assert listener.is_alive()  # still listening while the run waits
+    stubs.runs.SubmitToolResults(
+        run_pb2.SubmitToolResultsRequest(
+            run_id=run.id,
+            tool_results=[common_pb2.ToolResult(tool_call_id=paused.required_tool_calls[0].id, output="42")],
+        )
+    )
+    listener.join(20)
+    assert not listener.is_alive()
+    assert_complete_log(received)
+    kinds = [e.type for e in received]
+    assert kinds.index(EventType.TOOL_CALLS) < kinds.index(EventType.DONE) == len(kinds) - 1
+
+
+def test_many_listeners_see_the_same_log(stubs: Stubs) -> None:
+    run = stubs.start("/sleep 1 " + " ".join(f"w{i}" for i in range(50)))
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        logs = list(pool.map(lambda _: stubs.events(run.id), range(40)))
+    reference = [e.SerializeToString() for e in logs[0]]
+    assert_complete_log(logs[0])
+    for log in logs[1:]:
+        assert [e.SerializeToString() for e in log] == reference
+
+
+def test_listen_unknown_run_is_not_found(stubs: Stubs) -> None:
+    with pytest.raises(grpc.RpcError) as missing:
+        stubs.events("run_000000000000000000000000")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_frozen_listeners_are_not_buffered_by_the_server(make_server) -> None:  # type: ignore[no-untyped-def]
+    """Listeners that never read: the server pulls no more than flow control lets through.
+
+    Each listener keeps only a position in the shared log; the server writes to it only as fast
+    as HTTP/2 flow control allows. The access log counts the events each Listen handed to gRPC:
+    for a frozen reader that is less than the run's log, however long the log grows.
+    """
+    server: ServerProcess = make_server("--log-level", "debug")
+    stubs = Stubs.connect(server.address)
+    # No BDP probing: the stream window stays at 64 KiB, as with a slow reader on a slow link.
+    options = [("grpc.http2.bdp_probe", 0)]
+    frozen_channels = [grpc.insecure_channel(server.address, options=options) for _ in range(5)]
+    try:
+        word = "x" * 100
+        run = stubs.start("/sleep 1 " + " ".join([word] * 2_400))  # a ~240 KB reply
+        frozen = []
+        for channel in frozen_channels * 10:
+            call = channel.unary_stream(
+                "/spindle.v1.RunService/Listen",
+                request_serializer=run_pb2.ListenRunRequest.SerializeToString,
+                response_deserializer=run_pb2.StreamEvent.FromString,
+            )(run_pb2.ListenRunRequest(run_id=run.id), timeout=120)
+            frozen.append(call)  # never iterated: the client reads nothing
+        done = stubs.wait(run.id, timeout=60)
+        assert done.status == run_pb2.COMPLETED  # frozen listeners did not hold the run back
+        total = len(stubs.events(run.id))
+        late = list(frozen[0])  # a frozen listener that wakes up still gets every event
+        assert_complete_log(late)
+        assert late[-1].type == EventType.DONE
+        for call in frozen[1:]:
+            call.cancel()
+        deadline = time.monotonic() + 10
+        handed: list[int] = []
+        while time.monotonic() < deadline and len(handed) < len(frozen) - 1:
+            handed = [
+                int(e["messages"])  # type: ignore[call-overload]
+                for e in server.log_events()
+                if e.get("method") == "/spindle.v1.RunService/Listen" and e.get("code") == "CANCELLED"
+            ]
+            time.sleep(0.1)
+        assert len(handed) == len(frozen) - 1
+        assert max(handed) < total, (handed, total)
+    finally:
+        for channel in frozen_channels:
+            channel.close()
+        stubs.close()
