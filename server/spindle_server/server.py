@@ -38,6 +38,9 @@ from spindle_server.store.sqlite import SqliteStore
 
 log = structlog.get_logger("spindle.server")
 
+# After the runs: open calls (Listen streams of re-queued runs) get this long to end.
+CALL_DRAIN_SECONDS = 1.0
+
 SERVICE_NAMES = (
     assistant_pb2.DESCRIPTOR.services_by_name["AssistantService"].full_name,
     thread_pb2.DESCRIPTOR.services_by_name["ThreadService"].full_name,
@@ -123,14 +126,12 @@ class SpindleServer:
                 await result
 
     async def stop(self) -> None:
-        """NOT_SERVING first (load balancers drain us), then finish calls and runs within the grace."""
-        grace = self.config.grace_period
+        """Drain: NOT_SERVING at once (balancers stop sending), runs finish or are re-queued
+        within the grace period while calls are still answered, then the server closes."""
         await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.engine.stop(self.config.grace_period)
         if self._server is not None:
-            stop_calls = asyncio.create_task(self._server.stop(grace))
-        await self.engine.stop(grace)
-        if self._server is not None:
-            await stop_calls
+            await self._server.stop(CALL_DRAIN_SECONDS)
         await self.models.aclose()
         await self.store.close()
 

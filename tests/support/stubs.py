@@ -31,8 +31,10 @@ class Stubs:
     runs: run_pb2_grpc.RunServiceStub
 
     @classmethod
-    def connect(cls, address: str) -> Stubs:
+    def connect(cls, address: str, api_key: str | None = None) -> Stubs:
         channel = grpc.insecure_channel(address)
+        if api_key is not None:
+            channel = grpc.intercept_channel(channel, BearerKey(api_key))
         return cls(
             channel,
             assistant_pb2_grpc.AssistantServiceStub(channel),
@@ -91,6 +93,22 @@ class Stubs:
     def events(self, run_id: str, start: int = 0, timeout: float = 30.0) -> list[run_pb2.StreamEvent]:
         request = run_pb2.ListenRunRequest(run_id=run_id, events_start_idx=start)
         return list(self.runs.Listen(request, timeout=timeout))
+
+
+class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Sends `authorization: Bearer KEY` on every call."""
+
+    def __init__(self, key: str) -> None:
+        self._metadata = (("authorization", f"Bearer {key}"),)
+
+    def _with_key(self, details):  # type: ignore[no-untyped-def]
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_key(details), request)
 
 
 def error_details(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None, list[tuple[str, str]]]:
