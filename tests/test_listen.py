@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from spindle.v1 import common_pb2, run_pb2
 from support.server import ServerProcess
 from support.stubs import Stubs
-
-from spindle.v1 import common_pb2, run_pb2
 
 EventType = run_pb2.StreamEvent
 
@@ -172,3 +172,29 @@ def test_frozen_listeners_are_not_buffered_by_the_server(make_server) -> None:  
         for channel in frozen_channels:
             channel.close()
         stubs.close()
+
+
+def test_a_burst_of_listeners_is_served(server: ServerProcess, stubs: Stubs) -> None:
+    """1500 Listen calls opened at once on one run (beyond grpc's default pending limits)."""
+    run = stubs.start("/sleep 1.5 " + " ".join(f"w{i}" for i in range(30)))
+
+    async def listen_all() -> list[list[int]]:
+        channels = [grpc.aio.insecure_channel(server.address) for _ in range(3)]
+        try:
+
+            async def one(channel: grpc.aio.Channel) -> list[int]:
+                call = channel.unary_stream(
+                    "/spindle.v1.RunService/Listen",
+                    request_serializer=run_pb2.ListenRunRequest.SerializeToString,
+                    response_deserializer=run_pb2.StreamEvent.FromString,
+                )(run_pb2.ListenRunRequest(run_id=run.id), timeout=60)
+                return [event.index async for event in call]
+
+            return await asyncio.gather(*(one(channels[i % 3]) for i in range(1500)))
+        finally:
+            for channel in channels:
+                await channel.close()
+
+    logs = asyncio.run(listen_all())
+    expected = [e.index for e in stubs.events(run.id)]
+    assert all(log == expected for log in logs)

@@ -8,9 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from support.stubs import TERMINAL, Stubs
-
 from spindle.v1 import common_pb2, message_pb2, run_pb2
+from support.stubs import TERMINAL, Stubs
 
 EventType = run_pb2.StreamEvent
 
@@ -19,7 +18,8 @@ def terminal_events(events: list[run_pb2.StreamEvent]) -> list[int]:
     return [
         e.index
         for e in events
-        if e.type in (EventType.DONE, EventType.ERROR) or (e.type == EventType.STATUS and e.status in TERMINAL)
+        if e.type in (EventType.DONE, EventType.ERROR)
+        or (e.type == EventType.STATUS and e.status in TERMINAL)
     ]
 
 
@@ -75,7 +75,9 @@ def test_concurrent_identical_submits_resume_once(stubs: Stubs) -> None:
     def submit(_: int) -> None:
         barrier.wait()
         try:
-            stubs.runs.SubmitToolResults(run_pb2.SubmitToolResultsRequest(run_id=run.id, tool_results=results))
+            stubs.runs.SubmitToolResults(
+                run_pb2.SubmitToolResultsRequest(run_id=run.id, tool_results=results)
+            )
             codes.append(grpc.StatusCode.OK)
         except grpc.RpcError as error:
             codes.append(error.code())
@@ -96,25 +98,38 @@ def test_submit_races_cancel(stubs: Stubs) -> None:
     for _ in range(5):
         run, results = _tool_run(stubs)
         barrier = threading.Barrier(2)
+        codes: list[grpc.StatusCode] = []
+        request = run_pb2.SubmitToolResultsRequest(run_id=run.id, tool_results=results)
 
-        def submit() -> None:
+        def submit(
+            request: run_pb2.SubmitToolResultsRequest,
+            barrier: threading.Barrier,
+            codes: list[grpc.StatusCode],
+        ) -> None:
             barrier.wait()
             try:
-                stubs.runs.SubmitToolResults(run_pb2.SubmitToolResultsRequest(run_id=run.id, tool_results=results))
+                stubs.runs.SubmitToolResults(request)
+                codes.append(grpc.StatusCode.OK)
             except grpc.RpcError as error:
-                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+                codes.append(error.code())
 
-        def cancel() -> None:
+        def cancel(run_id: str, barrier: threading.Barrier) -> None:
             barrier.wait()
-            stubs.runs.Cancel(run_pb2.CancelRunRequest(run_id=run.id))
+            stubs.runs.Cancel(run_pb2.CancelRunRequest(run_id=run_id))
 
-        threads = [threading.Thread(target=submit), threading.Thread(target=cancel)]
+        threads = [
+            threading.Thread(target=submit, args=(request, barrier, codes)),
+            threading.Thread(target=cancel, args=(run.id, barrier)),
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(20)
+        assert codes in ([grpc.StatusCode.OK], [grpc.StatusCode.FAILED_PRECONDITION])
         final = stubs.wait(run.id)
         assert final.status in (run_pb2.CANCELLED, run_pb2.COMPLETED)
+        if codes == [grpc.StatusCode.FAILED_PRECONDITION]:
+            assert final.status == run_pb2.CANCELLED  # cancel won: the results were refused
         events = stubs.events(run.id)
         assert terminal_events(events) == [len(events) - 1]
 

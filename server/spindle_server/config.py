@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[k for k in (_env("api_keys") or "").split(",") if k],
         metavar="KEY=PROJECT",
-        help="accept 'authorization: Bearer KEY' for PROJECT (repeatable; SPINDLE_API_KEYS separates with ',')",
+        help="accept 'authorization: Bearer KEY' for PROJECT "
+        "(repeatable; SPINDLE_API_KEYS separates several with ',')",
     )
     parser.add_argument(
         "--allow-unauthenticated-remote",

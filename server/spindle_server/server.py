@@ -58,8 +58,10 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        # The default (about 1000) refuses a burst of new Listen calls.
-        ("grpc.max_concurrent_streams", 10_000),
+        # grpc's defaults (1000 pending, 3000 hard) refuse a burst of new Listen calls.
+        ("grpc.server.max_pending_requests", 20_000),
+        ("grpc.server.max_pending_requests_hard_limit", 40_000),
+        ("grpc.max_concurrent_streams", 20_000),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

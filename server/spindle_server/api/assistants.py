@@ -178,5 +178,5 @@ class AssistantServicer(assistant_pb2_grpc.AssistantServiceServicer):
         page = await self._store.list_assistants(context.project(), query)
         return assistant_pb2.ListAssistantsResponse(
             assistants=page.items,
-            next_page_token=next_page_token(page, query, scope),  # type: ignore[arg-type]
+            next_page_token=next_page_token(page, query, scope),
         )

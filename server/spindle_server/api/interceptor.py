@@ -58,7 +58,7 @@ class ApiKeys:
         raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY", "the API key is not valid")
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class CallInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: ApiKeys) -> None:
         self._keys = keys
         self.calls: Counter[tuple[str, str]] = Counter()

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import json
+from typing import Any
 
 from spindle.v1 import common_pb2
 
@@ -39,7 +40,7 @@ def page_query(validator: Validator, page_size: int, page_token: str, order: int
     return PageQuery(limit=limit, after_seq=after, descending=descending)
 
 
-def next_page_token(page: Page[object], query: PageQuery, scope: str) -> str:
+def next_page_token(page: Page[Any], query: PageQuery, scope: str) -> str:
     if page.next_seq is None:
         return ""
     body = json.dumps(

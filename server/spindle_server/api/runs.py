@@ -113,14 +113,14 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         elif assistant.HasField("response_format"):
             run.response_format.CopyFrom(assistant.response_format)
         run.model = run.model or self._models.default_model
-        for name, source, fallback in (
-            ("temperature", request, options),
-            ("top_p", request, options),
-        ):
-            if source.HasField(name):
-                setattr(run, name, getattr(source, name))
-            elif fallback.HasField(name):
-                setattr(run, name, getattr(fallback, name))
+        if request.HasField("temperature"):
+            run.temperature = request.temperature
+        elif options.HasField("temperature"):
+            run.temperature = options.temperature
+        if request.HasField("top_p"):
+            run.top_p = request.top_p
+        elif options.HasField("top_p"):
+            run.top_p = options.top_p
         if request.HasField("max_completion_tokens"):
             run.max_completion_tokens = request.max_completion_tokens
         elif options.HasField("max_tokens"):
@@ -160,7 +160,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         query = page_query(v, request.page_size, request.page_token, request.order, scope)
         flt = RunFilter(request.thread_id, request.assistant_id, statuses, labels)
         page = await self._store.list_runs(context.project(), flt, query)
-        return run_pb2.ListRunsResponse(runs=page.items, next_page_token=next_page_token(page, query, scope))  # type: ignore[arg-type]
+        return run_pb2.ListRunsResponse(runs=page.items, next_page_token=next_page_token(page, query, scope))
 
     async def ListSteps(
         self, request: run_pb2.ListRunStepsRequest, _: grpc.aio.ServicerContext
@@ -173,7 +173,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         page = await self._store.list_steps(context.project(), request.run_id, query)
         return run_pb2.ListRunStepsResponse(
             steps=page.items, next_page_token=next_page_token(page, query, scope)
-        )  # type: ignore[arg-type]
+        )
 
     # ---- change ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ THREAD_UPDATABLE = ("name", "description", "labels")
 
 def new_message(
     thread_id: str,
-    role: int,
+    role: message_pb2.MessageRole.ValueType,
     parts: Iterable[message_pb2.ContentPart],
     labels: dict[str, str],
     created_by: str,
@@ -27,7 +27,7 @@ def new_message(
     message = message_pb2.Message(
         id=ids.new_id("msg"),
         thread_id=thread_id,
-        role=role or message_pb2.USER,  # type: ignore[arg-type]
+        role=role or message_pb2.USER,
         content=parts,
         labels=labels,
         created_by=created_by,
@@ -156,7 +156,7 @@ class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
         page = await self._store.list_threads(context.project(), query)
         return thread_pb2.ListThreadsResponse(
             threads=page.items,
-            next_page_token=next_page_token(page, query, scope),  # type: ignore[arg-type]
+            next_page_token=next_page_token(page, query, scope),
         )
 
 
@@ -206,5 +206,5 @@ class MessageServicer(message_pb2_grpc.MessageServiceServicer):
         page = await self._store.list_messages(context.project(), request.thread_id, query, request.run_id)
         return message_pb2.ListMessagesResponse(
             messages=page.items,
-            next_page_token=next_page_token(page, query, scope),  # type: ignore[arg-type]
+            next_page_token=next_page_token(page, query, scope),
         )

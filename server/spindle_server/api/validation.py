@@ -82,7 +82,7 @@ class Validator:
             self.add("request_id", f"must be 1-{MAX_REQUEST_ID} printable ASCII characters without spaces")
 
     def enum(self, field: str, value: int, enum_type: object, *, allow_unspecified: bool = True) -> None:
-        names = getattr(enum_type, "values", lambda: [])()
+        names: list[int] = list(getattr(enum_type, "values", list)())
         if value not in names or (value == 0 and not allow_unspecified):
             self.add(field, f"{value} is not a valid value")
 

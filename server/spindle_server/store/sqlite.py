@@ -364,7 +364,7 @@ class SqliteStore:
         return _parse(run_pb2.Run, body)
 
     async def list_runs(self, project: str, flt: RunFilter, query: PageQuery) -> Page[run_pb2.Run]:
-        where, args = "project = ?", [project]
+        where, args = "project = ?", list[Any]([project])
         if flt.thread_id:
             where += " AND thread_id = ?"
             args.append(flt.thread_id)
@@ -495,7 +495,8 @@ class SqliteStore:
             expired = [
                 row[0]
                 for row in conn.execute(
-                    f"SELECT id FROM runs WHERE status IN ({_ACTIVE}) AND deadline < ? ORDER BY deadline LIMIT ?",
+                    f"SELECT id FROM runs WHERE status IN ({_ACTIVE}) AND deadline < ?"
+                    " ORDER BY deadline LIMIT ?",
                     (now, limit),
                 )
             ]
