@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spindle_server.engine.config import EngineConfig
+from spindle_server.models.openai_backend import ProviderConfig, parse_provider_spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,7 @@ class ServerConfig:
     port: int = 50051
     database: Path = Path("data/spindle.db")
     default_model: str = "builtin"
-    providers: tuple[str, ...] = ()
+    providers: tuple[ProviderConfig, ...] = ()
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> project
     allow_unauthenticated_remote: bool = False
     tls_cert: Path | None = None
@@ -123,6 +124,20 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
             f"listening on {args.host} without API keys would let anyone in: "
             "give --api-key KEY=PROJECT or --allow-unauthenticated-remote"
         )
+    providers: list[ProviderConfig] = []
+    for spec in args.provider:
+        try:
+            providers.append(parse_provider_spec(spec))
+        except ValueError as exc:
+            parser.error(f"--provider: {exc}")
+    names = [p.name for p in providers]
+    if len(set(names)) != len(names):
+        parser.error(f"--provider: each provider needs its own name, got {names}")
+    default_provider = args.default_model.partition("/")[0]
+    if default_provider != "builtin" and default_provider not in names:
+        parser.error(
+            f"--default-model {args.default_model!r} names no configured provider ({names or 'none'})"
+        )
     for name in ("max_concurrent_runs", "max_attempts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -134,7 +149,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         port=args.port,
         database=args.database,
         default_model=args.default_model,
-        providers=tuple(args.provider),
+        providers=tuple(providers),
         api_keys=api_keys,
         allow_unauthenticated_remote=args.allow_unauthenticated_remote,
         tls_cert=args.tls_cert,

@@ -32,6 +32,7 @@ from spindle_server.config import ServerConfig
 from spindle_server.engine.engine import Engine
 from spindle_server.models.base import ModelBackend
 from spindle_server.models.builtin import BuiltinBackend
+from spindle_server.models.openai_backend import OpenAIBackend
 from spindle_server.models.registry import ModelRegistry
 from spindle_server.store.base import Store
 from spindle_server.store.sqlite import SqliteStore
@@ -51,6 +52,8 @@ SERVICE_NAMES = (
 
 def build_models(config: ServerConfig) -> ModelRegistry:
     backends: dict[str, ModelBackend] = {"builtin": BuiltinBackend()}
+    for provider in config.providers:
+        backends[provider.name] = OpenAIBackend(provider)
     return ModelRegistry(backends, config.default_model)
 
 

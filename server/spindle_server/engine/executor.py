@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import structlog
 from spindle.v1 import message_pb2, run_pb2
@@ -98,17 +98,16 @@ class TurnExecutor:
         await self._finish_turn(run, epoch, backend, turn, prompt_tokens)
 
     async def _stream(
-        self, run: run_pb2.Run, epoch: int, chunks: AsyncIterator[ModelChunk], turn: TurnState
+        self, run: run_pb2.Run, epoch: int, chunks: AsyncGenerator[ModelChunk, None], turn: TurnState
     ) -> None:
         """Consume the model stream, writing coalesced deltas at most every coalesce_window."""
         loop = asyncio.get_running_loop()
-        iterator = chunks.__aiter__()
         next_chunk: asyncio.Future[ModelChunk] | None = None
         flush_at: float | None = None
         try:
             while True:
                 if next_chunk is None:
-                    next_chunk = asyncio.ensure_future(iterator.__anext__())
+                    next_chunk = asyncio.ensure_future(anext(chunks))
                 timeout = None if flush_at is None else max(flush_at - loop.time(), 0.0)
                 done, _ = await asyncio.wait({next_chunk}, timeout=timeout)
                 if done:
@@ -130,10 +129,9 @@ class TurnExecutor:
                 next_chunk.cancel()
                 with contextlib.suppress(BaseException):
                     await next_chunk
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
+            # Close the model call now (an HTTP stream), not whenever the generator is collected.
+            with contextlib.suppress(Exception):
+                await chunks.aclose()
 
     async def _finish_turn(
         self, run: run_pb2.Run, epoch: int, backend: ModelBackend, turn: TurnState, prompt_tokens: int

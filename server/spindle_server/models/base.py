@@ -7,7 +7,7 @@ A backend knows nothing of runs, threads or storage. The engine hands it a `Mode
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -101,8 +101,12 @@ class ModelBackend(Protocol):
 
     name: str
 
-    def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
-        """Stream one chat turn. Cancelling the consuming task must close the underlying call."""
+    def stream(self, request: ModelRequest) -> AsyncGenerator[ModelChunk, None]:
+        """Stream one chat turn: deltas as they come, at most one UsageReport, one Finish last.
+
+        A tool call's id and name come in its first ToolCallDelta; later pieces carry argument
+        text. Closing the generator (or cancelling its consumer) must close the call at once.
+        """
         ...
 
     def count_tokens(self, text: str) -> int:

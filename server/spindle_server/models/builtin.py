@@ -15,7 +15,7 @@ import asyncio
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from spindle_server.models.base import (
     ChatMessage,
@@ -44,7 +44,7 @@ class BuiltinBackend:
     async def aclose(self) -> None:
         return None
 
-    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelChunk]:
+    async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelChunk, None]:
         prompt_tokens = sum(self.count_tokens(m.content) for m in request.messages)
         script = _Script.parse(_last_user_text(request.messages))
         if script.fail is not None:
