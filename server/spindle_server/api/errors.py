@@ -19,6 +19,28 @@ DOMAIN = "spindle.v1"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
+# Errors travel in trailers, which clients cap (8-16 KiB): echoing a huge bad input back would
+# turn a clear INVALID_ARGUMENT into an opaque RESOURCE_EXHAUSTED on the client. So every part
+# of an error is clipped, and at most MAX_VIOLATIONS violations are listed.
+MAX_MESSAGE_CHARS = 1024
+MAX_FIELD_CHARS = 200
+MAX_DESCRIPTION_CHARS = 300
+MAX_VIOLATIONS = 20
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _bounded_violations(violations: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    bounded = [
+        (_clip(f, MAX_FIELD_CHARS), _clip(d, MAX_DESCRIPTION_CHARS)) for f, d in violations[:MAX_VIOLATIONS]
+    ]
+    if len(violations) > MAX_VIOLATIONS:
+        bounded.append(("request", f"... and {len(violations) - MAX_VIOLATIONS} more problems"))
+    return bounded
+
+
 class ApiError(Exception):
     def __init__(
         self,
@@ -29,12 +51,13 @@ class ApiError(Exception):
         violations: list[tuple[str, str]] | None = None,
         metadata: dict[str, str] | None = None,
     ) -> None:
+        message = _clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
-        self.violations = violations or []
-        self.metadata = metadata or {}
+        self.violations = _bounded_violations(violations or [])
+        self.metadata = {key: _clip(value, MAX_FIELD_CHARS) for key, value in (metadata or {}).items()}
 
     def to_status(self) -> status_pb2.Status:
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
@@ -57,7 +80,10 @@ def _pack(
 
 
 def invalid_argument(violations: list[tuple[str, str]]) -> ApiError:
-    summary = "; ".join(f"{field}: {description}" for field, description in violations)
+    shown = _bounded_violations(violations)[:3]
+    summary = "; ".join(f"{field}: {description}" for field, description in shown)
+    if len(violations) > len(shown):
+        summary += f" (and {len(violations) - len(shown)} more)"
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", summary, violations=violations)
 
 

@@ -75,16 +75,17 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         metadata = {
             key: value for key, value in (details.invocation_metadata or ()) if isinstance(value, str)
         }
+        deserializer = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, metadata, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(method, metadata, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -94,6 +95,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(method, metadata)
             try:
                 context.current_project.set(self._keys.project_for(metadata))
+                _require_decoded(request)
                 response = await inner(request, ctx)
             except asyncio.CancelledError:
                 call.code = "CANCELLED"  # the client went away
@@ -112,6 +114,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(method, metadata, streaming=True)
             try:
                 context.current_project.set(self._keys.project_for(metadata))
+                _require_decoded(request)
                 async for response in inner(request, ctx):
                     call.messages += 1
                     yield response
@@ -149,6 +152,40 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             request_id=call.request_id,
             run_id=context.current_run_id.get() or None,
             messages=call.messages if call.streaming else None,
+        )
+
+
+class _Undecodable:
+    """Stands in for a request body that is not a valid message, so the call can answer
+    INVALID_ARGUMENT with details instead of grpc's bare UNKNOWN."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        if deserializer is None:
+            return data
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or upb's recursion limit
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+def _require_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise ApiError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "MALFORMED_REQUEST",
+            f"the request body is not a valid message: {request.error}",
+            violations=[
+                ("request", "could not be decoded (corrupt protobuf, invalid UTF-8 or nested too deeply)")
+            ],
         )
 
 

@@ -14,6 +14,9 @@ from spindle_server.api.errors import invalid_argument
 from spindle_server.api.validation import Validator
 from spindle_server.store.base import Page, PageQuery
 
+# Tokens this server issues are about 60 characters; anything much longer is forged.
+MAX_TOKEN_CHARS = 512
+
 
 def _fingerprint(scope: str) -> str:
     return hashlib.sha256(scope.encode()).hexdigest()[:16]
@@ -25,13 +28,17 @@ def page_query(validator: Validator, page_size: int, page_token: str, order: int
     limit = validator.page_size(page_size)
     descending = order != common_pb2.ASC
     after: int | None = None
-    if page_token:
+    if len(page_token) > MAX_TOKEN_CHARS:
+        validator.add("page_token", "is not a page token this server issued")
+    elif page_token:
         try:
             decoded = json.loads(base64.urlsafe_b64decode(page_token.encode() + b"==").decode())
             after = int(decoded["s"])
             token_descending = bool(decoded["d"])
             token_scope = str(decoded["f"])
-        except (ValueError, KeyError, TypeError, binascii.Error, UnicodeError):
+            if not 0 <= after < 2**63:
+                raise ValueError("cursor out of range")
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError, binascii.Error, UnicodeError):
             validator.add("page_token", "is not a page token this server issued")
         else:
             if token_descending != descending or token_scope != _fingerprint(scope):

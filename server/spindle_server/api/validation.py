@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from spindle.v1 import common_pb2, message_pb2
 
 from spindle_server import ids
@@ -35,6 +35,7 @@ DEFAULT_PAGE_SIZE = 20
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 REQUEST_ID = re.compile(r"^[\x21-\x7e]+$")
 LABEL_KEY = re.compile(r"^[\x20-\x7e]+$")
+ID_BODY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class Validator:
@@ -55,7 +56,7 @@ class Validator:
             if required:
                 self.add(field, "is required")
             return
-        if not ids.has_prefix(value, prefix) or len(value) > 128 or not value.isascii():
+        if not ids.has_prefix(value, prefix) or len(value) > 128 or not ID_BODY.match(value):
             self.add(field, f"must be an id starting with '{prefix}_'")
 
     def text(self, field: str, value: str, limit: int, *, required: bool = False) -> None:
@@ -76,6 +77,8 @@ class Validator:
                 )
             if len(value) > MAX_LABEL_VALUE:
                 self.add(f"{field}[{key[:80]!r}]", f"values must be at most {MAX_LABEL_VALUE} characters")
+            elif "\x00" in value:
+                self.add(f"{field}[{key[:80]!r}]", "values must not contain NUL characters")
 
     def request_id(self, value: str) -> None:
         if value and (len(value) > MAX_REQUEST_ID or not REQUEST_ID.match(value)):
@@ -120,11 +123,17 @@ class Validator:
             seen.add(function.name)
             self.text(f"{where}.description", function.description, MAX_DESCRIPTION)
             if function.HasField("parameters"):
-                encoded = json.dumps(json_format.MessageToDict(function.parameters))
-                if len(encoded) > MAX_TOOL_SCHEMA_BYTES:
-                    self.add(
-                        f"{where}.parameters", f"the schema is larger than {MAX_TOOL_SCHEMA_BYTES} bytes"
-                    )
+                self.json_struct(f"{where}.parameters", function.parameters, MAX_TOOL_SCHEMA_BYTES)
+
+    def json_struct(self, field: str, value: struct_pb2.Struct, limit: int) -> None:
+        """A JSON schema: representable as JSON (no NaN or Infinity) and at most `limit` bytes."""
+        try:
+            encoded = json.dumps(json_format.MessageToDict(value), allow_nan=False)
+        except ValueError:
+            self.add(field, "must be valid JSON: NaN and Infinity are not allowed")
+            return
+        if len(encoded) > limit:
+            self.add(field, f"the schema is larger than {limit} bytes")
 
     def completion(
         self,
@@ -153,6 +162,10 @@ class Validator:
         if response_format.type == common_pb2.ResponseFormat.JSON_SCHEMA:
             if not response_format.json_schema.HasField("schema"):
                 self.add(f"{field}.json_schema.schema", "is required with JSON_SCHEMA")
+            else:
+                self.json_struct(
+                    f"{field}.json_schema.schema", response_format.json_schema.schema, MAX_TOOL_SCHEMA_BYTES
+                )
             if response_format.json_schema.name and not FUNCTION_NAME.match(response_format.json_schema.name):
                 self.add(f"{field}.json_schema.name", "must be 1-64 characters of a-z, A-Z, 0-9, _ and -")
         elif response_format.HasField("json_schema"):
@@ -176,7 +189,8 @@ class Validator:
             self.add(field + "text", "give either text or content, not both")
             return []
         if text:
-            parts = [message_pb2.ContentPart(text=message_pb2.TextPart(text=text))]
+            self.text(field + "text", text, MAX_MESSAGE_CHARS)
+            return [message_pb2.ContentPart(text=message_pb2.TextPart(text=text))]
         if not parts:
             self.add(field + "content", "is required (or text)")
             return []

@@ -1,0 +1,38 @@
+"""The baseline: a bare grpc.aio server with one unary echo method (raw bytes, no protobuf).
+
+Run as `python -m bench.echo_server`; it prints its port like spindle-server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+
+METHOD = "/bench.Echo/Echo"
+
+
+async def _echo(request: bytes, _: grpc.aio.ServicerContext) -> bytes:
+    return request
+
+
+async def main() -> None:
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+    )
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(json.dumps({"event": "serving", "port": port}), flush=True)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())

@@ -1,0 +1,182 @@
+"""RPC speed of the Spindle server, as ratios against a bare grpc.aio echo server measured in the
+same run (the machines are shared and noisy: absolute numbers mean little, ratios travel).
+
+Each figure is calls per second from one grpc.aio client process with N calls in flight, over
+a fixed wall-clock window, median of several windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from spindle.v1 import (
+    assistant_pb2,
+    assistant_pb2_grpc,
+    message_pb2,
+    message_pb2_grpc,
+    run_pb2,
+    run_pb2_grpc,
+    thread_pb2,
+    thread_pb2_grpc,
+)
+
+WINDOW_SECONDS = 2.0
+WINDOWS = 3
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    concurrency: int
+    per_second: float
+    baseline: float
+
+    @property
+    def ratio(self) -> float:
+        return self.per_second / self.baseline if self.baseline else 0.0
+
+
+def start_process(args: list[str]) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    assert process.stdout is not None
+    for line in process.stdout:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            continue
+        if message.get("event") == "serving":
+            return process, int(message["port"])
+    raise RuntimeError(f"{args} did not start")
+
+
+async def rate(call: Callable[[], Awaitable[object]], concurrency: int) -> float:
+    """Median calls/s over WINDOWS windows with `concurrency` calls in flight."""
+    results = []
+    for _ in range(WINDOWS):
+        done = 0
+        stop_at = time.perf_counter() + WINDOW_SECONDS
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop_at:
+                await call()
+                done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        results.append(done / (time.perf_counter() - started))
+    return statistics.median(results)
+
+
+async def measure(spindle_port: int, echo_port: int) -> list[Row]:
+    rows: list[Row] = []
+    echo_channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{spindle_port}")
+    echo = echo_channel.unary_unary("/bench.Echo/Echo")
+    payload = run_pb2.GetRunRequest(run_id="run_" + "0" * 24).SerializeToString()
+    assistants = assistant_pb2_grpc.AssistantServiceStub(channel)
+    threads = thread_pb2_grpc.ThreadServiceStub(channel)
+    messages = message_pb2_grpc.MessageServiceStub(channel)
+    runs = run_pb2_grpc.RunServiceStub(channel)
+
+    assistant = await assistants.Create(assistant_pb2.CreateAssistantRequest(name="bench"))
+    thread = await threads.Create(
+        thread_pb2.CreateThreadRequest(messages=[message_pb2.MessageInput(text="hi")])
+    )
+    run = await runs.Create(run_pb2.CreateRunRequest(assistant_id=assistant.id, thread_id=thread.id))
+    await runs.Wait(run_pb2.WaitRunRequest(run_id=run.id))
+
+    async def echo_call() -> None:
+        await echo(payload)
+
+    async def get_run() -> None:
+        await runs.Get(run_pb2.GetRunRequest(run_id=run.id))
+
+    note_thread = await threads.Create(thread_pb2.CreateThreadRequest())
+
+    async def add_message() -> None:
+        await messages.Create(message_pb2.CreateMessageRequest(thread_id=note_thread.id, text="note"))
+
+    async def full_run() -> None:
+        new_thread = await threads.Create(
+            thread_pb2.CreateThreadRequest(messages=[message_pb2.MessageInput(text="one two three")])
+        )
+        started = await runs.Create(
+            run_pb2.CreateRunRequest(assistant_id=assistant.id, thread_id=new_thread.id)
+        )
+        async for _ in runs.Listen(run_pb2.ListenRunRequest(run_id=started.id)):
+            pass
+
+    for concurrency in (1, 16):
+        baseline = await rate(echo_call, concurrency)
+        rows.append(Row("bare grpc.aio echo (baseline)", concurrency, baseline, baseline))
+        rows.append(Row("RunService.Get (read)", concurrency, await rate(get_run, concurrency), baseline))
+        rows.append(
+            Row(
+                "MessageService.Create (durable write)",
+                concurrency,
+                await rate(add_message, concurrency),
+                baseline,
+            )
+        )
+        rows.append(
+            Row(
+                "whole run: thread + Create + Listen to DONE",
+                concurrency,
+                await rate(full_run, concurrency),
+                baseline,
+            )
+        )
+    await channel.close()
+    await echo_channel.close()
+    return rows
+
+
+def run_benchmark() -> list[Row]:
+    with tempfile.TemporaryDirectory() as tmp:
+        spindle, spindle_port = start_process(
+            [
+                sys.executable,
+                "-m",
+                "spindle_server",
+                "--port",
+                "0",
+                "--database",
+                f"{tmp}/bench.db",
+                "--log-level",
+                "warning",
+            ]
+        )
+        echo, echo_port = start_process([sys.executable, "-m", "bench.echo_server"])
+        try:
+            return asyncio.run(measure(spindle_port, echo_port))
+        finally:
+            for process in (spindle, echo):
+                process.terminate()
+                process.wait(timeout=30)
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| call | in flight | calls/s | vs bare echo |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(f"| {row.name} | {row.concurrency} | {row.per_second:,.0f} | {row.ratio:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(run_benchmark()))
