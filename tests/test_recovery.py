@@ -10,12 +10,11 @@ from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.server import ServerProcess
-from support.stubs import Stubs
-
 from spindle.v1 import assistant_pb2, common_pb2, message_pb2, run_pb2, thread_pb2
 from spindle_server.engine import transitions
 from spindle_server.store.sqlite import SqliteStore
+from support.server import ServerProcess
+from support.stubs import Stubs
 
 EventType = run_pb2.StreamEvent
 MakeServer = Callable[..., ServerProcess]
@@ -40,7 +39,10 @@ def assert_one_terminal_event_last(events: list[run_pb2.StreamEvent]) -> None:
         i
         for i, e in enumerate(events)
         if e.type in (EventType.DONE, EventType.ERROR)
-        or (e.type == EventType.STATUS and e.status in (run_pb2.CANCELLED, run_pb2.EXPIRED, run_pb2.INCOMPLETE))
+        or (
+            e.type == EventType.STATUS
+            and e.status in (run_pb2.CANCELLED, run_pb2.EXPIRED, run_pb2.INCOMPLETE)
+        )
     ]
     assert terminal == [len(events) - 1], terminal
 
@@ -66,7 +68,9 @@ def test_killed_server_run_is_retried_at_restart(make_server: MakeServer) -> Non
         discards = [i for i, e in enumerate(events) if e.status_change.discard_partial_message]
         assert len(discards) == 1
         # What a listener rebuilds (deltas after the discard) is exactly the reply.
-        after = "".join(e.message_delta.text for e in events[discards[0] :] if e.type == EventType.PARTIAL_MESSAGE)
+        after = "".join(
+            e.message_delta.text for e in events[discards[0] :] if e.type == EventType.PARTIAL_MESSAGE
+        )
         assert after == done.reply.content[0].text.text
         messages = stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=run.thread_id)).messages
         assert len(messages) == 2  # one question, one reply: nothing doubled
@@ -147,24 +151,38 @@ def test_everything_survives_a_restart(make_server: MakeServer) -> None:
         assert stubs.runs.Get(run_pb2.GetRunRequest(run_id=run.id)) == done
         assert stubs.events(run.id) == events
         assert list(stubs.runs.ListSteps(run_pb2.ListRunStepsRequest(run_id=run.id)).steps) == list(steps)
-        listed = stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=thread.id, order=common_pb2.ASC))
+        listed = stubs.messages.List(
+            message_pb2.ListMessagesRequest(thread_id=thread.id, order=common_pb2.ASC)
+        )
         assert [m.content[0].text.text for m in listed.messages] == ["first words", "You said: first words"]
     finally:
         stubs.close()
+
+
+def refuses_new_calls(stubs: Stubs, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            stubs.assistant(name="too late")
+        except grpc.RpcError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_sigterm_drains_then_requeues_the_run(make_server: MakeServer) -> None:
     server = make_server("--grace-period", "1.5")
     stubs = Stubs.connect(server.address)
     health = health_pb2_grpc.HealthStub(stubs.channel)
-    assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
     run = stubs.start("/sleep 4 " + " ".join(["x"] * 50))
     wait_for_deltas(stubs, run.id, 1)
     assert server.process is not None
     server.process.terminate()
-    time.sleep(0.3)
-    during = health.Check(health_pb2.HealthCheckRequest(), timeout=2)
-    assert during.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    # A health watcher hears NOT_SERVING before the server stops taking calls.
+    assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert refuses_new_calls(stubs)  # while it drains
     assert server.process.wait(timeout=15) == 0
     stubs.close()
     events = [e.get("event") for e in server.log_events()]
@@ -174,12 +192,30 @@ def test_sigterm_drains_then_requeues_the_run(make_server: MakeServer) -> None:
     stubs = Stubs.connect(server.address)
     try:
         requeued = stubs.events(run.id, timeout=60)
-        statuses = [(e.status, e.status_change.discard_partial_message) for e in requeued if e.type == EventType.STATUS]
+        statuses = [
+            (e.status, e.status_change.discard_partial_message)
+            for e in requeued
+            if e.type == EventType.STATUS
+        ]
         assert (run_pb2.PENDING, True) in statuses  # handed back at shutdown, not lost
         assert requeued[-1].type == EventType.DONE
         assert_one_terminal_event_last(requeued)
     finally:
         stubs.close()
+
+
+def test_sigterm_lets_a_short_run_finish(make_server: MakeServer) -> None:
+    server = make_server("--grace-period", "5")
+    stubs = Stubs.connect(server.address)
+    run = stubs.start("/sleep 1 " + " ".join(["x"] * 20))
+    listener = stubs.runs.Listen(run_pb2.ListenRunRequest(run_id=run.id), timeout=30)
+    first = next(listener)
+    assert server.process is not None
+    server.process.terminate()
+    rest = list(listener)  # the open Listen sees the run end within the grace period
+    assert [first, *rest][-1].type == EventType.DONE
+    assert server.process.wait(timeout=15) == 0
+    stubs.close()
 
 
 def test_a_second_server_on_the_same_database_is_refused(make_server: MakeServer) -> None:

@@ -39,7 +39,7 @@ from spindle_server.store.sqlite import SqliteStore
 
 log = structlog.get_logger("spindle.server")
 
-# After the runs: open calls (Listen streams of re-queued runs) get this long to end.
+# Open calls get this much longer than running turns: a Listen can deliver its run's last event.
 CALL_DRAIN_SECONDS = 1.0
 
 SERVICE_NAMES = (
@@ -131,12 +131,18 @@ class SpindleServer:
                 await result
 
     async def stop(self) -> None:
-        """Drain: NOT_SERVING at once (balancers stop sending), runs finish or are re-queued
-        within the grace period while calls are still answered, then the server closes."""
+        """NOT_SERVING at once (health watchers and balancers learn it first), then no new
+        calls; open calls and running turns get the grace period to finish, and turns still
+        running after it are re-queued for the next start."""
         await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.engine.stop(self.config.grace_period)
+        await asyncio.sleep(0)  # let Health.Watch streams send NOT_SERVING before the doors close
+        stop_calls = None
         if self._server is not None:
-            await self._server.stop(CALL_DRAIN_SECONDS)
+            # Calls outlive the runs by a little, so Listen streams can deliver a run's end.
+            stop_calls = asyncio.create_task(self._server.stop(self.config.grace_period + CALL_DRAIN_SECONDS))
+        await self.engine.stop(self.config.grace_period)
+        if stop_calls is not None:
+            await stop_calls
         await self.models.aclose()
         await self.store.close()
 

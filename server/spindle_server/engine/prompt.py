@@ -3,6 +3,7 @@ truncation strategy and the prompt budget) and the tool-call rounds of this run 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,6 +11,13 @@ from google.protobuf import json_format
 from spindle.v1 import common_pb2, message_pb2, run_pb2
 
 from spindle_server.models.base import ChatMessage, FunctionSpec, ModelRequest, ToolCallSpec
+
+
+# Chat framing the token estimate adds, after OpenAI's recipe for counting chat tokens: each
+# message costs about 3 tokens beyond its text (role and separators), and the reply is primed
+# with 3 more. Without it, a thread of many short messages looks far smaller than it is.
+MESSAGE_OVERHEAD_TOKENS = 3
+REPLY_PRIMING_TOKENS = 3
 
 
 class PromptBudgetExceededError(Exception):
@@ -26,23 +34,41 @@ def build_request(
     thread_messages: Sequence[message_pb2.Message],
     steps: Sequence[run_pb2.RunStep],
     count_tokens: Callable[[str], int],
+    round_texts: Sequence[str] = (),
 ) -> tuple[ModelRequest, int]:
-    """Return the request and its estimated prompt tokens."""
+    """Return the request and its estimated prompt tokens.
+
+    round_texts: what the model said before each completed tool-call round of this run (in
+    order); it goes back as the content of that round's assistant message.
+    """
     system = [ChatMessage("system", text)] if (text := _system_text(run)) else []
     history = [
         ChatMessage("assistant" if m.role == message_pb2.ASSISTANT else "user", message_text(m))
         for m in thread_messages
     ]
-    rounds = _tool_rounds(steps)
+    rounds = _tool_rounds(steps, round_texts)
     if run.truncation_strategy.type == common_pb2.TruncationStrategy.LAST_MESSAGES:
         history = history[-max(run.truncation_strategy.last_messages, 1) :]
+    tools = tuple(_function_spec(tool) for tool in run.tools if tool.HasField("function"))
+    response_format = _response_format(run.response_format)
 
     def estimate(messages: Sequence[ChatMessage]) -> int:
         return sum(
-            count_tokens(m.content) + sum(count_tokens(c.arguments) for c in m.tool_calls) for m in messages
+            MESSAGE_OVERHEAD_TOKENS
+            + count_tokens(m.content)
+            + sum(count_tokens(c.name) + count_tokens(c.arguments) for c in m.tool_calls)
+            for m in messages
         )
 
-    fixed = estimate(system) + estimate(rounds)
+    # Tool definitions and a JSON schema are part of the prompt the provider bills too; their
+    # JSON text is a fair estimate of what the provider renders them into.
+    schemas = [
+        {"name": t.name, "description": t.description, "parameters": dict(t.parameters)} for t in tools
+    ]
+    if response_format is not None:
+        schemas.append(response_format)
+    fixed = REPLY_PRIMING_TOKENS + estimate(system) + estimate(rounds)
+    fixed += count_tokens(json.dumps(schemas)) if schemas else 0
     tokens = fixed + estimate(history)
     if run.HasField("max_prompt_tokens"):
         budget = run.max_prompt_tokens - run.usage.prompt_tokens
@@ -58,13 +84,13 @@ def build_request(
     request = ModelRequest(
         model=provider_model,
         messages=(*system, *history, *rounds),
-        tools=tuple(_function_spec(tool) for tool in run.tools if tool.HasField("function")),
+        tools=tools,
         tool_choice=_tool_choice(run.tool_choice),
         parallel_tool_calls=run.parallel_tool_calls,
         temperature=run.temperature if run.HasField("temperature") else None,
         top_p=run.top_p if run.HasField("top_p") else None,
         max_tokens=completion_budget(run),
-        response_format=_response_format(run.response_format),
+        response_format=response_format,
     )
     return request, tokens
 
@@ -79,14 +105,18 @@ def _system_text(run: run_pb2.Run) -> str:
     return "\n\n".join(part for part in (run.instructions, run.additional_instructions) if part)
 
 
-def _tool_rounds(steps: Sequence[run_pb2.RunStep]) -> list[ChatMessage]:
+def _tool_rounds(steps: Sequence[run_pb2.RunStep], round_texts: Sequence[str]) -> list[ChatMessage]:
     messages: list[ChatMessage] = []
-    for step in steps:
-        if step.type != run_pb2.RunStep.TOOL_CALLS or step.status != run_pb2.RunStep.COMPLETED:
-            continue
+    answered = [
+        step
+        for step in steps
+        if step.type == run_pb2.RunStep.TOOL_CALLS and step.status == run_pb2.RunStep.COMPLETED
+    ]
+    for number, step in enumerate(answered):
         calls = step.tool_calls.tool_calls
         specs = tuple(ToolCallSpec(c.id, c.function.name, c.function.arguments) for c in calls)
-        messages.append(ChatMessage("assistant", tool_calls=specs))
+        said = round_texts[number] if number < len(round_texts) else ""
+        messages.append(ChatMessage("assistant", said, tool_calls=specs))
         messages.extend(ChatMessage("tool", c.output, tool_call_id=c.id) for c in calls)
     return messages
 
