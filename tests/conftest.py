@@ -10,8 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support.server import ServerProcess  # noqa: E402
-from support.stubs import Stubs  # noqa: E402
+from support.server import ServerProcess
+from support.stubs import Stubs
 
 
 @pytest.fixture(scope="session")

@@ -39,11 +39,13 @@ class StreamReply:
     stall_after: send that many chunks, then hold the connection open without writing
     until the client closes it. drop_after: send that many chunks, then close the socket
     without finishing the chunked body. Otherwise the stream ends with `data: [DONE]`.
+    chunk_delay: seconds to wait before each chunk after the first (a model that streams slowly).
     """
 
     chunks: Sequence[Mapping[str, Any] | str]
     stall_after: int | None = None
     drop_after: int | None = None
+    chunk_delay: float = 0.0
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -99,6 +101,18 @@ class FakeOpenAI:
     def enqueue(self, *replies: Reply) -> None:
         with self._lock:
             self._replies.extend(replies)
+
+    def reset(self) -> None:
+        """Forget queued replies and recorded requests (one server shared by several tests)."""
+        with self._lock:
+            self._replies.clear()
+            self._requests.clear()
+
+    @property
+    def pending_replies(self) -> int:
+        """Queued replies nobody asked for yet."""
+        with self._lock:
+            return len(self._replies)
 
     def start(self) -> FakeOpenAI:
         self._thread.start()
@@ -192,7 +206,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         cut = reply.stall_after if reply.stall_after is not None else reply.drop_after
-        for chunk in reply.chunks[:cut]:
+        for position, chunk in enumerate(reply.chunks[:cut]):
+            if position and reply.chunk_delay:
+                time.sleep(reply.chunk_delay)
             self._write_event(chunk if isinstance(chunk, str) else f"data: {json.dumps(chunk)}")
         if reply.stall_after is not None:
             self._stall(recorded)
@@ -300,9 +316,10 @@ def text_stream(
     finish_reason: str = "stop",
     usage: tuple[int, int] = (12, 3),
     stall_after: int | None = None,
+    chunk_delay: float = 0.0,
 ) -> StreamReply:
     chunks = [role_chunk(), *(text_chunk(piece) for piece in pieces), finish_chunk(finish_reason)]
-    return StreamReply([*chunks, usage_chunk(*usage)], stall_after=stall_after)
+    return StreamReply([*chunks, usage_chunk(*usage)], stall_after=stall_after, chunk_delay=chunk_delay)
 
 
 def tool_calls_stream(

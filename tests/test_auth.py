@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from support.stubs import Stubs, error_details
 
 from spindle.v1 import assistant_pb2, run_pb2
+from support.stubs import Stubs, error_details
 
 
 def test_projects_are_isolated(make_server) -> None:  # type: ignore[no-untyped-def]
@@ -53,7 +53,17 @@ def test_projects_are_isolated(make_server) -> None:  # type: ignore[no-untyped-
 
 def test_listening_beyond_localhost_needs_keys(tmp_path: Path) -> None:
     refused = subprocess.run(
-        [sys.executable, "-m", "spindle_server", "--host", "0.0.0.0", "--port", "0", "--database", str(tmp_path / "x.db")],
+        [
+            sys.executable,
+            "-m",
+            "spindle_server",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--database",
+            str(tmp_path / "x.db"),
+        ],
         capture_output=True,
         text=True,
         timeout=30,

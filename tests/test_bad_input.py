@@ -24,6 +24,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from spindle.v1 import assistant_pb2 as ap
 from spindle.v1 import common_pb2 as cp
 from spindle.v1 import message_pb2 as mp
@@ -59,6 +60,7 @@ SERVICES = {
     "RunService": ("runs", [*RUN_METHODS, "Wait", "ListSteps", "Listen"]),
 }
 ALL_METHODS = [f"{service}.{name}" for service, (_, names) in SERVICES.items() for name in names]
+
 
 @dataclass(frozen=True)
 class Raw:
@@ -526,9 +528,7 @@ M = "AssistantService.Get"
 GA, DA = ap.GetAssistantRequest, ap.DeleteAssistantRequest
 ASSISTANT_OTHER = [
     *id_cases(M, "assistant_id", "asst", lambda e, i: GA(assistant_id=i)),
-    case(
-        M, "assistant_id with NUL", lambda e: GA(assistant_id="asst_\x00"), IA, "assistant_id"
-    ),
+    case(M, "assistant_id with NUL", lambda e: GA(assistant_id="asst_\x00"), IA, "assistant_id"),
     undecodable(M, "garbage bytes as the body", lambda e: Raw(b"\xff\xff\xff\xff")),
     too_big(
         M,

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+
 from spindle.v1 import common_pb2, run_pb2
 from support.server import ServerProcess
 from support.stubs import Stubs

@@ -10,6 +10,7 @@ from contextlib import aclosing
 from typing import Any
 
 import pytest
+
 from fake_openai import (
     Disconnect,
     ErrorReply,

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+
 from spindle.v1 import common_pb2, message_pb2, run_pb2
 from support.stubs import TERMINAL, Stubs
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from spindle.v1 import assistant_pb2, common_pb2, message_pb2, run_pb2, thread_pb2
 from spindle_server.engine import transitions
 from spindle_server.store.sqlite import SqliteStore

@@ -5,10 +5,10 @@ from __future__ import annotations
 import grpc
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
-from support.server import ServerProcess
-from support.stubs import Stubs, error_details
 
 from spindle.v1 import assistant_pb2, common_pb2, message_pb2, run_pb2, thread_pb2
+from support.server import ServerProcess
+from support.stubs import Stubs, error_details
 
 
 def test_assistant_crud(stubs: Stubs) -> None:
@@ -25,7 +25,10 @@ def test_assistant_crud(stubs: Stubs) -> None:
     assert fetched == created
     updated = stubs.assistants.Update(
         assistant_pb2.UpdateAssistantRequest(
-            assistant_id=created.id, update_mask=FieldMask(paths=["name", "labels"]), name="renamed", labels={}
+            assistant_id=created.id,
+            update_mask=FieldMask(paths=["name", "labels"]),
+            name="renamed",
+            labels={},
         )
     )
     assert updated.name == "renamed" and dict(updated.labels) == {}
@@ -57,14 +60,18 @@ def test_runs_keep_working_after_their_assistant_is_deleted(stubs: Stubs) -> Non
 def test_thread_crud_and_cascade(stubs: Stubs) -> None:
     thread = stubs.threads.Create(
         thread_pb2.CreateThreadRequest(
-            name="t", labels={"a": "b"}, messages=[message_pb2.MessageInput(text="one"), message_pb2.MessageInput(text="two")]
+            name="t",
+            labels={"a": "b"},
+            messages=[message_pb2.MessageInput(text="one"), message_pb2.MessageInput(text="two")],
         )
     )
     listed = stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=thread.id, order=common_pb2.ASC))
     assert [m.content[0].text.text for m in listed.messages] == ["one", "two"]
     assert all(m.role == message_pb2.USER for m in listed.messages)
     updated = stubs.threads.Update(
-        thread_pb2.UpdateThreadRequest(thread_id=thread.id, update_mask=FieldMask(paths=["description"]), description="d")
+        thread_pb2.UpdateThreadRequest(
+            thread_id=thread.id, update_mask=FieldMask(paths=["description"]), description="d"
+        )
     )
     assert updated.description == "d" and updated.name == "t" and dict(updated.labels) == {"a": "b"}
     run = stubs.run(stubs.assistant(name="x").id, thread.id)
@@ -88,20 +95,26 @@ def test_message_roles_and_content(stubs: Stubs) -> None:
     user = stubs.messages.Create(
         message_pb2.CreateMessageRequest(
             thread_id=thread.id,
-            content=[message_pb2.ContentPart(text=message_pb2.TextPart(text="part one ")),
-                     message_pb2.ContentPart(text=message_pb2.TextPart(text="part two"))],
+            content=[
+                message_pb2.ContentPart(text=message_pb2.TextPart(text="part one ")),
+                message_pb2.ContentPart(text=message_pb2.TextPart(text="part two")),
+            ],
             labels={"source": "test"},
         )
     )
     assert user.role == message_pb2.USER and len(user.content) == 2
     assistant_message = stubs.messages.Create(
-        message_pb2.CreateMessageRequest(thread_id=thread.id, role=message_pb2.ASSISTANT, text="earlier answer")
+        message_pb2.CreateMessageRequest(
+            thread_id=thread.id, role=message_pb2.ASSISTANT, text="earlier answer"
+        )
     )
     assert assistant_message.role == message_pb2.ASSISTANT
     assert stubs.messages.Get(message_pb2.GetMessageRequest(message_id=user.id)) == user
     done = stubs.wait(stubs.run(stubs.assistant(name="m").id, thread.id).id)
     assert done.reply.content[0].text.text == "You said: part one part two"
-    by_run = stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=thread.id, run_id=done.id)).messages
+    by_run = stubs.messages.List(
+        message_pb2.ListMessagesRequest(thread_id=thread.id, run_id=done.id)
+    ).messages
     assert [m.id for m in by_run] == [done.reply.id]
 
 
@@ -141,7 +154,9 @@ def test_page_token_is_bound_to_its_listing(stubs: Stubs) -> None:
     page = stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=thread.id, page_size=1))
     other = stubs.thread("z")
     with pytest.raises(grpc.RpcError) as reused:
-        stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=other.id, page_token=page.next_page_token))
+        stubs.messages.List(
+            message_pb2.ListMessagesRequest(thread_id=other.id, page_token=page.next_page_token)
+        )
     assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     _, violations = error_details(reused.value)
     assert violations[0][0] == "page_token"
@@ -158,7 +173,9 @@ def test_request_id_makes_mutations_happen_once(stubs: Stubs) -> None:
     assert stubs.messages.Create(message).id == stubs.messages.Create(message).id
     assert len(stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=thread.id)).messages) == 1
     with pytest.raises(grpc.RpcError) as reused:
-        stubs.assistants.Create(assistant_pb2.CreateAssistantRequest(name="other", request_id="req-assistant-1"))
+        stubs.assistants.Create(
+            assistant_pb2.CreateAssistantRequest(name="other", request_id="req-assistant-1")
+        )
     assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     info, _ = error_details(reused.value)
     assert info is not None and info.reason == "REQUEST_ID_REUSED"

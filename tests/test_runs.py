@@ -7,9 +7,9 @@ import time
 
 import grpc
 import pytest
-from support.stubs import Stubs, error_details
 
-from spindle.v1 import common_pb2, message_pb2, run_pb2
+from spindle.v1 import assistant_pb2, common_pb2, message_pb2, run_pb2
+from support.stubs import Stubs, error_details
 
 EventType = run_pb2.StreamEvent
 
@@ -28,7 +28,9 @@ def test_run_completes_with_reply_on_thread(stubs: Stubs) -> None:
     assert done.started_at.seconds and done.completed_at.seconds
     assert done.usage.completion_tokens == 4 and done.usage.total_tokens == done.usage.prompt_tokens + 4
     assert not done.HasField("expires_at")
-    messages = stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=run.thread_id, order=common_pb2.ASC))
+    messages = stubs.messages.List(
+        message_pb2.ListMessagesRequest(thread_id=run.thread_id, order=common_pb2.ASC)
+    )
     assert [m.role for m in messages.messages] == [message_pb2.USER, message_pb2.ASSISTANT]
     reply = messages.messages[1]
     assert reply.run_id == run.id and reply.assistant_id == run.assistant_id
@@ -227,7 +229,9 @@ def test_incomplete_when_prompt_budget_is_too_small(stubs: Stubs) -> None:
 def test_truncation_last_messages_limits_the_prompt(stubs: Stubs) -> None:
     assistant = stubs.assistant(name="t")
     thread = stubs.thread("one two three", "four five", "six")
-    strategy = common_pb2.TruncationStrategy(type=common_pb2.TruncationStrategy.LAST_MESSAGES, last_messages=1)
+    strategy = common_pb2.TruncationStrategy(
+        type=common_pb2.TruncationStrategy.LAST_MESSAGES, last_messages=1
+    )
     done = stubs.wait(stubs.run(assistant.id, thread.id, truncation_strategy=strategy).id)
     full = stubs.wait(stubs.run(assistant.id, stubs.thread("one two three", "four five", "six").id).id)
     assert done.status == full.status == run_pb2.COMPLETED
@@ -236,9 +240,7 @@ def test_truncation_last_messages_limits_the_prompt(stubs: Stubs) -> None:
 
 def test_instructions_and_overrides_are_recorded(stubs: Stubs) -> None:
     assistant = stubs.assistant(name="o", instructions="be terse")
-    assistant_temp = stubs.assistants.Get(
-        __import__("spindle.v1.assistant_pb2", fromlist=["x"]).GetAssistantRequest(assistant_id=assistant.id)
-    )
+    assistant_temp = stubs.assistants.Get(assistant_pb2.GetAssistantRequest(assistant_id=assistant.id))
     assert assistant_temp.instructions == "be terse"
     run = stubs.run(
         assistant.id,
@@ -381,7 +383,9 @@ def test_tool_calls_expire(make_server) -> None:  # type: ignore[no-untyped-def]
             stubs.runs.SubmitToolResults(
                 run_pb2.SubmitToolResultsRequest(
                     run_id=run.id,
-                    tool_results=[common_pb2.ToolResult(tool_call_id=paused.required_tool_calls[0].id, output="x")],
+                    tool_results=[
+                        common_pb2.ToolResult(tool_call_id=paused.required_tool_calls[0].id, output="x")
+                    ],
                 )
             )
         assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -429,3 +433,27 @@ def test_unknown_builtin_tool_fails_the_run_clearly(stubs: Stubs) -> None:
     done = stubs.wait(run.id)
     assert done.status == run_pb2.FAILED
     assert "not_declared" in done.last_error.message
+
+
+def test_tool_outputs_and_tools_have_total_limits(stubs: Stubs) -> None:
+    """Per-item limits alone would let a run or its reply outgrow the 8 MiB message limit."""
+    assistant_id = tool_assistant(stubs, "a", "b", "c", "d")
+    run = stubs.run(assistant_id, stubs.thread("/tool a {}\n/tool b {}\n/tool c {}\n/tool d {}").id)
+    calls = stubs.wait(run.id).required_tool_calls
+    big = [common_pb2.ToolResult(tool_call_id=c.id, output="x" * 510_000) for c in calls]
+    with pytest.raises(grpc.RpcError) as too_much:
+        stubs.runs.SubmitToolResults(run_pb2.SubmitToolResultsRequest(run_id=run.id, tool_results=big))
+    assert too_much.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(too_much.value)[1][0][0] == "tool_results"
+    stubs.runs.Cancel(run_pb2.CancelRunRequest(run_id=run.id))
+
+    schema = {"type": "object", "description": "d" * 60_000}
+    request = assistant_pb2.CreateAssistantRequest(name="wide")
+    for index in range(20):
+        function = request.tools.add().function
+        function.name = f"f{index}"
+        function.parameters.update(schema)
+    with pytest.raises(grpc.RpcError) as too_wide:
+        stubs.assistants.Create(request)
+    assert too_wide.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert any(field == "tools" for field, _ in error_details(too_wide.value)[1])

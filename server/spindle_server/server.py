@@ -12,6 +12,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from spindle.v1 import (
     assistant_pb2,
     assistant_pb2_grpc,
@@ -22,7 +23,6 @@ from spindle.v1 import (
     thread_pb2,
     thread_pb2_grpc,
 )
-
 from spindle_server.api.assistants import AssistantServicer
 from spindle_server.api.interceptor import ApiKeys, CallInterceptor
 from spindle_server.api.runs import RunServicer

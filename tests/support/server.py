@@ -18,7 +18,9 @@ STARTUP_TIMEOUT = 30.0
 
 
 class ServerProcess:
-    def __init__(self, database: Path, extra_args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, database: Path, extra_args: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.database = database
         self.extra_args = list(extra_args)
         self.env = {**os.environ, **(env or {})}

@@ -65,13 +65,17 @@ class Stubs:
         return self.threads.Create(request, timeout=10)
 
     def say(self, thread_id: str, text: str) -> message_pb2.Message:
-        return self.messages.Create(message_pb2.CreateMessageRequest(thread_id=thread_id, text=text), timeout=10)
+        return self.messages.Create(
+            message_pb2.CreateMessageRequest(thread_id=thread_id, text=text), timeout=10
+        )
 
     def run(self, assistant_id: str, thread_id: str, **fields: object) -> run_pb2.Run:
         request = run_pb2.CreateRunRequest(assistant_id=assistant_id, thread_id=thread_id, **fields)  # type: ignore[arg-type]
         return self.runs.Create(request, timeout=10)
 
-    def start(self, text: str, assistant: assistant_pb2.Assistant | None = None, **fields: object) -> run_pb2.Run:
+    def start(
+        self, text: str, assistant: assistant_pb2.Assistant | None = None, **fields: object
+    ) -> run_pb2.Run:
         """A new thread with one message, and a run on it."""
         assistant = assistant or self.assistant(name="echo")
         thread = self.thread(text)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import grpc
-from spindle.v1 import assistant_pb2, assistant_pb2_grpc
 
+from spindle.v1 import assistant_pb2, assistant_pb2_grpc
 from spindle_server import clock, ids
 from spindle_server.api import context, idempotency, masks, validation
 from spindle_server.api.paging import next_page_token, page_query

@@ -9,7 +9,6 @@ import json
 from typing import Any
 
 from spindle.v1 import common_pb2
-
 from spindle_server.api.errors import invalid_argument
 from spindle_server.api.validation import Validator
 from spindle_server.store.base import Page, PageQuery

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
-from spindle.v1 import assistant_pb2, run_pb2, run_pb2_grpc
 
+from spindle.v1 import assistant_pb2, run_pb2, run_pb2_grpc
 from spindle_server import clock, ids
 from spindle_server.api import context, idempotency, validation
 from spindle_server.api.paging import next_page_token, page_query
@@ -355,6 +355,12 @@ def _check_tool_results(request: run_pb2.SubmitToolResultsRequest) -> dict[str, 
             v.add(f"tool_results[{index}].tool_call_id", f"duplicate result for {result.tool_call_id!r}")
         v.text(f"tool_results[{index}].output", result.output, validation.MAX_TOOL_OUTPUT_CHARS)
         results[result.tool_call_id] = result.output
+    total = sum(len(output) for output in results.values())
+    if total > validation.MAX_TOOL_OUTPUTS_TOTAL_CHARS:
+        v.add(
+            "tool_results",
+            f"outputs total {total} characters; at most {validation.MAX_TOOL_OUTPUTS_TOTAL_CHARS}",
+        )
     v.check()
     return results
 

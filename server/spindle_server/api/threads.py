@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import grpc
-from spindle.v1 import message_pb2, message_pb2_grpc, thread_pb2, thread_pb2_grpc
 
+from spindle.v1 import message_pb2, message_pb2_grpc, thread_pb2, thread_pb2_grpc
 from spindle_server import clock, ids
 from spindle_server.api import context, idempotency, masks, validation
 from spindle_server.api.paging import next_page_token, page_query

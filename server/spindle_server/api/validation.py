@@ -9,8 +9,8 @@ import re
 from collections.abc import Iterable, Mapping
 
 from google.protobuf import json_format, struct_pb2
-from spindle.v1 import common_pb2, message_pb2
 
+from spindle.v1 import common_pb2, message_pb2
 from spindle_server import ids
 from spindle_server.api.errors import invalid_argument
 
@@ -28,6 +28,9 @@ MAX_THREAD_MESSAGES = 32
 MAX_TOOLS = 128
 MAX_TOOL_SCHEMA_BYTES = 64 * 1024
 MAX_TOOL_OUTPUT_CHARS = 512_000
+# Totals keep a run (which carries its tools) and its reply under the 8 MiB message limit.
+MAX_TOOLS_TOTAL_BYTES = 1024 * 1024
+MAX_TOOL_OUTPUTS_TOTAL_CHARS = 2_000_000
 MAX_TOOL_RESULTS = 128
 MAX_REQUEST_ID = 128
 MAX_PAGE_SIZE = 100
@@ -124,6 +127,9 @@ class Validator:
             self.text(f"{where}.description", function.description, MAX_DESCRIPTION)
             if function.HasField("parameters"):
                 self.json_struct(f"{where}.parameters", function.parameters, MAX_TOOL_SCHEMA_BYTES)
+        total = sum(tool.ByteSize() for tool in tool_list)
+        if total > MAX_TOOLS_TOTAL_BYTES:
+            self.add(field, f"the tools take {total} bytes; at most {MAX_TOOLS_TOTAL_BYTES} are allowed")
 
     def json_struct(self, field: str, value: struct_pb2.Struct, limit: int) -> None:
         """A JSON schema: representable as JSON (no NaN or Infinity) and at most `limit` bytes."""

@@ -15,3 +15,4 @@ class EngineConfig:
     coalesce_window: float = 0.005  # deltas arriving within this many seconds share one event
     max_attempts: int = 3  # model attempts of one run across crashes before it fails
     idle_poll_interval: float = 1.0  # claim loop re-check without a wake-up (other replicas)
+    request_id_ttl: float = 24 * 3600.0  # a repeated request_id is recognised for this long

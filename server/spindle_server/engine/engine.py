@@ -14,8 +14,8 @@ import secrets
 import socket
 
 import structlog
-from spindle.v1 import run_pb2
 
+from spindle.v1 import run_pb2
 from spindle_server import clock
 from spindle_server.engine import transitions
 from spindle_server.engine.config import EngineConfig
@@ -25,6 +25,8 @@ from spindle_server.store.base import ClaimedRun, Store
 from spindle_server.store.errors import NotFoundError, StateError
 
 log = structlog.get_logger(__name__)
+
+PURGE_INTERVAL_SECONDS = 60.0
 
 
 class Engine:
@@ -38,6 +40,7 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
+        self._next_purge = 0.0
 
     @property
     def running(self) -> int:
@@ -144,7 +147,11 @@ class Engine:
             await asyncio.sleep(self.config.sweep_interval)
 
     async def sweep(self) -> None:
-        due = await self._store.due_runs(clock.now(), 100)
+        now = clock.now()
+        if now >= self._next_purge:
+            self._next_purge = now + PURGE_INTERVAL_SECONDS
+            await self._store.purge_requests(now - self.config.request_id_ttl)
+        due = await self._store.due_runs(now, 100)
         for run_id in due.expired:
             await self._expire(run_id)
         for run_id in due.orphaned:

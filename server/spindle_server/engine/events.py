@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from spindle.v1 import common_pb2, message_pb2, run_pb2
-
 from spindle_server.store.base import TERMINAL_STATUSES
 
 EventType = run_pb2.StreamEvent.EventType

@@ -7,14 +7,14 @@ import contextlib
 from collections.abc import AsyncGenerator
 
 import structlog
-from spindle.v1 import message_pb2, run_pb2
 
+from spindle.v1 import common_pb2, message_pb2, run_pb2
 from spindle_server import clock, ids
 from spindle_server.engine import events, transitions
 from spindle_server.engine.config import EngineConfig
 from spindle_server.engine.prompt import PromptBudgetExceededError, build_request, completion_budget
 from spindle_server.engine.turn import TurnState
-from spindle_server.models.base import ModelBackend, ModelChunk, ModelError
+from spindle_server.models.base import ModelBackend, ModelChunk, ModelError, ModelRequest
 from spindle_server.models.registry import ModelRegistry, UnknownModelError
 from spindle_server.store.base import ClaimedRun, RunMutation, Store
 from spindle_server.store.errors import FencedError, StateError
@@ -74,28 +74,40 @@ class TurnExecutor:
             return
         thread_messages = await self._store.thread_messages(run.thread_id)
         steps = await self._store.run_steps(run.id)
+        # Read before this turn streams: afterwards the log also holds this turn's own deltas.
+        round_texts = await self._round_texts(run, steps)
         if completion_budget(run) == 0:
-            mutation = transitions.incomplete(now, "max_completion_tokens", None, None, None, ())
-            await self._write(run, epoch, mutation)
+            await self._end_before_turn(run, epoch, "max_completion_tokens", round_texts)
             return
         try:
             request, prompt_tokens = build_request(
-                run, provider_model, thread_messages, steps, backend.count_tokens
+                run, provider_model, thread_messages, steps, backend.count_tokens, round_texts
             )
         except PromptBudgetExceededError:
-            mutation = transitions.incomplete(now, "max_prompt_tokens", None, None, None, ())
-            await self._write(run, epoch, mutation)
+            await self._end_before_turn(run, epoch, "max_prompt_tokens", round_texts)
             return
 
         turn = TurnState()
         try:
             await self._stream(run, epoch, backend.stream(request), turn)
         except ModelError as exc:
+            # Logged for operators; backends keep secrets out of their messages.
+            log.info("model_call_failed", run_id=run.id, model=run.model, code=exc.code, error=exc.message)
             await self._write(
                 run, epoch, transitions.fail(clock.now(), exc.code, exc.message, turn.take_pending())
             )
             return
-        await self._finish_turn(run, epoch, backend, turn, prompt_tokens)
+        await self._finish_turn(run, epoch, backend, request, turn, prompt_tokens, "".join(round_texts))
+
+    async def _end_before_turn(
+        self, run: run_pb2.Run, epoch: int, reason: str, round_texts: list[str]
+    ) -> None:
+        """INCOMPLETE before a model call: a budget is spent. Text of earlier turns is the reply."""
+        now = clock.now()
+        earlier_text = "".join(round_texts)
+        reply = _reply(run, earlier_text, now) if earlier_text else None
+        step = _message_step(run, reply, now, None) if reply is not None else None
+        await self._write(run, epoch, transitions.incomplete(now, reason, reply, step, None, ()))
 
     async def _stream(
         self, run: run_pb2.Run, epoch: int, chunks: AsyncGenerator[ModelChunk, None], turn: TurnState
@@ -134,48 +146,56 @@ class TurnExecutor:
                 await chunks.aclose()
 
     async def _finish_turn(
-        self, run: run_pb2.Run, epoch: int, backend: ModelBackend, turn: TurnState, prompt_tokens: int
+        self,
+        run: run_pb2.Run,
+        epoch: int,
+        backend: ModelBackend,
+        request: ModelRequest,
+        turn: TurnState,
+        prompt_tokens: int,
+        earlier_text: str,
     ) -> None:
         now = clock.now()
         text = "".join(turn.text)
         usage = turn.turn_usage(prompt_tokens, backend.count_tokens(text))
+        # Each turn's usage is an event of its own (DONE carries the run's total).
+        pending = [*turn.take_pending(), events.usage(usage)]
+        incomplete_reason = _incomplete_reason(turn, request.max_tokens)
         calls = turn.tool_calls()
-        if calls:
+        # Tool calls of a turn cut short are dropped: their arguments are likely truncated JSON.
+        if calls and incomplete_reason is None:
             step = _step(run, run_pb2.RunStep.TOOL_CALLS, run_pb2.RunStep.IN_PROGRESS, now)
             step.tool_calls.tool_calls.extend(calls)
             step.usage.CopyFrom(usage)
             tool_deadline = min(
                 now + self._config.tool_timeout, transitions.run_deadline(run, self._config.run_timeout)
             )
-            mutation = transitions.pause_for_tools(
-                now, calls, step, usage, turn.take_pending(), tool_deadline
-            )
+            mutation = transitions.pause_for_tools(now, calls, step, usage, pending, tool_deadline)
             await self._write(run, epoch, mutation)
             return
 
-        full_text = await self._earlier_text(run) + text
-        reply = _reply(run, full_text, now)
-        step = _step(run, run_pb2.RunStep.MESSAGE_CREATION, run_pb2.RunStep.COMPLETED, now)
-        step.message_creation.message_id = reply.id
-        step.completed_at.CopyFrom(clock.timestamp(now))
-        step.usage.CopyFrom(usage)
-        if turn.finish_reason == "length":
-            reason = "max_completion_tokens"
-            mutation = transitions.incomplete(now, reason, reply, step, usage, turn.take_pending())
+        # The reply is everything the model said in this run: before its tool calls, and now.
+        full_text = earlier_text + text
+        if incomplete_reason is not None:
+            # A run cut short keeps its partial reply; one with no text at all adds no message.
+            reply = _reply(run, full_text, now) if full_text else None
+            message_step = _message_step(run, reply, now, usage) if reply is not None else None
+            mutation = transitions.incomplete(now, incomplete_reason, reply, message_step, usage, pending)
         else:
-            mutation = transitions.complete(now, reply, step, usage, turn.take_pending())
+            reply = _reply(run, full_text, now)
+            mutation = transitions.complete(now, reply, _message_step(run, reply, now, usage), usage, pending)
         await self._write(run, epoch, mutation)
 
-    async def _earlier_text(self, run: run_pb2.Run) -> str:
-        """Text streamed in earlier turns of this run (before tool calls), as listeners saw it."""
-        if not any(step.type == run_pb2.RunStep.TOOL_CALLS for step in await self._store.run_steps(run.id)):
-            return ""
+    async def _round_texts(self, run: run_pb2.Run, steps: list[run_pb2.RunStep]) -> list[str]:
+        """What the model said before each tool-call round of this run so far, as listeners saw it."""
+        if not any(step.type == run_pb2.RunStep.TOOL_CALLS for step in steps):
+            return []
         streamed: list[run_pb2.StreamEvent] = []
         while True:
             batch = await self._store.read_events(run.id, len(streamed), 1000)
             streamed.extend(batch)
             if len(batch) < 1000:
-                return events.replied_text(streamed)
+                return _round_texts(streamed)
 
     async def _write(self, run: run_pb2.Run, epoch: int, mutation: RunMutation) -> None:
         await self._store.mutate_run(run.id, mutation, epoch=epoch)
@@ -191,6 +211,54 @@ def _step(run: run_pb2.Run, kind: int, status: int, now: float) -> run_pb2.RunSt
         status=status,  # type: ignore[arg-type]
     )
     step.created_at.CopyFrom(clock.timestamp(now))
+    return step
+
+
+def _incomplete_reason(turn: TurnState, max_tokens: int | None) -> str | None:
+    """Why a turn that stopped before its answer was done leaves the run INCOMPLETE, or None.
+
+    `length` means the completion limit was hit. It is the run's budget, reason
+    `max_completion_tokens`, when this turn was given what was left of max_completion_tokens
+    and used it up (or the provider did not say how much it used). Otherwise the provider's
+    own limit cut the reply: the model's maximum output, a server-side cap (llama.cpp's
+    n_predict, vLLM's max_model_len) or a full context window. OpenAI's runs know only their
+    two budgets; Spindle ends those runs INCOMPLETE too, with reason `max_tokens`, so that the
+    caller can tell that raising max_completion_tokens would not help.
+    `content_filter`: the provider withheld the rest of the reply; reason `content_filter`
+    (as OpenAI's Responses API reports it).
+    """
+    if turn.finish_reason == "content_filter":
+        return "content_filter"
+    if turn.finish_reason != "length":
+        return None
+    if max_tokens is None or (turn.usage is not None and turn.usage.completion_tokens < max_tokens):
+        return "max_tokens"
+    return "max_completion_tokens"
+
+
+def _round_texts(streamed: list[run_pb2.StreamEvent]) -> list[str]:
+    """The text deltas before each TOOL_CALLS event; deltas voided by a retried call are dropped."""
+    texts: list[str] = []
+    current: list[str] = []
+    for event in streamed:
+        if event.type == run_pb2.StreamEvent.PARTIAL_MESSAGE:
+            current.append(event.message_delta.text)
+        elif event.type == run_pb2.StreamEvent.TOOL_CALLS:
+            texts.append("".join(current))
+            current = []
+        elif event.type == run_pb2.StreamEvent.STATUS and event.status_change.discard_partial_message:
+            current = []
+    return texts
+
+
+def _message_step(
+    run: run_pb2.Run, reply: message_pb2.Message, now: float, usage: common_pb2.Usage | None
+) -> run_pb2.RunStep:
+    step = _step(run, run_pb2.RunStep.MESSAGE_CREATION, run_pb2.RunStep.COMPLETED, now)
+    step.message_creation.message_id = reply.id
+    step.completed_at.CopyFrom(clock.timestamp(now))
+    if usage is not None:
+        step.usage.CopyFrom(usage)
     return step
 
 

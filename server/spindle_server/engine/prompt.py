@@ -8,10 +8,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from google.protobuf import json_format
+
 from spindle.v1 import common_pb2, message_pb2, run_pb2
-
 from spindle_server.models.base import ChatMessage, FunctionSpec, ModelRequest, ToolCallSpec
-
 
 # Chat framing the token estimate adds, after OpenAI's recipe for counting chat tokens: each
 # message costs about 3 tokens beyond its text (role and separators), and the reply is primed

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from spindle.v1 import common_pb2, message_pb2, run_pb2
-
 from spindle_server import clock
 from spindle_server.engine import events
 from spindle_server.store.base import TERMINAL_STATUSES, RunChange, RunMutation
@@ -158,7 +157,11 @@ def incomplete(
     turn_usage: common_pb2.Usage | None,
     pending: Sequence[run_pb2.StreamEvent],
 ) -> RunMutation:
-    """IN_PROGRESS -> INCOMPLETE: a token budget ran out; the partial reply is kept."""
+    """IN_PROGRESS -> INCOMPLETE: the reply was cut short; the partial reply, if any, is kept.
+
+    reason: max_completion_tokens or max_prompt_tokens (the run's budgets), max_tokens (the
+    provider's own output limit) or content_filter (the provider withheld the rest).
+    """
 
     def mutate(run: run_pb2.Run) -> RunChange:
         if run.status != run_pb2.IN_PROGRESS:
@@ -170,7 +173,7 @@ def incomplete(
         run.ClearField("expires_at")
         if reply is not None:
             run.reply.CopyFrom(reply)
-        change = RunChange(run, [*pending, events.status_change(run, f"budget exhausted: {reason}")])
+        change = RunChange(run, [*pending, events.status_change(run, f"incomplete: {reason}")])
         change.release_lease = True
         if reply is not None and step is not None:
             change.messages.append(reply)

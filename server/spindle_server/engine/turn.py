@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from spindle.v1 import common_pb2, run_pb2
-
 from spindle_server import ids
 from spindle_server.engine import events
 from spindle_server.models.base import Finish, ModelChunk, TextDelta, ToolCallDelta, UsageReport

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message as ProtoMessage
-from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
 
+from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
 from spindle_server import clock
 from spindle_server.store.base import (
     ACTIVE_STATUSES,
@@ -29,6 +29,9 @@ from spindle_server.store.errors import FencedError, NotFoundError, StateError
 from spindle_server.store.sqlite_db import SqliteDatabase
 
 M = TypeVar("M", bound=ProtoMessage)
+
+# A request_id reserved this long ago without an answer belongs to a server that died mid-call.
+ABANDONED_RESERVATION_SECONDS = 60.0
 
 _ACTIVE = ",".join(str(s) for s in sorted(ACTIVE_STATUSES))
 
@@ -515,16 +518,27 @@ class SqliteStore:
 
     async def reserve_request(self, project: str, key: str, fingerprint: str) -> IdempotencyRecord | None:
         def write(conn: sqlite3.Connection) -> IdempotencyRecord | None:
+            now = clock.now()
             row = conn.execute(
-                "SELECT fingerprint, response FROM idempotency WHERE project = ? AND key = ?", (project, key)
+                "SELECT fingerprint, response, created_at FROM idempotency WHERE project = ? AND key = ?",
+                (project, key),
             ).fetchone()
-            if row is not None:
+            if row is not None and (row[1] is not None or row[2] > now - ABANDONED_RESERVATION_SECONDS):
                 return IdempotencyRecord(row[0], row[1])
+            # Free, or reserved by a server that died before answering: take it.
             conn.execute(
-                "INSERT INTO idempotency(project, key, fingerprint, created_at) VALUES (?, ?, ?, ?)",
-                (project, key, fingerprint, clock.now()),
+                "INSERT INTO idempotency(project, key, fingerprint, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(project, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
+                " created_at = excluded.created_at, response = NULL",
+                (project, key, fingerprint, now),
             )
             return None
+
+        return await self.db.write(write)
+
+    async def purge_requests(self, older_than: float) -> int:
+        def write(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM idempotency WHERE created_at < ?", (older_than,)).rowcount
 
         return await self.db.write(write)
 
