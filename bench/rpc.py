@@ -65,19 +65,18 @@ async def rate(call: Callable[[], Awaitable[object]], concurrency: int) -> float
     """Median calls/s over WINDOWS windows with `concurrency` calls in flight."""
     results = []
     for _ in range(WINDOWS):
-        done = 0
-        stop_at = time.perf_counter() + WINDOW_SECONDS
-
-        async def worker() -> None:
-            nonlocal done
-            while time.perf_counter() < stop_at:
-                await call()
-                done += 1
-
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        results.append(done / (time.perf_counter() - started))
+        counts = await asyncio.gather(*(_calls_until(call, started + WINDOW_SECONDS) for _ in range(concurrency)))
+        results.append(sum(counts) / (time.perf_counter() - started))
     return statistics.median(results)
+
+
+async def _calls_until(call: Callable[[], Awaitable[object]], stop_at: float) -> int:
+    done = 0
+    while time.perf_counter() < stop_at:
+        await call()
+        done += 1
+    return done
 
 
 async def measure(spindle_port: int, echo_port: int) -> list[Row]:
