@@ -66,7 +66,8 @@ async def rate(call: Callable[[], Awaitable[object]], concurrency: int) -> float
     results = []
     for _ in range(WINDOWS):
         started = time.perf_counter()
-        counts = await asyncio.gather(*(_calls_until(call, started + WINDOW_SECONDS) for _ in range(concurrency)))
+        stop_at = started + WINDOW_SECONDS
+        counts = await asyncio.gather(*(_calls_until(call, stop_at) for _ in range(concurrency)))
         results.append(sum(counts) / (time.perf_counter() - started))
     return statistics.median(results)
 
