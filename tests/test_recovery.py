@@ -206,7 +206,7 @@ def test_sigterm_drains_then_requeues_the_run(make_server: MakeServer) -> None:
 
 
 def test_sigterm_lets_a_short_run_finish(make_server: MakeServer) -> None:
-    server = make_server("--grace-period", "5")
+    server = make_server("--grace-period", "10")
     stubs = Stubs.connect(server.address)
     run = stubs.start("/sleep 1 " + " ".join(["x"] * 20))
     listener = stubs.runs.Listen(run_pb2.ListenRunRequest(run_id=run.id), timeout=30)

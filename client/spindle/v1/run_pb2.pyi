@@ -76,7 +76,9 @@ class IncompleteDetails(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """max_completion_tokens | max_prompt_tokens"""
+    """max_completion_tokens | max_prompt_tokens (the run's budgets), max_tokens (the provider's own
+    output limit), content_filter (the provider withheld the rest)
+    """
     def __init__(
         self,
         *,
@@ -399,7 +401,9 @@ class RunStatusChange(_message.Message):
     DISCARD_PARTIAL_MESSAGE_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     discard_partial_message: _builtins.bool
-    """True when the text streamed so far is void: the model call was retried (after a crash)."""
+    """True when the model call of the current turn is retried (after a crash): the text streamed
+    since the last TOOL_CALLS event (or since the start, in the first turn) is void.
+    """
     @_builtins.property
     def run(self) -> Global___Run: ...
     def __init__(

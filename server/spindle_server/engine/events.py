@@ -65,14 +65,3 @@ def is_terminal(event: run_pb2.StreamEvent) -> bool:
     if event.type in (run_pb2.StreamEvent.DONE, run_pb2.StreamEvent.ERROR):
         return True
     return event.type == run_pb2.StreamEvent.STATUS and event.status in TERMINAL_STATUSES
-
-
-def replied_text(events: Iterable[run_pb2.StreamEvent]) -> str:
-    """The reply streamed so far: every message delta since the last discard."""
-    parts: list[str] = []
-    for event in events:
-        if event.type == run_pb2.StreamEvent.PARTIAL_MESSAGE:
-            parts.append(event.message_delta.text)
-        elif event.type == run_pb2.StreamEvent.STATUS and event.status_change.discard_partial_message:
-            parts.clear()
-    return "".join(parts)

@@ -323,7 +323,10 @@ class OpenAIBackend:
             # OpenAI rejects tool_choice and parallel_tool_calls without tools.
             params["tools"] = [_tool_param(tool) for tool in request.tools]
             params["tool_choice"] = _tool_choice_param(request.tool_choice)
-            params["parallel_tool_calls"] = request.parallel_tool_calls
+            if not request.parallel_tool_calls:
+                # Only when off: true is every provider's default, and some models (OpenAI's
+                # reasoning ones) reject the field altogether.
+                params["parallel_tool_calls"] = False
         if request.temperature is not None:
             params["temperature"] = request.temperature
         if request.top_p is not None:
