@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -86,6 +86,19 @@ class ServerProcess:
             except ValueError:
                 continue
         return events
+
+    def wait_for_log(
+        self, predicate: Callable[[dict[str, object]], bool], timeout: float = 10.0
+    ) -> dict[str, object]:
+        """The first log line matching `predicate`, waiting for the server to write it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.log_events():
+                if predicate(event):
+                    return event
+            if time.monotonic() > deadline:
+                raise AssertionError("no such log line")
+            time.sleep(0.02)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait: the graceful path."""
