@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -70,3 +71,23 @@ def test_access_log_names_method_code_latency_and_run(make_server: Callable[...,
     assert isinstance(create["latency_ms"], float) and create["request_id"]
     missing = server.wait_for_log(lambda e: e.get("event") == "rpc" and e.get("code") == "NOT_FOUND")
     assert missing["level"] == "info" and missing["reason"] == "RUN_NOT_FOUND"
+
+
+def test_a_taken_port_is_a_clear_error(server: ServerProcess, tmp_path: Path) -> None:
+    taken = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spindle_server",
+            "--port",
+            str(server.port),
+            "--database",
+            str(tmp_path / "x.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert taken.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{server.port}" in taken.stderr
+    assert "Traceback" not in taken.stderr

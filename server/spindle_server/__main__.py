@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from spindle_server.config import parse_config
 from spindle_server.logs import configure
-from spindle_server.server import serve
+from spindle_server.server import StartupError, serve
 from spindle_server.store.errors import UnavailableError
 
 
@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         runner = uvloop.run
     try:
         runner(serve(config))
-    except UnavailableError as exc:
+    except (UnavailableError, StartupError) as exc:
         print(f"spindle-server: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

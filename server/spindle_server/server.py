@@ -73,6 +73,10 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+class StartupError(Exception):
+    """The server cannot start (port taken, unreadable certificate): a message, not a traceback."""
+
+
 class SpindleServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -111,13 +115,17 @@ class SpindleServer:
             server,
         )
         address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls_cert and self.config.tls_key:
-            credentials = grpc.ssl_server_credentials(
-                [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
-            )
-            self.port = server.add_secure_port(address, credentials)
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if self.config.tls_cert and self.config.tls_key:
+                credentials = grpc.ssl_server_credentials(
+                    [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
+                )
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
+        except (RuntimeError, OSError) as exc:
+            await self.store.close()
+            raise StartupError(f"cannot listen on {address}: {exc}") from exc
         await server.start()
         self._server = server
         await self.engine.start()
