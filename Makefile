@@ -4,7 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: serve test proto lint bench clean
+LLAMA_VENV ?= .venv-llama
+LLAMA_PYTHON := $(wildcard $(abspath $(LLAMA_VENV))/bin/python)
+
+.PHONY: serve test proto lint bench llama clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,19 +18,27 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(VENV)/bin/spindle-server $(ARGS)
 
+# With .venv-llama (make llama), the end-to-end tests against llama.cpp's server run too.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	SPINDLE_LLAMA_PYTHON=$(LLAMA_PYTHON) $(PY) -m pytest $(PYTEST_ARGS)
+
+# llama-cpp-python's OpenAI-compatible server, compiled from source (about 3 minutes), for
+# tests/test_llama_cpp.py: a real provider on the wire, with a tiny random model it writes.
+llama:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(LLAMA_VENV)/bin/pip install --quiet \
+		'llama-cpp-python[server]==0.3.36' 'gguf==0.19.0' numpy
 
 proto: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) scripts/genproto.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check client server tests bench
-	$(VENV)/bin/ruff format --check client server tests bench
+	$(VENV)/bin/ruff check client server tests bench examples scripts
+	$(VENV)/bin/ruff format --check client server tests bench examples scripts
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LLAMA_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -324,7 +324,7 @@ async def test_every_parameter_reaches_the_request_body(fake: FakeOpenAI, backen
             {"role": "user", "content": "Weather in Paris and the time?"},
             {
                 "role": "assistant",
-                "content": None,
+                "content": "",
                 "tool_calls": [
                     {
                         "id": "call_1",

@@ -242,7 +242,7 @@ def test_parallel_tool_calls_round_trip_with_the_providers_ids(api: Stubs, fake:
         user("Weather in Paris and time in Oslo?"),
         {
             "role": "assistant",
-            "content": None,
+            "content": "",
             "tool_calls": [
                 {
                     "id": "call_abc",

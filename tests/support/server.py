@@ -54,7 +54,14 @@ class ServerProcess:
         self.stderr_lines = []
         self._stderr_thread = threading.Thread(target=self._drain_stderr, args=(self.process,), daemon=True)
         self._stderr_thread.start()
-        assert self.process.stdout is not None
+        try:
+            return self._await_serving()
+        except BaseException:
+            self.kill()  # never leave a half-started server behind
+            raise
+
+    def _await_serving(self) -> ServerProcess:
+        assert self.process is not None and self.process.stdout is not None
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
@@ -69,8 +76,9 @@ class ServerProcess:
                 break
         else:
             raise RuntimeError("server did not start in time")
-        with grpc.insecure_channel(self.address) as channel:
-            grpc.channel_ready_future(channel).result(timeout=10)
+        if "--tls-cert" not in self.extra_args:  # a TLS server is trusted to be ready when it says so
+            with grpc.insecure_channel(self.address) as channel:
+                grpc.channel_ready_future(channel).result(timeout=10)
         return self
 
     def _drain_stderr(self, process: subprocess.Popen[str]) -> None:

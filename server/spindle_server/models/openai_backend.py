@@ -352,7 +352,8 @@ def _message_param(message: ChatMessage) -> ChatCompletionMessageParam:
         return {"role": "assistant", "content": message.content}
     return {
         "role": "assistant",
-        "content": message.content or None,  # what OpenAI itself returns beside tool calls
+        # A string, even when empty: llama.cpp's server rejects null here (OpenAI takes both).
+        "content": message.content,
         "tool_calls": [_tool_call_param(call.id, call.name, call.arguments) for call in message.tool_calls],
     }
 

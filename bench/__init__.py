@@ -1,0 +1,1 @@
+"""Benchmarks of the Spindle client; `python -m bench` runs them and updates BENCHMARKS.md."""

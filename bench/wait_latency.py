@@ -1,0 +1,127 @@
+"""How long after a run's terminal event does the caller learn about it?
+
+Compares ``Run.wait()`` (rides Listen) with the plain polling loops of the old SDKs (Get every
+0.5 s and every 1 s) and with the server's Wait long-poll, on the same server in the same process.
+Each sample is one run of the builtin model that streams its reply over a random 0.1-1.1 s
+(``/sleep``), so a poller's phase against the run's end is uniform, as it is in real use. The
+methods take turns sample by sample, one run at a time, so they share the same conditions.
+
+Latency of a sample = the wall-clock time when the method returned, minus the ``created_at`` of
+the run's terminal event (stamped by the server on the same machine).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+import spindle
+
+SAMPLES = 25
+# A reply streams over a random time spanning a whole 1 s polling interval: the poller's phase
+# against the run's end is then uniform, as in real use.
+SECONDS = (0.1, 1.1)
+SEED = 20260
+
+
+class CallCounter(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Counts the calls a method makes."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        self.calls += 1
+        return continuation(details, request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        self.calls += 1
+        return continuation(details, request)
+
+
+Waiter = Callable[[spindle.Client, spindle.Run], None]
+"""Blocks until the run is finished."""
+
+
+def ride_listen(client: spindle.Client, run: spindle.Run) -> None:
+    run.wait(timeout=30)
+
+
+def poll_every(interval: float) -> Waiter:
+    """The old SDKs' loop: Get, and sleep the interval until the status is terminal."""
+
+    def poll(client: spindle.Client, run: spindle.Run) -> None:
+        while not run.refresh().status.is_finished:
+            time.sleep(interval)
+
+    return poll
+
+
+def server_long_poll(client: spindle.Client, run: spindle.Run) -> None:
+    while not client.runs.wait(run.id, timeout=30).status.is_finished:
+        pass
+
+
+@dataclass
+class Method:
+    name: str
+    wait: Waiter
+    latencies: list[float] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    samples: int
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    calls_per_run: float
+
+
+def percentile(values: list[float], share: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[share - 1]
+
+
+def measure(address: str, samples: int = SAMPLES) -> list[Row]:
+    methods = [
+        Method("`Run.wait()` (Listen, fallback Get)", ride_listen),
+        Method("polling Get every 0.5 s", poll_every(0.5)),
+        Method("polling Get every 1 s", poll_every(1.0)),
+        Method("server `Wait` long-poll (`client.runs.wait`)", server_long_poll),
+    ]
+    counter = CallCounter()
+    rng = random.Random(SEED)
+    with spindle.Client(address, interceptors=[counter]) as client:
+        assistant = client.assistants.create(name="bench")
+        for _ in range(samples):
+            seconds = rng.uniform(*SECONDS)
+            for method in methods:
+                text = f"/sleep {seconds:.3f}\nthe reply of a benchmark run"
+                thread = client.threads.create(messages=[text])
+                run = client.runs.create(thread_id=thread, assistant_id=assistant)
+                before = counter.calls
+                method.wait(client, run)
+                returned = time.time()
+                method.calls.append(counter.calls - before)
+                terminal = list(run.listen(timeout=30))[-1]
+                assert terminal.is_terminal and terminal.created_at is not None
+                method.latencies.append(returned - terminal.created_at.timestamp())
+    return [
+        Row(
+            m.name,
+            len(m.latencies),
+            percentile(m.latencies, 50) * 1000,
+            percentile(m.latencies, 99) * 1000,
+            statistics.fmean(m.latencies) * 1000,
+            statistics.fmean(m.calls),
+        )
+        for m in methods
+    ]

@@ -1,0 +1,31 @@
+"""Exit codes of the ``spindle`` command: they tell success, failure and timeout apart."""
+
+from __future__ import annotations
+
+from spindle.results import RunResult
+
+OK = 0
+"""The command worked; for a run: it COMPLETED."""
+RUN_FAILED = 1
+"""The run ended FAILED, CANCELLED, INCOMPLETE or EXPIRED."""
+USAGE = 2
+"""Bad command line (argparse's code)."""
+RPC_ERROR = 3
+"""A call failed: server unreachable, not found, invalid argument, ..."""
+TIMEOUT = 4
+"""The run was still going when ``--timeout`` passed."""
+TOOL_CALLS = 5
+"""The run is paused, waiting for tool results (``spindle submit``)."""
+INTERRUPTED = 130
+"""Ctrl-C."""
+
+
+def for_result(result: RunResult) -> int:
+    """The exit code that tells how a run ended (or that it is paused)."""
+    if result.is_succeeded:
+        return OK
+    if result.is_paused:
+        return TOOL_CALLS
+    if result.is_failed:
+        return RUN_FAILED
+    return TIMEOUT

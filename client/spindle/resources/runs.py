@@ -1,0 +1,278 @@
+"""``client.runs``: start runs and follow them; every method of RunService plus the polling helpers.
+
+Methods return :class:`~spindle.run.Run` handles; the helpers mirror OpenAI's:
+``create_and_poll``, ``submit_tool_results_and_poll``, ``create_and_stream`` (callbacks) and
+``create_and_run`` (answers tool calls with your functions). ``AsyncRuns`` is the async twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Unpack
+
+from google.protobuf.message import Message
+
+from spindle import _decode, _encode, _paging, _requests
+from spindle._encode import Order, ToolResultsSpec
+from spindle._requests import IdLike, RunOptions, RunOverrides, as_id
+from spindle._run_base import EventCallback, TextCallback, ToolCallsCallback
+from spindle._transport import Method, SyncTransport
+from spindle.enums import RunStatus
+from spindle.results import RunEvent, RunResult
+from spindle.retry import Deadline
+from spindle.run import DEFAULT_WAIT, Run
+from spindle.tools import Tools
+from spindle.types import RunStep
+from spindle.v1 import run_pb2
+
+
+class Runs:
+    """Runs: one execution of an assistant over a thread."""
+
+    def __init__(self, transport: SyncTransport) -> None:
+        self.transport = transport
+        """The channel and call wrapper that this resource and its handles use."""
+
+    def get_raw(self, run_id: str, timeout: float | None = None) -> run_pb2.Run:
+        """The run as the server's ``spindle.v1.Run`` proto (what handles are built from)."""
+        request = run_pb2.GetRunRequest(run_id=run_id)
+        return self.transport.unary(self.transport.runs.Get, request, run_pb2.Run, timeout=timeout)
+
+    def _mutate(self, method: Method, request: Message, request_id: str, timeout: float | None) -> Run:
+        run = self.transport.unary(method, request, run_pb2.Run, timeout=timeout, request_id=request_id)
+        return Run(self, run)
+
+    # ---- the API ----------------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        thread_id: IdLike,
+        assistant_id: IdLike,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        **options: Unpack[RunOptions],
+    ) -> Run:
+        """Queue a run of the assistant on the thread. FailedPrecondition if the thread has an active run.
+
+        A retried create (same ``request_id``, generated if not given) never makes two runs.
+        """
+        rid = _encode.request_id(request_id)
+        request = _requests.create_run(as_id(thread_id), as_id(assistant_id), options, rid)
+        return self._mutate(self.transport.runs.Create, request, rid, timeout)
+
+    def get(self, run_id: IdLike, *, timeout: float | None = None) -> Run:
+        """Get a run by id. Raises NotFound."""
+        return Run(self, self.get_raw(as_id(run_id), timeout))
+
+    def get_last_by_thread(self, thread_id: IdLike, *, timeout: float | None = None) -> Run:
+        """The thread's newest run. Raises NotFound if it has none."""
+        request = run_pb2.GetLastRunByThreadRequest(thread_id=as_id(thread_id))
+        stub = self.transport.runs
+        return Run(self, self.transport.unary(stub.GetLastByThread, request, run_pb2.Run, timeout=timeout))
+
+    def list(
+        self,
+        *,
+        thread_id: IdLike | None = None,
+        assistant_id: IdLike | None = None,
+        statuses: Iterable[RunStatus] | None = None,
+        labels: Mapping[str, str] | None = None,
+        page_size: int | None = None,
+        order: Order = None,
+        limit: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[Run]:
+        """Runs matching every filter given (newest first unless ``order="asc"``), page by page."""
+        request = _requests.list_runs(
+            thread_id=as_id(thread_id) if thread_id is not None else None,
+            assistant_id=as_id(assistant_id) if assistant_id is not None else None,
+            statuses=statuses,
+            labels=labels,
+            page_size=page_size,
+            order=order,
+        )
+
+        def fetch(token: str) -> _paging.Page[Run]:
+            request.page_token = token
+            stub = self.transport.runs
+            page = self.transport.unary(stub.List, request, run_pb2.ListRunsResponse, timeout=timeout)
+            return [Run(self, r) for r in page.runs], page.next_page_token
+
+        return _paging.iterate(fetch, limit)
+
+    def update(
+        self,
+        run_id: IdLike,
+        *,
+        labels: Mapping[str, str],
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Run:
+        """Replace the run's labels (the only field that can change)."""
+        rid = _encode.request_id(request_id)
+        return self._mutate(
+            self.transport.runs.Update, _requests.update_run(as_id(run_id), labels, rid), rid, timeout
+        )
+
+    def cancel(self, run_id: IdLike, *, request_id: str | None = None, timeout: float | None = None) -> Run:
+        """Cancel a run: PENDING and TOOL_CALLS end CANCELLED at once, IN_PROGRESS goes CANCELLING."""
+        rid = _encode.request_id(request_id)
+        return self._mutate(
+            self.transport.runs.Cancel,
+            run_pb2.CancelRunRequest(run_id=as_id(run_id), request_id=rid),
+            rid,
+            timeout,
+        )
+
+    def submit_tool_results(
+        self,
+        run_id: IdLike,
+        results: ToolResultsSpec,
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Run:
+        """Answer every pending tool call of a TOOL_CALLS run; the run is queued again."""
+        rid = _encode.request_id(request_id)
+        request = _requests.submit_tool_results(as_id(run_id), results, rid)
+        return self._mutate(self.transport.runs.SubmitToolResults, request, rid, timeout)
+
+    def wait(self, run_id: IdLike, *, timeout: float = 30.0) -> Run:
+        """The server's long-poll: the run once it is finished or paused, or after ``timeout`` seconds
+        (at most 600) as it is then. For a wait with a result and a typed timeout, use ``Run.wait``."""
+        request = _requests.wait_run(as_id(run_id), timeout)
+        stub = self.transport.runs
+        return Run(
+            self,
+            self.transport.unary(stub.Wait, request, run_pb2.Run, timeout=timeout + _requests.WAIT_MARGIN),
+        )
+
+    def list_steps(
+        self,
+        run_id: IdLike,
+        *,
+        page_size: int | None = None,
+        order: Order = None,
+        limit: int | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[RunStep]:
+        """The run's steps (newest first unless ``order="asc"``), page by page."""
+
+        def fetch(token: str) -> _paging.Page[RunStep]:
+            request = _requests.list_steps(as_id(run_id), page_size, order)
+            request.page_token = token
+            stub = self.transport.runs
+            page = self.transport.unary(
+                stub.ListSteps, request, run_pb2.ListRunStepsResponse, timeout=timeout
+            )
+            return [_decode.run_step(s) for s in page.steps], page.next_page_token
+
+        return _paging.iterate(fetch, limit)
+
+    def listen(
+        self, run_id: IdLike, *, events_start_idx: int = 0, timeout: float | None = DEFAULT_WAIT
+    ) -> Iterator[RunEvent]:
+        """The run's events until the terminal one, reconnecting by itself; see ``Run.listen``."""
+        return Run(self, run_pb2.Run(id=as_id(run_id))).listen(
+            events_start_idx=events_start_idx, timeout=timeout
+        )
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def create_and_poll(
+        self,
+        *,
+        thread_id: IdLike,
+        assistant_id: IdLike,
+        timeout: float | None = DEFAULT_WAIT,
+        poll_interval: float | None = None,
+        request_id: str | None = None,
+        **options: Unpack[RunOptions],
+    ) -> Run:
+        """Create a run and wait until it is finished or paused; returns the handle (check ``status``)."""
+        deadline = Deadline(timeout)
+        run = self.create(
+            thread_id=thread_id,
+            assistant_id=assistant_id,
+            request_id=request_id,
+            timeout=deadline.cap(None),
+            **options,
+        )
+        run.wait(timeout=deadline.remaining(), poll_interval=poll_interval)
+        return run
+
+    def submit_tool_results_and_poll(
+        self,
+        run_id: IdLike,
+        results: ToolResultsSpec,
+        *,
+        timeout: float | None = DEFAULT_WAIT,
+        poll_interval: float | None = None,
+        request_id: str | None = None,
+    ) -> Run:
+        """Submit tool results and wait until the run is finished or paused again."""
+        deadline = Deadline(timeout)
+        run = self.submit_tool_results(run_id, results, request_id=request_id, timeout=deadline.cap(None))
+        run.wait(timeout=deadline.remaining(), poll_interval=poll_interval)
+        return run
+
+    def create_and_stream(
+        self,
+        *,
+        thread_id: IdLike,
+        assistant_id: IdLike,
+        on_text: TextCallback | None = None,
+        on_event: EventCallback | None = None,
+        on_tool_calls: ToolCallsCallback | None = None,
+        tools: Tools | None = None,
+        declare_tools: bool = False,
+        timeout: float | None = DEFAULT_WAIT,
+        request_id: str | None = None,
+        **overrides: Unpack[RunOverrides],
+    ) -> RunResult:
+        """Create a run and stream it with callbacks (see ``Run.stream``); returns its result.
+
+        ``tools`` answer the run's tool calls; with ``declare_tools`` they are also declared as the
+        run's tools (from their signatures), replacing the assistant's.
+        """
+        deadline = Deadline(timeout)
+        options = _requests.options_with_tools(overrides, tools, declare_tools)
+        run = self.create(
+            thread_id=thread_id,
+            assistant_id=assistant_id,
+            request_id=request_id,
+            timeout=deadline.cap(None),
+            **options,
+        )
+        return run.stream(
+            on_text=on_text,
+            on_event=on_event,
+            on_tool_calls=on_tool_calls,
+            tools=tools,
+            timeout=deadline.remaining(),
+        )
+
+    def create_and_run(
+        self,
+        *,
+        thread_id: IdLike,
+        assistant_id: IdLike,
+        tools: Tools,
+        declare_tools: bool = False,
+        timeout: float | None = DEFAULT_WAIT,
+        poll_interval: float | None = None,
+        request_id: str | None = None,
+        **overrides: Unpack[RunOverrides],
+    ) -> RunResult:
+        """Create a run and see it to the end, answering its tool calls with ``tools`` (in parallel)."""
+        deadline = Deadline(timeout)
+        options = _requests.options_with_tools(overrides, tools, declare_tools)
+        run = self.create(
+            thread_id=thread_id,
+            assistant_id=assistant_id,
+            request_id=request_id,
+            timeout=deadline.cap(None),
+            **options,
+        )
+        return run.run_until_done(tools, timeout=deadline.remaining(), poll_interval=poll_interval)

@@ -1,0 +1,128 @@
+"""Client-side fault injection through real grpc interceptors (the server stays real).
+
+They stand for the network between client and server: a response lost after the server acted,
+or a proxy that breaks server streams. Each records what it saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+
+class LostResponse(grpc.RpcError):
+    """What grpc raises when the connection drops: UNAVAILABLE, no details trailer."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection dropped (injected)"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+@dataclass
+class Recorder:
+    """Counts calls by method and keeps the requests of `method`."""
+
+    method: str
+    fail_first: int = 0
+    calls: dict[str, int] = field(default_factory=dict)
+    requests: list[Any] = field(default_factory=list)
+
+    def see(self, method: str | bytes, request: Any) -> bool:
+        """Record a call; True if this one must fail."""
+        method = method.decode() if isinstance(method, bytes) else method
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if not method.endswith(self.method):
+            return False
+        self.requests.append(request)
+        return len(self.requests) <= self.fail_first
+
+
+class DropResponses(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Sends the first `fail_first` calls of `method` to the server, then loses their responses."""
+
+    def __init__(self, method: str, fail_first: int = 1) -> None:
+        self.record = Recorder(method, fail_first)
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        fail = self.record.see(details.method, request)
+        outcome = continuation(details, request)
+        if fail:
+            outcome.result()  # the server did the work...
+            raise LostResponse()  # ...but the answer never arrives
+        return outcome
+
+
+class BreakStreams(grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Every server-streaming call fails at once with UNAVAILABLE (a proxy that cannot stream)."""
+
+    def __init__(self) -> None:
+        self.record = Recorder("Listen", fail_first=10**9)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        self.record.see(details.method, request)
+        raise LostResponse()
+
+
+class CountUnary(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Counts unary calls by method."""
+
+    def __init__(self) -> None:
+        self.record = Recorder("-")
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        self.record.see(details.method, request)
+        return continuation(details, request)
+
+
+# ---- grpc.aio twins -----------------------------------------------------------------------------
+
+
+def _aio_unavailable() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connection dropped (injected)"
+    )
+
+
+class AsyncDropResponses(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self, method: str, fail_first: int = 1) -> None:
+        self.record = Recorder(method, fail_first)
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        fail = self.record.see(details.method, request)
+        call = await continuation(details, request)
+        if fail:
+            await call
+            raise _aio_unavailable()
+        return call
+
+
+class AsyncBreakStreams(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.record = Recorder("Listen", fail_first=10**9)
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        self.record.see(details.method, request)
+        raise _aio_unavailable()
+
+
+class AsyncCountUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.record = Recorder("-")
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        self.record.see(details.method, request)
+        return await continuation(details, request)
