@@ -15,21 +15,48 @@ from spindle.v1 import run_pb2
 
 TAIL_LIMIT = 512
 
+# Events that come with a change of the run's status; the deltas in between do not.
+_STATUS_EVENTS = frozenset(
+    {
+        run_pb2.StreamEvent.STATUS,
+        run_pb2.StreamEvent.TOOL_CALLS,
+        run_pb2.StreamEvent.DONE,
+        run_pb2.StreamEvent.ERROR,
+    }
+)
+
+
+def _next(future: asyncio.Future[None] | None) -> asyncio.Future[None]:
+    if future is None or future.done():
+        return asyncio.get_running_loop().create_future()
+    return future
+
+
+def _resolve(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
+
 
 class RunFeed:
-    __slots__ = ("_changed", "_tail", "_tail_start", "subscribers")
+    __slots__ = ("_changed", "_status_changed", "_tail", "_tail_start", "subscribers")
 
     def __init__(self) -> None:
         self._tail: list[run_pb2.StreamEvent] = []
         self._tail_start = 0
         self._changed: asyncio.Future[None] | None = None
+        self._status_changed: asyncio.Future[None] | None = None
         self.subscribers = 0
 
     def changed(self) -> asyncio.Future[None]:
         """A future resolved at the next publish; take it *before* reading, then await it."""
-        if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
+        self._changed = _next(self._changed)
         return self._changed
+
+    def status_changed(self) -> asyncio.Future[None]:
+        """Like changed(), but only for events that change the run's status (Wait needs no
+        wake-up, and no store read, for every streamed delta)."""
+        self._status_changed = _next(self._status_changed)
+        return self._status_changed
 
     def publish(self, events: Sequence[run_pb2.StreamEvent]) -> None:
         for event in events:
@@ -43,8 +70,9 @@ class RunFeed:
             drop = len(self._tail) - TAIL_LIMIT
             del self._tail[:drop]
             self._tail_start += drop
-        if self._changed is not None and not self._changed.done():
-            self._changed.set_result(None)
+        _resolve(self._changed)
+        if any(event.type in _STATUS_EVENTS for event in events):
+            _resolve(self._status_changed)
 
     def cached(self, start: int) -> list[run_pb2.StreamEvent] | None:
         """Events from `start` if the tail holds it; None if the store must be read."""

@@ -7,6 +7,7 @@ SQLite in ./data, the builtin model, 127.0.0.1:50051).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -133,17 +134,26 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     names = [p.name for p in providers]
     if len(set(names)) != len(names):
         parser.error(f"--provider: each provider needs its own name, got {names}")
-    default_provider = args.default_model.partition("/")[0]
-    if default_provider != "builtin" and default_provider not in names:
+    default_provider, _, default_provider_model = args.default_model.partition("/")
+    if args.default_model != "builtin" and default_provider not in names:
         parser.error(
             f"--default-model {args.default_model!r} names no configured provider ({names or 'none'})"
         )
+    if args.default_model != "builtin" and not default_provider_model:
+        # The model registry refuses a bare provider name: every call would be INVALID_ARGUMENT.
+        parser.error(f"--default-model {args.default_model!r}: use builtin or PROVIDER/MODEL")
     for name in ("max_concurrent_runs", "max_attempts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    # `not x > 0` rather than `x <= 0`: NaN must fail too (it would disable the deadline).
     for name in ("tool_timeout", "run_timeout", "lease_seconds"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive")
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    for name in ("grace_period", "coalesce_ms"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
     return ServerConfig(
         host=args.host,
         port=args.port,

@@ -23,6 +23,7 @@ from spindle.v1 import (
     thread_pb2,
     thread_pb2_grpc,
 )
+from spindle_server.api import idempotency
 from spindle_server.api.assistants import AssistantServicer
 from spindle_server.api.interceptor import ApiKeys, CallInterceptor
 from spindle_server.api.runs import RunServicer
@@ -151,6 +152,7 @@ class SpindleServer:
         await self.engine.stop(self.config.grace_period)
         if stop_calls is not None:
             await stop_calls
+        await idempotency.drain(CALL_DRAIN_SECONDS)
         await self.models.aclose()
         await self.store.close()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -56,10 +56,29 @@ async def once(
             )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.5)
+    # Once reserved, the request is carried out and its answer recorded even if the caller goes
+    # away meanwhile: a store write that is already queued commits anyway, and releasing the
+    # reservation then would let the client's retry do the same thing a second time.
+    task = asyncio.ensure_future(_perform_and_record(store, project, key, perform))
+    _in_flight.add(task)  # the loop keeps only weak references to tasks
+    task.add_done_callback(_in_flight.discard)
+    return await asyncio.shield(task)
+
+
+_in_flight: set[asyncio.Future[Any]] = set()
+
+
+async def _perform_and_record(store: Store, project: str, key: str, perform: Callable[[], Awaitable[R]]) -> R:
     try:
         response = await perform()
     except BaseException:
-        await asyncio.shield(store.release_request(project, key))
+        await store.release_request(project, key)
         raise
-    await asyncio.shield(store.complete_request(project, key, response.SerializeToString()))
+    await store.complete_request(project, key, response.SerializeToString())
     return response
+
+
+async def drain(within: float) -> None:
+    """At shutdown, before the store closes: let requests whose callers left finish recording."""
+    if _in_flight:
+        await asyncio.wait(set(_in_flight), timeout=within)

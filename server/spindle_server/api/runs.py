@@ -270,7 +270,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         give_up = loop.time() + timeout
         with self._hub.subscribe(request.run_id) as feed:
             while True:
-                changed = feed.changed()
+                changed = feed.status_changed()
                 run = await self._store.get_run(project, request.run_id)
                 left = give_up - loop.time()
                 if run.status in WAIT_READY or left <= 0:

@@ -38,6 +38,7 @@ class Engine:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancel_reasons: dict[str, str] = {}
         self._wakeup = asyncio.Event()
+        self._stop_event = asyncio.Event()
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
         self._next_purge = 0.0
@@ -71,9 +72,16 @@ class Engine:
         """Stop claiming; give running turns `grace` seconds, then re-queue what is left."""
         self._stopping = True
         self._wakeup.set()
-        for loop_task in self._loops:
-            loop_task.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._stop_event.set()
+        # Let the loops finish their round rather than cancel them: a claim cancelled while its
+        # write is queued still commits, and the runs it took would be left IN_PROGRESS with no
+        # task until the next start (which would count a lost attempt). Runs claimed now are
+        # spawned, get the grace period and are re-queued below like the rest.
+        if self._loops:
+            _, late = await asyncio.wait(self._loops, timeout=grace)
+            for loop_task in late:  # stuck on the store: give up on them
+                loop_task.cancel()
+            await asyncio.gather(*self._loops, return_exceptions=True)
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=grace)
         for run_id in list(self._tasks):
@@ -114,10 +122,15 @@ class Engine:
         renewer = asyncio.create_task(self._renew_lease(claim))
         try:
             await self._executor.execute(claim, self._cancel_reasons)
+        except Exception:
+            # Its end could not be written (the store failed too). The lease is no longer
+            # renewed, so the sweeper takes the run over once it runs out.
+            log.exception("run_task_failed", run_id=run_id)
         finally:
             renewer.cancel()
-            self._tasks.pop(run_id, None)
-            self._cancel_reasons.pop(run_id, None)
+            if self._tasks.get(run_id) is asyncio.current_task():
+                self._tasks.pop(run_id, None)
+                self._cancel_reasons.pop(run_id, None)
             self._wakeup.set()  # a slot is free
 
     async def _renew_lease(self, claim: ClaimedRun) -> None:
@@ -144,7 +157,8 @@ class Engine:
                 await self.sweep()
             except Exception:
                 log.exception("sweep_failed")
-            await asyncio.sleep(self.config.sweep_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), self.config.sweep_interval)
 
     async def sweep(self) -> None:
         now = clock.now()

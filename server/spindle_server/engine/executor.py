@@ -17,7 +17,7 @@ from spindle_server.engine.turn import TurnState
 from spindle_server.models.base import ModelBackend, ModelChunk, ModelError, ModelRequest
 from spindle_server.models.registry import ModelRegistry, UnknownModelError
 from spindle_server.store.base import ClaimedRun, RunMutation, Store
-from spindle_server.store.errors import FencedError, StateError
+from spindle_server.store.errors import FencedError, StateError, UnavailableError
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +44,14 @@ class TurnExecutor:
             if reason == CANCEL_BY_USER:
                 await self._final_write(claimed, transitions.finish_cancel(clock.now()))
             elif reason == CANCEL_SHUTDOWN:
-                await self._final_write(claimed, transitions.requeue("server shutting down; run re-queued"))
+                await self._final_write(
+                    claimed, transitions.requeue(clock.now(), "server shutting down; run re-queued")
+                )
+        except UnavailableError as exc:
+            # The store could not commit: like a crash of this executor. Nothing more can be
+            # written now; the lease runs out and the sweeper retries the run (counting the
+            # attempt), rather than failing it as if this were a bug.
+            bound.warning("run_execution_store_unavailable", error=str(exc))
         except (FencedError, transitions.RunNotInProgressError) as exc:
             bound.info("run_execution_superseded", reason=str(exc))
             if isinstance(exc, transitions.RunNotInProgressError) and exc.status == run_pb2.CANCELLING:

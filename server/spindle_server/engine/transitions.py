@@ -56,7 +56,10 @@ def start(now: float, run_timeout: float) -> RunMutation:
         run.status = run_pb2.IN_PROGRESS
         if not run.HasField("started_at"):
             _stamp(run.started_at, now)
-        run.attempt += 1
+        # `attempt` numbers the tries at the current model call: a run resumed after its tool
+        # results starts a new call, not a retry (requeue and recover count the retries), so
+        # many tool rounds do not use up max_attempts.
+        run.attempt = max(run.attempt, 1)
         _stamp(run.expires_at, deadline)
         return RunChange(run, [events.status_change(run)], deadline=deadline)
 
@@ -218,9 +221,9 @@ def request_cancel(now: float, tool_step: run_pb2.RunStep | None) -> RunMutation
         if run.status == run_pb2.IN_PROGRESS:
             run.status = run_pb2.CANCELLING
             return RunChange(run, [events.status_change(run, "cancel requested")])
-        waiting_for_tools = run.status == run_pb2.TOOL_CALLS
+        holds_step = _holds_pending_calls(run, tool_step)
         change = _cancelled(run, now, "cancelled")
-        if waiting_for_tools and tool_step is not None:
+        if holds_step and tool_step is not None:
             tool_step.status = run_pb2.RunStep.CANCELLED
             _stamp(tool_step.cancelled_at, now)
             change.steps.append(tool_step)
@@ -237,6 +240,9 @@ def submit_tool_results(
     def mutate(run: run_pb2.Run) -> RunChange:
         if run.status != run_pb2.TOOL_CALLS:
             raise _wrong_state(run, "submit tool results")
+        if _past_deadline(run, now):
+            # Too late, even if the sweeper has not ended the run yet (it will, as EXPIRED).
+            raise StateError("RUN_EXPIRED", f"run {run.id}: tool results arrived after its deadline")
         pending = {call.id for call in run.required_tool_calls}
         step_ids = {call.id for call in step.tool_calls.tool_calls}
         if step_ids != pending:
@@ -274,13 +280,38 @@ class UnknownToolCallError(Exception):
         self.ids = ids
 
 
+# expires_at holds the deadline to the nanosecond, which float rounding may put a hair later.
+_DEADLINE_SLACK_SECONDS = 0.001
+
+
+def _past_deadline(run: run_pb2.Run, now: float) -> bool:
+    # expires_at mirrors the store's deadline column while the run is active.
+    if not run.HasField("expires_at"):
+        return True
+    return clock.seconds_of(run.expires_at) <= now + _DEADLINE_SLACK_SECONDS
+
+
+def _holds_pending_calls(run: run_pb2.Run, step: run_pb2.RunStep | None) -> bool:
+    """Whether `step` (read before this transaction) is the one of the calls the run waits on
+    now. If the run was resumed and paused again meanwhile, it is an answered step of an
+    earlier round, which must not be overwritten."""
+    if step is None or run.status != run_pb2.TOOL_CALLS:
+        return False
+    return {c.id for c in step.tool_calls.tool_calls} == {c.id for c in run.required_tool_calls}
+
+
 def expire(now: float, tool_step: run_pb2.RunStep | None) -> RunMutation:
     """An active run whose deadline passed: EXPIRED (the executor, if any, is fenced out)."""
 
     def mutate(run: run_pb2.Run) -> RunChange:
         if run.status in TERMINAL_STATUSES:
             raise _wrong_state(run, "expire")
+        # The sweeper found the run due in an earlier read: if it was resumed since (tool
+        # results submitted, a new deadline), that finding is stale.
+        if not _past_deadline(run, now):
+            raise StateError("RUN_NOT_DUE", f"run {run.id} is not past its deadline")
         waiting_for_tools = run.status == run_pb2.TOOL_CALLS
+        holds_step = _holds_pending_calls(run, tool_step)
         run.status = run_pb2.EXPIRED
         run.last_error.code = "expired"
         run.last_error.message = (
@@ -290,7 +321,7 @@ def expire(now: float, tool_step: run_pb2.RunStep | None) -> RunMutation:
         )
         del run.required_tool_calls[:]
         steps = []
-        if waiting_for_tools and tool_step is not None:
+        if holds_step and tool_step is not None:
             tool_step.status = run_pb2.RunStep.EXPIRED
             _stamp(tool_step.expired_at, now)
             steps.append(tool_step)
@@ -301,13 +332,18 @@ def expire(now: float, tool_step: run_pb2.RunStep | None) -> RunMutation:
     return mutate
 
 
-def requeue(reason: str) -> RunMutation:
-    """IN_PROGRESS -> PENDING: this server stops; another start picks the run up again."""
+def requeue(now: float, reason: str) -> RunMutation:
+    """IN_PROGRESS -> PENDING: this server stops; another start picks the run up again.
+
+    A CANCELLING run is not handed on: the caller asked for its end, so it ends CANCELLED."""
 
     def mutate(run: run_pb2.Run) -> RunChange:
+        if run.status == run_pb2.CANCELLING:
+            return _cancelled(run, now, "cancelled")
         if run.status != run_pb2.IN_PROGRESS:
             raise RunNotInProgressError(run)
         run.status = run_pb2.PENDING
+        run.attempt += 1  # the next claim retries the interrupted model call
         return RunChange(run, [events.status_change(run, reason, discard_partial=True)], release_lease=True)
 
     return mutate

@@ -141,13 +141,9 @@ class SqliteStore:
     def add_events_listener(self, listener: EventsListener) -> None:
         self._listeners.append(listener)
 
-    def _publish(self, result: MutationResult | list[ClaimedRun] | None) -> None:
-        events: list[run_pb2.StreamEvent] = []
-        if isinstance(result, MutationResult):
-            events = result.events
-        if events:
-            for listener in self._listeners:
-                listener(events)
+    def _publish(self, result: MutationResult | None) -> None:
+        if result is not None:
+            self._publish_many([result])
 
     def _publish_many(self, results: Sequence[MutationResult]) -> None:
         events = [event for result in results for event in result.events]
@@ -378,8 +374,10 @@ class SqliteStore:
             where += f" AND status IN ({','.join('?' * len(flt.statuses))})"
             args.extend(sorted(flt.statuses))
         for key, value in flt.labels:
-            where += " AND json_extract(labels, ?) = ?"
-            args.extend([f"$.{json.dumps(key)}", value])
+            # Not json_extract with a "$.\"key\"" path: SQLite's path syntax has no escapes, so a
+            # key holding a double quote (a valid label key) would silently match nothing.
+            where += " AND EXISTS (SELECT 1 FROM json_each(runs.labels) WHERE key = ? AND value = ?)"
+            args.extend([key, value])
         return await self._list("runs", run_pb2.Run, where, args, query)
 
     async def update_run_labels(self, project: str, run_id: str, labels: dict[str, str]) -> run_pb2.Run:
@@ -630,6 +628,9 @@ def _mutate_run(
         raise FencedError(f"run {run_id}: lease epoch {epoch} was superseded by {current_epoch}")
     change: RunChange = mutate(_parse(run_pb2.Run, body))
     run = change.run
+    if _no_op(change, body):
+        # E.g. Cancel of a finished run: it is returned as it is, updated_at included.
+        return MutationResult(run, [])
     run.updated_at.CopyFrom(clock.timestamp(clock.now()))
     for event in change.events:
         if event.status == run_pb2.RUN_STATUS_UNSPECIFIED:
@@ -651,3 +652,11 @@ def _mutate_run(
         assignments += ", lease_owner = '', lease_expires = 0"
     conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*args, run_id])
     return MutationResult(run, stored)
+
+
+def _no_op(change: RunChange, body: bytes) -> bool:
+    if change.events or change.messages or change.steps or change.deadline is not None:
+        return False
+    if change.release_lease:
+        return False
+    return change.run == _parse(run_pb2.Run, body)

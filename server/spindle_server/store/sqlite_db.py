@@ -51,6 +51,7 @@ class SqliteDatabase:
         self._reader_connections: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
         self._lock_file: Any = None
+        self._closing = False
         self.batches = 0
         self.writes = 0
 
@@ -72,11 +73,14 @@ class SqliteDatabase:
         self._writer.start()
 
     async def close(self) -> None:
+        # Refuse new work first: a write queued behind _STOP would never be answered, and a
+        # read after the pool's shutdown would be a RuntimeError (INTERNAL) for its caller.
+        self._closing = True
         if self._writer is not None:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
-        self._readers.shutdown(wait=True)
+        await asyncio.to_thread(self._readers.shutdown, wait=True)
         with self._reader_lock:
             for connection in self._reader_connections:
                 connection.close()
@@ -98,13 +102,15 @@ class SqliteDatabase:
         after_commit: Callable[[T], None] | None = None,
     ) -> T:
         """Run `fn` in the next batch; `after_commit(result)` runs in the loop before the caller resumes."""
-        if self._writer is None or self._loop is None:
+        if self._closing or self._writer is None or self._loop is None:
             raise UnavailableError("the database is closed")
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.put(_Write(fn, future, after_commit))
         return await future
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closing:
+            raise UnavailableError("the database is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._run_read, fn)
 
@@ -146,6 +152,10 @@ class SqliteDatabase:
     def _commit_batch(self, connection: sqlite3.Connection, batch: list[_Write]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
+            if connection.in_transaction:
+                # A failed COMMIT whose ROLLBACK failed too: without this, every later batch
+                # would fail on "cannot start a transaction within a transaction".
+                connection.execute("ROLLBACK")
             connection.execute("BEGIN IMMEDIATE")
             for write in batch:
                 connection.execute("SAVEPOINT op")
