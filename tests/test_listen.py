@@ -198,4 +198,5 @@ def test_a_burst_of_listeners_is_served(server: ServerProcess, stubs: Stubs) -> 
 
     logs = asyncio.run(listen_all())
     expected = [e.index for e in stubs.events(run.id)]
-    assert all(log == expected for log in logs)
+    wrong = [log for log in logs if log != expected]
+    assert not wrong, f"{len(wrong)} wrong; expected {expected}; got {wrong[0]}"

@@ -129,7 +129,12 @@ class SpindleServer:
             raise StartupError(f"cannot listen on {address}: {exc}") from exc
         await server.start()
         self._server = server
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        except BaseException:
+            await server.stop(0)  # never leave a port open with no engine behind it
+            await self.store.close()
+            raise
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
         return self.port
 

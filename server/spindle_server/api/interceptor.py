@@ -8,10 +8,11 @@ calls at info, the rest at debug (a log line costs about a third of a bare call)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
@@ -26,7 +27,7 @@ UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 SLOW_CALL_SECONDS = 1.0
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]
 
 
 class ApiKeys:
@@ -110,14 +111,17 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         return behavior
 
     def _stream(self, method: str, metadata: dict[str, str], inner: StreamBehavior) -> StreamBehavior:
-        async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
             call = _Call(method, metadata, streaming=True)
             try:
                 context.current_project.set(self._keys.project_for(metadata))
                 _require_decoded(request)
-                async for response in inner(request, ctx):
-                    call.messages += 1
-                    yield response
+                # aclosing: the handler's finally blocks (its Listen subscription) run when the
+                # call ends, not whenever the abandoned generator is collected.
+                async with contextlib.aclosing(inner(request, ctx)) as responses:
+                    async for response in responses:
+                        call.messages += 1
+                        yield response
             except (asyncio.CancelledError, GeneratorExit):
                 call.code = "CANCELLED"  # the client went away (grpc closes the generator)
                 raise

@@ -23,8 +23,9 @@ from spindle_server.store.errors import StateError
 DEFAULT_WAIT_SECONDS = 30.0
 MAX_WAIT_SECONDS = 600.0
 LISTEN_BATCH = 256
-# Without a wake-up (another replica wrote the events), re-read the store this often.
-LISTEN_RECHECK_SECONDS = 2.0
+# Every commit of this process wakes its listeners; this re-read is only a safety net (a store
+# written by another process), so it is rare: an idle listener costs nothing in between.
+IDLE_RECHECK_SECONDS = 30.0
 WAIT_READY = TERMINAL_STATUSES | {run_pb2.TOOL_CALLS}
 
 
@@ -275,7 +276,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                 left = give_up - loop.time()
                 if run.status in WAIT_READY or left <= 0:
                     return run
-                await asyncio.wait({changed}, timeout=min(left, LISTEN_RECHECK_SECONDS))
+                await asyncio.wait({changed}, timeout=min(left, IDLE_RECHECK_SECONDS))
 
     async def Listen(
         self, request: run_pb2.ListenRunRequest, _: grpc.aio.ServicerContext
@@ -288,6 +289,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         context.note_run(request.run_id)
         run = await self._store.get_run(context.project(), request.run_id)
         next_index = request.events_start_idx
+        stale = False  # woken without finding events: the run's status may have moved on
         with self._hub.subscribe(run.id) as feed:
             while True:
                 changed = feed.changed()
@@ -301,11 +303,17 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                         if events.is_terminal(event):
                             return
                     continue
+                if stale:
+                    stale = False
+                    run = await self._store.get_run(context.project(), run.id)
+                    if run.status in TERMINAL_STATUSES:
+                        # Its terminal event was committed with this status, maybe after our
+                        # read above: read once more before concluding we started past it.
+                        continue
                 if run.status in TERMINAL_STATUSES:
                     return  # asked to start past the terminal event
-                await asyncio.wait({changed}, timeout=LISTEN_RECHECK_SECONDS)
-                if not changed.done():
-                    run = await self._store.get_run(context.project(), run.id)
+                await asyncio.wait({changed}, timeout=IDLE_RECHECK_SECONDS)
+                stale = True
 
 
 def _check_run_id(run_id: str) -> None:

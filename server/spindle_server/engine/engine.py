@@ -169,9 +169,10 @@ class Engine:
         for run_id in due.expired:
             await self._expire(run_id)
         for run_id in due.orphaned:
-            if run_id in self._tasks or self._stopping:
-                continue
-            await self._recover(run_id)
+            if self._stopping or len(self._tasks) >= self.config.max_concurrent_runs:
+                break  # the rest wait for a free slot (their leases stay expired)
+            if run_id not in self._tasks:
+                await self._recover(run_id)
 
     async def _expire(self, run_id: str) -> None:
         try:
