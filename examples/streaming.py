@@ -18,7 +18,7 @@ with spindle.Client(target) as client:
     # listen() yields every event with its index; it resumes by itself if the connection drops.
     for event in run.listen(timeout=60):
         if event.discard_partial_message:
-            print("\n[the server restarted the reply]")
+            print("\n[the server retried the model: the text since its last tool calls is void]")
         if event.delta:
             print(event.delta, end="", flush=True)
         if event.is_terminal:

@@ -14,18 +14,24 @@ from spindle.v1 import run_pb2
 
 
 class EventCursor:
-    """Where a listener is in a run's log, and the reply text streamed so far."""
+    """Where a listener is in a run's log, and the reply text streamed so far.
+
+    The reply is everything the model said in the run, before its tool calls and after. A status
+    change with ``discard_partial_message`` voids only the text of the turn being retried: what
+    came since the last TOOL_CALLS event (the server builds the reply the same way).
+    """
 
     def __init__(self, start: int = 0) -> None:
         if start < 0:
             raise ValueError("events_start_idx must not be negative")
         self.next_index = start
         self.finished = False
-        self._parts: list[str] = []
+        self._earlier: list[str] = []  # text of the turns that ended in TOOL_CALLS
+        self._turn: list[str] = []  # text of the current turn
 
     @property
     def text(self) -> str:
-        return "".join(self._parts)
+        return "".join(self._earlier) + "".join(self._turn)
 
     def accept(self, event: run_pb2.StreamEvent) -> RunEvent | None:
         """The decoded event, or None for one already seen."""
@@ -34,9 +40,12 @@ class EventCursor:
         self.next_index = event.index + 1
         payload = event.WhichOneof("payload")
         if payload == "status_change" and event.status_change.discard_partial_message:
-            self._parts.clear()
-        if payload == "message_delta":
-            self._parts.append(event.message_delta.text)
+            self._turn.clear()
+        elif payload == "message_delta":
+            self._turn.append(event.message_delta.text)
+        elif event.type == run_pb2.StreamEvent.TOOL_CALLS:
+            self._earlier.extend(self._turn)
+            self._turn.clear()
         decoded = decode_event(event, self.text)
         self.finished = decoded.is_terminal
         return decoded

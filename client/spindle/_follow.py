@@ -2,12 +2,15 @@
 
 Sync and async twins side by side; the decisions are shared: :class:`EventCursor` keeps the place
 (so a reconnect resumes at last index + 1, no gap, no duplicate), :func:`is_ready` says when a
-wait is over (terminal, or paused in TOOL_CALLS), :func:`poll_policy` is the fallback's backoff.
+wait is over (terminal, or paused in TOOL_CALLS), :class:`Follow` says which failures are worth
+another try and when the deadline has passed, :func:`poll_policy` is the fallback's backoff.
 
-``wait`` first reads the run with Get (it may be ready already), then rides the stream from the
+``wait`` reads the run with Get (it may be ready already), then rides the stream from the
 handle's place. The stream is only a trigger: on a terminal or TOOL_CALLS event it reads the run
 with Get and returns when Get says the run is ready. An old TOOL_CALLS event replayed from the log
-(already answered) therefore never ends a wait.
+(already answered) therefore never ends a wait. Get is also the judge of failures: when the stream
+fails for good (a proxy that cannot stream, a server out of room for more streams), the wait goes
+on by polling Get alone, and an error that Get gives too (NOT_FOUND, UNAUTHENTICATED) is raised.
 """
 
 from __future__ import annotations
@@ -15,18 +18,19 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, Callable, Generator
-from contextlib import closing
+from contextlib import aclosing, closing
 from dataclasses import dataclass
 
 from spindle._events import EventCursor
 from spindle._transport import AsyncTransport, SyncTransport
 from spindle.enums import EventType, RunStatus
-from spindle.errors import ApiError, Cancelled
+from spindle.errors import ApiError, Cancelled, DeadlineExceeded
 from spindle.results import RunEvent
-from spindle.retry import NO_RETRY, Deadline, RetryPolicy
+from spindle.retry import NO_RETRY, Backoff, Deadline, RetryPolicy
 from spindle.v1 import run_pb2
 
 DEFAULT_POLL_INTERVAL = 0.2
+MIN_POLL_INTERVAL = 0.01
 MAX_POLL_INTERVAL = 2.0
 
 
@@ -37,14 +41,15 @@ def is_ready(run: run_pb2.Run) -> bool:
 
 
 def poll_policy(poll_interval: float | None) -> RetryPolicy:
-    """Jittered backoff between fallback polls: from ``poll_interval`` growing 1.5x up to 2 s."""
-    initial = DEFAULT_POLL_INTERVAL if poll_interval is None else poll_interval
+    """Jittered backoff between fallback polls: from ``poll_interval`` growing 1.5x up to 2 s
+    (at least 10 ms: an interval of 0 would poll in a tight loop and never grow)."""
+    initial = DEFAULT_POLL_INTERVAL if poll_interval is None else max(poll_interval, MIN_POLL_INTERVAL)
     return RetryPolicy(initial=initial, maximum=max(initial, MAX_POLL_INTERVAL), multiplier=1.5)
 
 
 @dataclass(frozen=True, slots=True)
 class Follow:
-    """What one listen or wait needs besides the transport."""
+    """What one listen or wait needs besides the transport, and the decisions both make."""
 
     run_id: str
     cursor: EventCursor
@@ -57,18 +62,39 @@ class Follow:
     def triggers_check(self, event: RunEvent) -> bool:
         return event.is_terminal or event.type is EventType.TOOL_CALLS
 
-    def resume_or_raise(self, error: ApiError) -> None:
-        """Return if ``error`` is transient and time is left (reconnect, or poll); raise otherwise:
-        the timeout error once the deadline has passed, else ``error`` itself.
+    def is_transient(self, error: ApiError) -> bool:
+        """Worth another try while time is left.
 
-        Transient: what the retry policy retries (UNAVAILABLE: connection refused or dropped),
-        and CANCELLED, which a server that shuts down gives the calls it still has (this client
-        never cancels a call it still waits for).
+        What the retry policy retries (UNAVAILABLE: connection refused or dropped); CANCELLED,
+        which a server that shuts down gives the calls it still has (this client never cancels a
+        call it still waits for); DEADLINE_EXCEEDED of one call (a poll's ``poll_timeout``, a
+        proxy's limit): the wall-clock deadline of the whole follow is checked on its own.
         """
+        return self.retry.is_retryable(error) or isinstance(error, Cancelled | DeadlineExceeded)
+
+    def resume_or_raise(self, error: ApiError) -> None:
+        """Return if ``error`` is transient and time is left (reconnect, or poll again); raise
+        ``error`` itself if it is not transient (NOT_FOUND, ...), else the timeout error."""
+        if not self.is_transient(error):
+            raise error
         if self.deadline.expired():
             raise self.timed_out(error) from error
-        if not (self.retry.is_retryable(error) or isinstance(error, Cancelled)):
-            raise error
+
+    def stream_failed(self, error: ApiError) -> bool:
+        """The stream of a wait failed: True to open it again later, False to poll Get alone from
+        now on (it failed for good; Get tells whether the run itself is the problem). Raises the
+        timeout error once the deadline has passed."""
+        if self.deadline.expired():
+            raise self.timed_out(error) from error
+        return self.is_transient(error)
+
+    def pause(self, backoff: Backoff) -> float:
+        """The next backoff delay, cut to the time left."""
+        return self.deadline.cap(backoff.next_delay()) or 0.0
+
+    def poll_deadline(self, poll_timeout: float | None, default: float) -> float | None:
+        """The deadline of one Get: ``poll_timeout`` (else the client's), cut to the time left."""
+        return self.deadline.cap(poll_timeout or default)
 
     def listen_request(self) -> run_pb2.ListenRunRequest:
         return run_pb2.ListenRunRequest(run_id=self.run_id, events_start_idx=self.cursor.next_index)
@@ -88,16 +114,19 @@ class Follow:
 def _stream_once(transport: SyncTransport, follow: Follow) -> Generator[RunEvent, None, None]:
     """One Listen call from the cursor; yields new events (observed), raises ApiError on failure."""
     request = follow.listen_request()
-    timeout = follow.deadline.remaining()
-    for raw in transport.stream(transport.runs.Listen, request, run_pb2.StreamEvent, timeout=timeout):
-        event = follow.cursor.accept(raw)
-        if event is not None:
-            follow.on_event(event)
-            yield event
+    stream = transport.stream(
+        transport.runs.Listen, request, run_pb2.StreamEvent, timeout=follow.deadline.remaining()
+    )
+    with closing(stream):
+        for raw in stream:
+            event = follow.cursor.accept(raw)
+            if event is not None:
+                follow.on_event(event)
+                yield event
 
 
 def listen(transport: SyncTransport, follow: Follow) -> Generator[RunEvent, None, None]:
-    """Events until the terminal one; reconnects after retryable failures until the deadline."""
+    """Events until the terminal one; reconnects after transient failures until the deadline."""
     backoff = follow.retry.backoff()
     while not follow.cursor.finished:
         received = False
@@ -109,7 +138,7 @@ def listen(transport: SyncTransport, follow: Follow) -> Generator[RunEvent, None
                     yield event
         except ApiError as error:
             follow.resume_or_raise(error)
-            time.sleep(follow.deadline.cap(backoff.next_delay()) or 0.0)
+            time.sleep(follow.pause(backoff))
             continue
         if not received:
             return  # the server had nothing after our index: we started past the end
@@ -120,35 +149,28 @@ def wait(
 ) -> run_pb2.Run:
     """The run once it is terminal or paused: rides Listen, falls back to polling Get."""
     backoff = poll_policy(poll_interval).backoff()
-    first = _poll_once(transport, follow, poll_timeout)
-    if first is not None and is_ready(first):
-        return first
+    ride = True  # False once the stream failed for good: poll alone
     while True:
-        try:
-            with closing(_stream_once(transport, follow)) as events:
-                for event in events:
-                    backoff.reset()
-                    if follow.triggers_check(event):
-                        run = transport.unary(
-                            transport.runs.Get,
-                            follow.get_request(),
-                            run_pb2.Run,
-                            timeout=follow.deadline.cap(transport.settings.timeout),
-                        )
-                        follow.on_run(run)
-                        if is_ready(run):
-                            return run
-        except ApiError as error:
-            follow.resume_or_raise(error)
-        run_or_none = _poll_once(transport, follow, poll_timeout)
-        if run_or_none is not None and is_ready(run_or_none):
-            return run_or_none
-        if follow.deadline.expired():
-            raise follow.timed_out()
-        time.sleep(follow.deadline.cap(backoff.next_delay()) or 0.0)
+        run = _poll_once(transport, follow, poll_timeout)
+        if run is not None and is_ready(run):
+            return run
+        if ride:
+            try:
+                with closing(_stream_once(transport, follow)) as events:
+                    for event in events:
+                        backoff.reset()
+                        if follow.triggers_check(event):
+                            run = _poll_once(transport, follow, poll_timeout)
+                            if run is not None and is_ready(run):
+                                return run
+            except ApiError as error:
+                ride = follow.stream_failed(error)
+        time.sleep(follow.pause(backoff))
 
 
 def _poll_once(transport: SyncTransport, follow: Follow, poll_timeout: float | None) -> run_pb2.Run | None:
+    """The run from one Get, or None after a transient failure; raises a permanent one, or the
+    timeout error once the deadline has passed."""
     if follow.deadline.expired():
         raise follow.timed_out()
     try:
@@ -156,7 +178,7 @@ def _poll_once(transport: SyncTransport, follow: Follow, poll_timeout: float | N
             transport.runs.Get,
             follow.get_request(),
             run_pb2.Run,
-            timeout=follow.deadline.cap(poll_timeout or transport.settings.timeout),
+            timeout=follow.poll_deadline(poll_timeout, transport.settings.timeout),
             retry=NO_RETRY,
         )
     except ApiError as error:
@@ -170,17 +192,17 @@ def _poll_once(transport: SyncTransport, follow: Follow, poll_timeout: float | N
 
 
 async def _astream_once(transport: AsyncTransport, follow: Follow) -> AsyncGenerator[RunEvent, None]:
+    """Async twin of :func:`_stream_once`."""
     request = follow.listen_request()
-    timeout = follow.deadline.remaining()
-    stream = transport.stream(transport.runs.Listen, request, run_pb2.StreamEvent, timeout=timeout)
-    try:
+    stream = transport.stream(
+        transport.runs.Listen, request, run_pb2.StreamEvent, timeout=follow.deadline.remaining()
+    )
+    async with aclosing(stream):
         async for raw in stream:
             event = follow.cursor.accept(raw)
             if event is not None:
                 follow.on_event(event)
                 yield event
-    finally:
-        await stream.aclose()
 
 
 async def alisten(transport: AsyncTransport, follow: Follow) -> AsyncGenerator[RunEvent, None]:
@@ -188,18 +210,16 @@ async def alisten(transport: AsyncTransport, follow: Follow) -> AsyncGenerator[R
     backoff = follow.retry.backoff()
     while not follow.cursor.finished:
         received = False
-        attempt = _astream_once(transport, follow)
         try:
-            async for event in attempt:
-                received = True
-                backoff.reset()
-                yield event
+            async with aclosing(_astream_once(transport, follow)) as events:
+                async for event in events:
+                    received = True
+                    backoff.reset()
+                    yield event
         except ApiError as error:
             follow.resume_or_raise(error)
-            await asyncio.sleep(follow.deadline.cap(backoff.next_delay()) or 0.0)
+            await asyncio.sleep(follow.pause(backoff))
             continue
-        finally:
-            await attempt.aclose()
         if not received:
             return
 
@@ -209,39 +229,29 @@ async def await_run(
 ) -> run_pb2.Run:
     """Async twin of :func:`wait`."""
     backoff = poll_policy(poll_interval).backoff()
-    first = await _apoll_once(transport, follow, poll_timeout)
-    if first is not None and is_ready(first):
-        return first
+    ride = True
     while True:
-        attempt = _astream_once(transport, follow)
-        try:
-            async for event in attempt:
-                backoff.reset()
-                if follow.triggers_check(event):
-                    run = await transport.unary(
-                        transport.runs.Get,
-                        follow.get_request(),
-                        run_pb2.Run,
-                        timeout=follow.deadline.cap(transport.settings.timeout),
-                    )
-                    follow.on_run(run)
-                    if is_ready(run):
-                        return run
-        except ApiError as error:
-            follow.resume_or_raise(error)
-        finally:
-            await attempt.aclose()
-        run_or_none = await _apoll_once(transport, follow, poll_timeout)
-        if run_or_none is not None and is_ready(run_or_none):
-            return run_or_none
-        if follow.deadline.expired():
-            raise follow.timed_out()
-        await asyncio.sleep(follow.deadline.cap(backoff.next_delay()) or 0.0)
+        run = await _apoll_once(transport, follow, poll_timeout)
+        if run is not None and is_ready(run):
+            return run
+        if ride:
+            try:
+                async with aclosing(_astream_once(transport, follow)) as events:
+                    async for event in events:
+                        backoff.reset()
+                        if follow.triggers_check(event):
+                            run = await _apoll_once(transport, follow, poll_timeout)
+                            if run is not None and is_ready(run):
+                                return run
+            except ApiError as error:
+                ride = follow.stream_failed(error)
+        await asyncio.sleep(follow.pause(backoff))
 
 
 async def _apoll_once(
     transport: AsyncTransport, follow: Follow, poll_timeout: float | None
 ) -> run_pb2.Run | None:
+    """Async twin of :func:`_poll_once`."""
     if follow.deadline.expired():
         raise follow.timed_out()
     try:
@@ -249,7 +259,7 @@ async def _apoll_once(
             transport.runs.Get,
             follow.get_request(),
             run_pb2.Run,
-            timeout=follow.deadline.cap(poll_timeout or transport.settings.timeout),
+            timeout=follow.poll_deadline(poll_timeout, transport.settings.timeout),
             retry=NO_RETRY,
         )
     except ApiError as error:

@@ -11,14 +11,13 @@ Page = tuple[Sequence[T], str]
 
 
 def iterate(fetch: Callable[[str], Page[T]], limit: int | None = None) -> Iterator[T]:
-    """Items of every page, lazily (the first call happens at the first ``next()``)."""
+    """Items of every page, lazily (the first call happens at the first ``next()``); with a
+    ``limit``, no page is fetched once that many items were given."""
     token = ""
     count = 0
-    while True:
+    while limit is None or count < limit:
         items, token = fetch(token)
-        for item in items:
-            if limit is not None and count >= limit:
-                return
+        for item in items[: None if limit is None else limit - count]:
             count += 1
             yield item
         if not token:
@@ -29,11 +28,9 @@ async def aiterate(fetch: Callable[[str], Awaitable[Page[T]]], limit: int | None
     """Async twin of :func:`iterate`."""
     token = ""
     count = 0
-    while True:
+    while limit is None or count < limit:
         items, token = await fetch(token)
-        for item in items:
-            if limit is not None and count >= limit:
-                return
+        for item in items[: None if limit is None else limit - count]:
             count += 1
             yield item
         if not token:

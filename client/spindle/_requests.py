@@ -1,19 +1,68 @@
-"""Request protos for every method, from the keyword arguments of the public surface.
+"""Every method's call, from the keyword arguments of the public surface: a :class:`Call`.
 
-The sync and async resources call the same builders, so they differ only in ``await``.
+A Call says all there is to decide about one unary call: the method, the request (with its
+``request_id``, made once per logical call so that every retry carries the same one), the
+response type and how to read it. The sync and async resources build the same Calls and hand them
+to their transport, so the twins differ only in ``await``; a listing is a :class:`Listing`, the
+Call of one page for a page token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, Protocol, TypedDict, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, Protocol, TypedDict, TypeVar, cast
 
-from spindle import _encode
-from spindle._encode import MessageSpec, Order, ToolSpec
+from google.protobuf.message import Message as Proto
+
+from spindle import _decode, _encode
+from spindle._encode import MessageSpec, Order, ToolResultsSpec, ToolSpec
+from spindle._paging import Page
 from spindle.enums import MessageRole, RunStatus
 from spindle.tools import Tools, as_tool_functions, tool_specs
-from spindle.types import ResponseFormat, TruncationStrategy
+from spindle.types import Assistant, Message, ResponseFormat, RunStep, Thread, TruncationStrategy
 from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
+
+R = TypeVar("R", bound=Proto)
+T = TypeVar("T")
+Service = Literal["assistants", "threads", "messages", "runs"]
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[R, T]):
+    """One unary call, ready for either transport: ``service.method(request)``, read by ``decode``."""
+
+    service: Service
+    method: str
+    request: Proto
+    response: type[R]
+    decode: Callable[[R], T]
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Listing(Generic[R, T]):
+    """A list method: the Call of each page, by page token (the request has a ``page_token``)."""
+
+    service: Service
+    method: str
+    request: Proto
+    response: type[R]
+    decode: Callable[[R], Page[T]]
+
+    def page(self, token: str) -> Call[R, Page[T]]:
+        request = type(self.request)()
+        request.CopyFrom(self.request)
+        request.page_token = token  # type: ignore[attr-defined]  # every list request has one
+        return Call(self.service, self.method, request, self.response, self.decode)
+
+
+def _run(value: run_pb2.Run) -> run_pb2.Run:
+    return value  # runs become handles in the resource (they need it)
+
+
+def _nothing(_: Proto) -> None:
+    return None
 
 
 class HasId(Protocol):
@@ -109,25 +158,49 @@ _ASSISTANT_MASK = {
 }
 
 
-def create_assistant(options: AssistantOptions, request_id: str) -> assistant_pb2.CreateAssistantRequest:
-    request = assistant_pb2.CreateAssistantRequest(request_id=request_id)
+def create_assistant(
+    options: AssistantOptions, request_id: str | None
+) -> Call[assistant_pb2.Assistant, Assistant]:
+    rid = _encode.request_id(request_id)
+    request = assistant_pb2.CreateAssistantRequest(request_id=rid)
     _fill_assistant(request, options)
-    return request
+    return Call("assistants", "Create", request, assistant_pb2.Assistant, _decode.assistant, rid)
+
+
+def get_assistant(assistant_id: IdLike) -> Call[assistant_pb2.Assistant, Assistant]:
+    request = assistant_pb2.GetAssistantRequest(assistant_id=as_id(assistant_id))
+    return Call("assistants", "Get", request, assistant_pb2.Assistant, _decode.assistant)
 
 
 def update_assistant(
-    assistant_id: str, options: AssistantOptions, request_id: str
-) -> assistant_pb2.UpdateAssistantRequest:
+    assistant_id: IdLike, options: AssistantOptions, request_id: str | None
+) -> Call[assistant_pb2.Assistant, Assistant]:
     """Only the given options change (they are named in the update mask)."""
-    request = assistant_pb2.UpdateAssistantRequest(assistant_id=assistant_id, request_id=request_id)
+    rid = _encode.request_id(request_id)
+    request = assistant_pb2.UpdateAssistantRequest(assistant_id=as_id(assistant_id), request_id=rid)
     _fill_assistant(request, options)
     paths = dict.fromkeys(_ASSISTANT_MASK.get(name, name) for name in options)
     request.update_mask.paths.extend(paths)
-    return request
+    return Call("assistants", "Update", request, assistant_pb2.Assistant, _decode.assistant, rid)
 
 
-def list_assistants(page_size: int | None, order: Order) -> assistant_pb2.ListAssistantsRequest:
-    return assistant_pb2.ListAssistantsRequest(page_size=page_size or 0, order=_encode.order(order))
+def delete_assistant(
+    assistant_id: IdLike, request_id: str | None
+) -> Call[assistant_pb2.DeleteAssistantResponse, None]:
+    rid = _encode.request_id(request_id)
+    request = assistant_pb2.DeleteAssistantRequest(assistant_id=as_id(assistant_id), request_id=rid)
+    return Call("assistants", "Delete", request, assistant_pb2.DeleteAssistantResponse, _nothing, rid)
+
+
+def list_assistants(
+    page_size: int | None, order: Order
+) -> Listing[assistant_pb2.ListAssistantsResponse, Assistant]:
+    request = assistant_pb2.ListAssistantsRequest(page_size=page_size or 0, order=_encode.order(order))
+
+    def decode(page: assistant_pb2.ListAssistantsResponse) -> Page[Assistant]:
+        return [_decode.assistant(a) for a in page.assistants], page.next_page_token
+
+    return Listing("assistants", "List", request, assistant_pb2.ListAssistantsResponse, decode)
 
 
 # ---- threads ----------------------------------------------------------------------------------
@@ -139,77 +212,114 @@ def create_thread(
     description: str | None,
     labels: Mapping[str, str] | None,
     messages: Sequence[MessageSpec] | None,
-    request_id: str,
-) -> thread_pb2.CreateThreadRequest:
-    return thread_pb2.CreateThreadRequest(
+    request_id: str | None,
+) -> Call[thread_pb2.Thread, Thread]:
+    rid = _encode.request_id(request_id)
+    request = thread_pb2.CreateThreadRequest(
         name=name or "",
         description=description or "",
         labels=_encode.labels(labels),
         messages=_encode.messages(messages),
-        request_id=request_id,
+        request_id=rid,
     )
+    return Call("threads", "Create", request, thread_pb2.Thread, _decode.thread, rid)
+
+
+def get_thread(thread_id: IdLike) -> Call[thread_pb2.Thread, Thread]:
+    request = thread_pb2.GetThreadRequest(thread_id=as_id(thread_id))
+    return Call("threads", "Get", request, thread_pb2.Thread, _decode.thread)
 
 
 def update_thread(
-    thread_id: str,
+    thread_id: IdLike,
     *,
     name: str | None,
     description: str | None,
     labels: Mapping[str, str] | None,
-    request_id: str,
-) -> thread_pb2.UpdateThreadRequest:
+    request_id: str | None,
+) -> Call[thread_pb2.Thread, Thread]:
+    """Only the fields given (not None) change (they are named in the update mask)."""
+    rid = _encode.request_id(request_id)
     request = thread_pb2.UpdateThreadRequest(
-        thread_id=thread_id,
+        thread_id=as_id(thread_id),
         name=name or "",
         description=description or "",
         labels=_encode.labels(labels),
-        request_id=request_id,
+        request_id=rid,
     )
     request.update_mask.paths.extend(_encode.present(name=name, description=description, labels=labels))
-    return request
+    return Call("threads", "Update", request, thread_pb2.Thread, _decode.thread, rid)
 
 
-def list_threads(page_size: int | None, order: Order) -> thread_pb2.ListThreadsRequest:
-    return thread_pb2.ListThreadsRequest(page_size=page_size or 0, order=_encode.order(order))
+def delete_thread(thread_id: IdLike, request_id: str | None) -> Call[thread_pb2.DeleteThreadResponse, None]:
+    rid = _encode.request_id(request_id)
+    request = thread_pb2.DeleteThreadRequest(thread_id=as_id(thread_id), request_id=rid)
+    return Call("threads", "Delete", request, thread_pb2.DeleteThreadResponse, _nothing, rid)
+
+
+def list_threads(page_size: int | None, order: Order) -> Listing[thread_pb2.ListThreadsResponse, Thread]:
+    request = thread_pb2.ListThreadsRequest(page_size=page_size or 0, order=_encode.order(order))
+
+    def decode(page: thread_pb2.ListThreadsResponse) -> Page[Thread]:
+        return [_decode.thread(t) for t in page.threads], page.next_page_token
+
+    return Listing("threads", "List", request, thread_pb2.ListThreadsResponse, decode)
 
 
 # ---- messages ---------------------------------------------------------------------------------
 
 
 def create_message(
-    thread_id: str,
+    thread_id: IdLike,
     content: str | Sequence[str],
     *,
     role: MessageRole | str,
     labels: Mapping[str, str] | None,
-    request_id: str,
-) -> message_pb2.CreateMessageRequest:
+    request_id: str | None,
+) -> Call[message_pb2.Message, Message]:
+    rid = _encode.request_id(request_id)
     request = message_pb2.CreateMessageRequest(
-        thread_id=thread_id, role=_encode.role(role), labels=_encode.labels(labels), request_id=request_id
+        thread_id=as_id(thread_id), role=_encode.role(role), labels=_encode.labels(labels), request_id=rid
     )
     if isinstance(content, str):
         request.text = content
     else:
         for part in content:
             request.content.add().text.text = part
-    return request
+    return Call("messages", "Create", request, message_pb2.Message, _decode.message, rid)
+
+
+def get_message(message_id: IdLike) -> Call[message_pb2.Message, Message]:
+    request = message_pb2.GetMessageRequest(message_id=as_id(message_id))
+    return Call("messages", "Get", request, message_pb2.Message, _decode.message)
 
 
 def list_messages(
-    thread_id: str, run_id: str | None, page_size: int | None, order: Order
-) -> message_pb2.ListMessagesRequest:
-    return message_pb2.ListMessagesRequest(
-        thread_id=thread_id, run_id=run_id or "", page_size=page_size or 0, order=_encode.order(order)
+    thread_id: IdLike, run_id: IdLike | None, page_size: int | None, order: Order
+) -> Listing[message_pb2.ListMessagesResponse, Message]:
+    request = message_pb2.ListMessagesRequest(
+        thread_id=as_id(thread_id),
+        run_id=as_id(run_id) if run_id is not None else "",
+        page_size=page_size or 0,
+        order=_encode.order(order),
     )
+
+    def decode(page: message_pb2.ListMessagesResponse) -> Page[Message]:
+        return [_decode.message(m) for m in page.messages], page.next_page_token
+
+    return Listing("messages", "List", request, message_pb2.ListMessagesResponse, decode)
 
 
 # ---- runs -------------------------------------------------------------------------------------
 
 
 def create_run(
-    thread_id: str, assistant_id: str, options: RunOptions | RunOverrides, request_id: str
-) -> run_pb2.CreateRunRequest:
-    request = run_pb2.CreateRunRequest(thread_id=thread_id, assistant_id=assistant_id, request_id=request_id)
+    thread_id: IdLike, assistant_id: IdLike, options: RunOptions | RunOverrides, request_id: str | None
+) -> Call[run_pb2.Run, run_pb2.Run]:
+    rid = _encode.request_id(request_id)
+    request = run_pb2.CreateRunRequest(
+        thread_id=as_id(thread_id), assistant_id=as_id(assistant_id), request_id=rid
+    )
     for name in (
         "instructions",
         "additional_instructions",
@@ -235,50 +345,86 @@ def create_run(
         request.response_format.CopyFrom(_encode.response_format(options["response_format"]))
     if "labels" in options:
         request.labels.update(options["labels"])
-    return request
+    return Call("runs", "Create", request, run_pb2.Run, _run, rid)
+
+
+def get_run(run_id: IdLike) -> Call[run_pb2.Run, run_pb2.Run]:
+    return Call("runs", "Get", run_pb2.GetRunRequest(run_id=as_id(run_id)), run_pb2.Run, _run)
+
+
+def get_last_run(thread_id: IdLike) -> Call[run_pb2.Run, run_pb2.Run]:
+    request = run_pb2.GetLastRunByThreadRequest(thread_id=as_id(thread_id))
+    return Call("runs", "GetLastByThread", request, run_pb2.Run, _run)
 
 
 def list_runs(
+    handle: Callable[[run_pb2.Run], T],
     *,
-    thread_id: str | None,
-    assistant_id: str | None,
+    thread_id: IdLike | None,
+    assistant_id: IdLike | None,
     statuses: Iterable[RunStatus] | None,
     labels: Mapping[str, str] | None,
     page_size: int | None,
     order: Order,
-) -> run_pb2.ListRunsRequest:
-    return run_pb2.ListRunsRequest(
-        thread_id=thread_id or "",
-        assistant_id=assistant_id or "",
+) -> Listing[run_pb2.ListRunsResponse, T]:
+    """Each run of a page becomes ``handle(run)``."""
+    request = run_pb2.ListRunsRequest(
+        thread_id=as_id(thread_id) if thread_id is not None else "",
+        assistant_id=as_id(assistant_id) if assistant_id is not None else "",
         statuses=[run_pb2.RunStatus.ValueType(int(s)) for s in statuses or ()],
         labels=_encode.labels(labels),
         page_size=page_size or 0,
         order=_encode.order(order),
     )
 
+    def decode(page: run_pb2.ListRunsResponse) -> Page[T]:
+        return [handle(run) for run in page.runs], page.next_page_token
 
-def update_run(run_id: str, labels: Mapping[str, str], request_id: str) -> run_pb2.UpdateRunRequest:
-    request = run_pb2.UpdateRunRequest(run_id=run_id, labels=dict(labels), request_id=request_id)
+    return Listing("runs", "List", request, run_pb2.ListRunsResponse, decode)
+
+
+def update_run(
+    run_id: IdLike, labels: Mapping[str, str], request_id: str | None
+) -> Call[run_pb2.Run, run_pb2.Run]:
+    rid = _encode.request_id(request_id)
+    request = run_pb2.UpdateRunRequest(run_id=as_id(run_id), labels=dict(labels), request_id=rid)
     request.update_mask.paths.append("labels")
-    return request
+    return Call("runs", "Update", request, run_pb2.Run, _run, rid)
+
+
+def cancel_run(run_id: IdLike, request_id: str | None) -> Call[run_pb2.Run, run_pb2.Run]:
+    rid = _encode.request_id(request_id)
+    request = run_pb2.CancelRunRequest(run_id=as_id(run_id), request_id=rid)
+    return Call("runs", "Cancel", request, run_pb2.Run, _run, rid)
 
 
 def submit_tool_results(
-    run_id: str, results: _encode.ToolResultsSpec, request_id: str
-) -> run_pb2.SubmitToolResultsRequest:
-    return run_pb2.SubmitToolResultsRequest(
-        run_id=run_id, tool_results=_encode.tool_results(results), request_id=request_id
+    run_id: IdLike, results: ToolResultsSpec, request_id: str | None
+) -> Call[run_pb2.Run, run_pb2.Run]:
+    rid = _encode.request_id(request_id)
+    request = run_pb2.SubmitToolResultsRequest(
+        run_id=as_id(run_id), tool_results=_encode.tool_results(results), request_id=rid
+    )
+    return Call("runs", "SubmitToolResults", request, run_pb2.Run, _run, rid)
+
+
+def wait_run(run_id: IdLike, timeout: float) -> Call[run_pb2.Run, run_pb2.Run]:
+    request = run_pb2.WaitRunRequest(run_id=as_id(run_id))
+    request.timeout.FromNanoseconds(int(timeout * 1e9))
+    return Call("runs", "Wait", request, run_pb2.Run, _run)
+
+
+def list_steps(
+    run_id: IdLike, page_size: int | None, order: Order
+) -> Listing[run_pb2.ListRunStepsResponse, RunStep]:
+    request = run_pb2.ListRunStepsRequest(
+        run_id=as_id(run_id), page_size=page_size or 0, order=_encode.order(order)
     )
 
+    def decode(page: run_pb2.ListRunStepsResponse) -> Page[RunStep]:
+        return [_decode.run_step(s) for s in page.steps], page.next_page_token
 
-def wait_run(run_id: str, timeout: float) -> run_pb2.WaitRunRequest:
-    request = run_pb2.WaitRunRequest(run_id=run_id)
-    request.timeout.FromNanoseconds(int(timeout * 1e9))
-    return request
-
-
-def list_steps(run_id: str, page_size: int | None, order: Order) -> run_pb2.ListRunStepsRequest:
-    return run_pb2.ListRunStepsRequest(run_id=run_id, page_size=page_size or 0, order=_encode.order(order))
+    return Listing("runs", "ListSteps", request, run_pb2.ListRunStepsResponse, decode)
 
 
 # The server's Wait answers after at most its timeout; the call's deadline leaves room beyond it.

@@ -1,5 +1,8 @@
 """One channel, the generated stubs on it, and the call wrapper: deadline, metadata, retry, errors.
 
+``call`` makes a :class:`spindle._requests.Call` (what the resources build, the same for both
+twins); ``unary`` is the wrapper itself; ``stream`` opens one server stream.
+
 ``SyncTransport`` and ``AsyncTransport`` are twins: the same decisions (``retry_delay``,
 ``Deadline``, ``from_rpc_error``), one sleeping with ``time.sleep``, the other with ``asyncio.sleep``.
 """
@@ -10,7 +13,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Generator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -20,7 +23,11 @@ from spindle.errors import from_rpc_error
 from spindle.retry import Deadline, RetryPolicy, retry_delay
 from spindle.v1 import assistant_pb2_grpc, message_pb2_grpc, run_pb2_grpc, thread_pb2_grpc
 
+if TYPE_CHECKING:
+    from spindle._requests import Call
+
 R = TypeVar("R", bound=Message)
+T = TypeVar("T")
 Method = Callable[..., Any]
 
 
@@ -33,6 +40,11 @@ class _Stubs:
         self.messages = message_pb2_grpc.MessageServiceStub(channel)
         self.runs = run_pb2_grpc.RunServiceStub(channel)
 
+    def method(self, service: str, name: str) -> Method:
+        """The stub method ``name`` of ``service`` (``"runs"``, ...)."""
+        method: Method = getattr(getattr(self, service), name)
+        return method
+
 
 class SyncTransport(_Stubs):
     """Blocking calls over a ``grpc`` channel."""
@@ -41,6 +53,13 @@ class SyncTransport(_Stubs):
         self.settings = settings
         self.channel = channel if channel is not None else sync_channel(settings)
         super().__init__(self.channel)
+
+    def call(self, call: Call[R, T], timeout: float | None = None) -> T:
+        """Make one call of the API (see ``unary``) and read its response."""
+        method = self.method(call.service, call.method)
+        return call.decode(
+            self.unary(method, call.request, call.response, timeout=timeout, request_id=call.request_id)
+        )
 
     def unary(
         self,
@@ -72,15 +91,17 @@ class SyncTransport(_Stubs):
         self, method: Method, request: Message, item_type: type[R], *, timeout: float | None
     ) -> Generator[R, None, None]:
         """One server-streaming call (no retry: the caller resumes from where it got to)."""
-        call = method(request, timeout=timeout, metadata=self.settings.metadata(uuid.uuid4().hex))
+        call = None
         try:
+            call = method(request, timeout=timeout, metadata=self.settings.metadata(uuid.uuid4().hex))
             for raw in call:
                 item: R = raw
                 yield item
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         finally:
-            call.cancel()
+            if call is not None:
+                call.cancel()  # a no-op once the stream ended; stops it when the reader quit early
 
     def close(self) -> None:
         self.channel.close()
@@ -93,6 +114,13 @@ class AsyncTransport(_Stubs):
         self.settings = settings
         self.channel = channel if channel is not None else async_channel(settings)
         super().__init__(self.channel)
+
+    async def call(self, call: Call[R, T], timeout: float | None = None) -> T:
+        """Make one call of the API (see ``unary``) and read its response."""
+        method = self.method(call.service, call.method)
+        return call.decode(
+            await self.unary(method, call.request, call.response, timeout=timeout, request_id=call.request_id)
+        )
 
     async def unary(
         self,
@@ -124,15 +152,17 @@ class AsyncTransport(_Stubs):
         self, method: Method, request: Message, item_type: type[R], *, timeout: float | None
     ) -> AsyncGenerator[R, None]:
         """One server-streaming call (no retry: the caller resumes from where it got to)."""
-        call = method(request, timeout=timeout, metadata=self.settings.metadata(uuid.uuid4().hex))
+        call = None
         try:
+            call = method(request, timeout=timeout, metadata=self.settings.metadata(uuid.uuid4().hex))
             async for raw in call:
                 item: R = raw
                 yield item
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         finally:
-            call.cancel()
+            if call is not None:
+                call.cancel()  # a no-op once the stream ended; stops it when the reader quit early
 
     async def close(self) -> None:
         await self.channel.close()

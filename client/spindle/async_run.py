@@ -6,6 +6,7 @@ Everything ``Run`` does, awaited; plus ``await run`` (waits) and ``async for eve
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Mapping
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
@@ -13,8 +14,13 @@ from typing import TYPE_CHECKING, Any
 from spindle import _follow
 from spindle._encode import Order, ToolResultsSpec
 from spindle._events import EventCursor
-from spindle._run_base import EventCallback, RunHandleBase, TextCallback, ToolCallsCallback
-from spindle.enums import EventType, RunStatus
+from spindle._run_base import (
+    AsyncEventCallback,
+    AsyncTextCallback,
+    AsyncToolCallsCallback,
+    RunHandleBase,
+)
+from spindle.enums import RunStatus
 from spindle.results import RunEvent, RunResult
 from spindle.retry import Deadline
 from spindle.tools import ToolFunctions, Tools, as_tool_functions, run_tool_calls_async
@@ -114,9 +120,9 @@ class AsyncRun(RunHandleBase):
         poll_interval: float | None = None,
         request_id: str | None = None,
     ) -> RunResult:
-        """Submit tool results, then ``wait()``."""
+        """Submit tool results, then ``wait()``; ``timeout`` covers both."""
         deadline = Deadline(timeout)
-        await self.submit_tool_results(results, request_id=request_id, timeout=deadline.cap(None))
+        await self.submit_tool_results(results, request_id=request_id, timeout=self._call_timeout(deadline))
         return await self.wait(timeout=deadline.remaining(), poll_interval=poll_interval)
 
     async def cancel(self, *, request_id: str | None = None, timeout: float | None = None) -> AsyncRun:
@@ -138,7 +144,8 @@ class AsyncRun(RunHandleBase):
     ) -> RunResult:
         """Wait, answering every TOOL_CALLS pause with your functions, until the run finishes.
 
-        Several calls of one pause run concurrently (``asyncio.gather``).
+        Several calls of one pause run concurrently (``asyncio.gather``; plain functions in
+        threads). Same contract as ``Run.run_until_done``.
         """
         functions = as_tool_functions(tools)
         deadline = Deadline(timeout)
@@ -147,48 +154,54 @@ class AsyncRun(RunHandleBase):
             if not result.is_paused or result.tool_calls is None:
                 return result
             outputs = await run_tool_calls_async(functions, result.tool_calls, self)
-            await self.submit_tool_results(outputs, timeout=deadline.cap(None))
+            await self.submit_tool_results(outputs, timeout=self._call_timeout(deadline))
 
     async def stream(
         self,
         *,
-        on_text: TextCallback | None = None,
-        on_event: EventCallback | None = None,
-        on_tool_calls: ToolCallsCallback | None = None,
+        on_text: AsyncTextCallback | None = None,
+        on_event: AsyncEventCallback | None = None,
+        on_tool_calls: AsyncToolCallsCallback | None = None,
         tools: Tools | None = None,
         events_start_idx: int = 0,
         timeout: float | None = DEFAULT_WAIT,
     ) -> RunResult:
-        """Listen to the run, calling your (plain) callbacks, and return its result; see ``Run.stream``."""
+        """Listen to the run, calling your callbacks (plain or ``async def``), and return its
+        result; see ``Run.stream``."""
         functions = as_tool_functions(tools) if tools is not None else None
+        deadline = Deadline(timeout)
         async with aclosing(self.listen(events_start_idx=events_start_idx, timeout=timeout)) as events:
             async for event in events:
-                if on_event is not None:
-                    on_event(event)
-                if event.delta is not None and on_text is not None:
-                    on_text(event.delta, event.text)
-                paused = event.type is EventType.TOOL_CALLS and event.tool_calls is not None
-                if paused and await self._answer_pause(event.tool_calls or (), functions, on_tool_calls):
+                for returned in self._callbacks(event, on_event, on_text):
+                    await _settle(returned)
+                calls = self._pause_of(event)
+                if calls is not None and await self._answer_pause(calls, functions, on_tool_calls, deadline):
                     return self.result
                 if event.is_terminal:
-                    break
-        return (await self.refresh()).result
+                    return self.result
+        return (await self.refresh(timeout=self._call_timeout(deadline))).result
 
     async def _answer_pause(
         self,
         calls: tuple[ToolCall, ...],
         functions: ToolFunctions | None,
-        on_tool_calls: ToolCallsCallback | None,
+        on_tool_calls: AsyncToolCallsCallback | None,
+        deadline: Deadline,
     ) -> bool:
         """Handle a TOOL_CALLS event; True if it is a pause to return to the caller."""
-        await self.refresh()
+        await self.refresh(timeout=self._call_timeout(deadline))
         if not self._is_current_pause(calls):
             return False
         if on_tool_calls is not None:
-            on_tool_calls(self.required_tool_calls)
-        if functions is not None:
-            await self.submit_tool_results(
-                await run_tool_calls_async(functions, self.required_tool_calls, self)
-            )
+            await _settle(on_tool_calls(self.required_tool_calls))
+        if functions is not None and self.status.is_paused:
+            outputs = await run_tool_calls_async(functions, self.required_tool_calls, self)
+            await self.submit_tool_results(outputs, timeout=self._call_timeout(deadline))
             return False
         return self.status.is_paused
+
+
+async def _settle(value: object) -> None:
+    """Await what an ``async def`` callback returned (a plain one returned None)."""
+    if inspect.isawaitable(value):
+        await value

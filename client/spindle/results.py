@@ -120,7 +120,8 @@ class RunEvent(_StatusView):
         type: PARTIAL_MESSAGE, DONE, ERROR, TOOL_CALLS, STATUS, TOOL_CALL_DELTA or USAGE.
         status: the run's status once this event is applied.
         delta: the text this event adds to the reply (PARTIAL_MESSAGE), else None.
-        text: the reply streamed so far (restarted when ``discard_partial_message``).
+        text: the reply streamed so far, across tool-call rounds, as this listener saw it (from
+            ``events_start_idx``); a ``discard_partial_message`` event drops the current turn's part.
         tool_calls: the calls to answer (TOOL_CALLS).
         tool_call_delta: a piece of a tool call being streamed (TOOL_CALL_DELTA).
         error: the failure (ERROR).
@@ -128,7 +129,8 @@ class RunEvent(_StatusView):
         usage: token counts (USAGE: of one model turn; DONE: of the run).
         run: the run after a status change (STATUS).
         reason: why the status changed (STATUS).
-        discard_partial_message: the text so far is void: the model call was retried.
+        discard_partial_message: the model call of the current turn is retried: the text streamed
+            since the last TOOL_CALLS event (or since the start) is void; ``text`` no longer has it.
     """
 
     run_id: str
@@ -146,6 +148,11 @@ class RunEvent(_StatusView):
     run: RunData | None = None
     reason: str = ""
     discard_partial_message: bool = False
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The final reply's text parts (DONE), else empty (as the seed's ``RunStreamEvent.parts``)."""
+        return self.message.parts if self.message is not None else ()
 
     @property
     def is_terminal(self) -> bool:

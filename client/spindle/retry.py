@@ -49,6 +49,7 @@ class RetryPolicy:
         return Backoff(self, rng or random.Random())
 
     def is_retryable(self, error: ApiError) -> bool:
+        """True if a call that failed with ``error`` is worth another try under this policy."""
         if error.code in self.codes:
             return True
         return error.code == grpc.StatusCode.ABORTED and error.reason == "REQUEST_IN_PROGRESS"
@@ -98,6 +99,7 @@ class Deadline:
 
     @property
     def unlimited(self) -> bool:
+        """True without a deadline."""
         return self._at == math.inf
 
     def remaining(self) -> float | None:
@@ -107,6 +109,7 @@ class Deadline:
         return max(self._at - self._clock(), 0.0)
 
     def expired(self) -> bool:
+        """True once the deadline has passed."""
         return self._clock() >= self._at
 
     def cap(self, seconds: float | None) -> float | None:

@@ -20,7 +20,7 @@ from spindle import _follow
 from spindle._encode import Order, ToolResultsSpec
 from spindle._events import EventCursor
 from spindle._run_base import EventCallback, RunHandleBase, TextCallback, ToolCallsCallback
-from spindle.enums import EventType, RunStatus
+from spindle.enums import RunStatus
 from spindle.results import RunEvent, RunResult
 from spindle.retry import Deadline
 from spindle.tools import ToolFunctions, Tools, as_tool_functions, run_tool_calls
@@ -121,9 +121,9 @@ class Run(RunHandleBase):
         poll_interval: float | None = None,
         request_id: str | None = None,
     ) -> RunResult:
-        """Submit tool results, then ``wait()``."""
+        """Submit tool results, then ``wait()``; ``timeout`` covers both."""
         deadline = Deadline(timeout)
-        self.submit_tool_results(results, request_id=request_id, timeout=deadline.cap(None))
+        self.submit_tool_results(results, request_id=request_id, timeout=self._call_timeout(deadline))
         return self.wait(timeout=deadline.remaining(), poll_interval=poll_interval)
 
     def cancel(self, *, request_id: str | None = None, timeout: float | None = None) -> Run:
@@ -145,8 +145,9 @@ class Run(RunHandleBase):
     ) -> RunResult:
         """Wait, answering every TOOL_CALLS pause with your functions, until the run finishes.
 
-        Several calls of one pause run concurrently in threads. ``timeout`` covers it all.
-        Raises ToolExecutionError if a function is missing or raises (the run stays paused).
+        Several calls of one pause run concurrently in threads (``async def`` functions too, each
+        run to its end). ``timeout`` covers it all. Raises ToolExecutionError if a function is
+        missing or raises (the run stays paused), RunTimeoutError when the time is up.
         """
         functions = as_tool_functions(tools)
         deadline = Deadline(timeout)
@@ -155,7 +156,7 @@ class Run(RunHandleBase):
             if not result.is_paused or result.tool_calls is None:
                 return result
             outputs = run_tool_calls(functions, result.tool_calls, self)
-            self.submit_tool_results(outputs, timeout=deadline.cap(None))
+            self.submit_tool_results(outputs, timeout=self._call_timeout(deadline))
 
     def stream(
         self,
@@ -172,35 +173,36 @@ class Run(RunHandleBase):
         ``on_text(delta, text_so_far)`` for each piece of the reply, ``on_event(event)`` for every
         event, ``on_tool_calls(calls)`` at a pause. At a pause, ``tools`` (if given) answer the
         calls and the stream goes on; otherwise the pause is returned (unless ``on_tool_calls``
-        submitted results itself).
+        submitted results itself with ``run.submit_tool_results``). ``timeout`` covers it all.
         """
         functions = as_tool_functions(tools) if tools is not None else None
+        deadline = Deadline(timeout)
         with closing(self.listen(events_start_idx=events_start_idx, timeout=timeout)) as events:
             for event in events:
-                if on_event is not None:
-                    on_event(event)
-                if event.delta is not None and on_text is not None:
-                    on_text(event.delta, event.text)
-                paused = event.type is EventType.TOOL_CALLS and event.tool_calls is not None
-                if paused and self._answer_pause(event.tool_calls or (), functions, on_tool_calls):
+                for _ in self._callbacks(event, on_event, on_text):
+                    pass
+                calls = self._pause_of(event)
+                if calls is not None and self._answer_pause(calls, functions, on_tool_calls, deadline):
                     return self.result
                 if event.is_terminal:
-                    break
-        return self.refresh().result
+                    return self.result  # the events brought the outcome
+        return self.refresh(timeout=self._call_timeout(deadline)).result  # started past the end
 
     def _answer_pause(
         self,
         calls: tuple[ToolCall, ...],
         functions: ToolFunctions | None,
         on_tool_calls: ToolCallsCallback | None,
+        deadline: Deadline,
     ) -> bool:
         """Handle a TOOL_CALLS event; True if it is a pause to return to the caller."""
-        self.refresh()
+        self.refresh(timeout=self._call_timeout(deadline))
         if not self._is_current_pause(calls):
             return False  # an earlier round replayed from the log, already answered
         if on_tool_calls is not None:
             on_tool_calls(self.required_tool_calls)
-        if functions is not None:
-            self.submit_tool_results(run_tool_calls(functions, self.required_tool_calls, self))
+        if functions is not None and self.status.is_paused:
+            outputs = run_tool_calls(functions, self.required_tool_calls, self)
+            self.submit_tool_results(outputs, timeout=self._call_timeout(deadline))
             return False
         return self.status.is_paused

@@ -14,13 +14,17 @@ import grpc
 
 
 class LostResponse(grpc.RpcError):
-    """What grpc raises when the connection drops: UNAVAILABLE, no details trailer."""
+    """What grpc raises when the connection drops (UNAVAILABLE, no details trailer), or another
+    bare status a proxy or a crowded server may give."""
+
+    def __init__(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self._code = code
 
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.UNAVAILABLE
+        return self._code
 
     def details(self) -> str:
-        return "connection dropped (injected)"
+        return f"{self._code.name.lower()} (injected)"
 
     def trailing_metadata(self) -> tuple[()]:
         return ()
@@ -61,33 +65,37 @@ class DropResponses(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
 
 class BreakStreams(grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    """Every server-streaming call fails at once with UNAVAILABLE (a proxy that cannot stream)."""
+    """Every server-streaming call fails at once with `code` (a proxy that cannot stream, or a
+    server out of room for more streams: RESOURCE_EXHAUSTED)."""
 
-    def __init__(self) -> None:
+    def __init__(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         self.record = Recorder("Listen", fail_first=10**9)
+        self.code = code
 
     def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         self.record.see(details.method, request)
-        raise LostResponse()
+        raise LostResponse(self.code)
 
 
 class CountUnary(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    """Counts unary calls by method."""
+    """Counts unary calls by method, and keeps the deadline (seconds) each was sent with."""
 
     def __init__(self) -> None:
         self.record = Recorder("-")
+        self.timeouts: dict[str, list[float | None]] = {}
 
     def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         self.record.see(details.method, request)
+        self.timeouts.setdefault(details.method.rsplit("/", 1)[-1], []).append(details.timeout)
         return continuation(details, request)
 
 
 # ---- grpc.aio twins -----------------------------------------------------------------------------
 
 
-def _aio_unavailable() -> grpc.aio.AioRpcError:
+def _aio_unavailable(code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connection dropped (injected)"
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(), f"{code.name.lower()} (injected)"
     )
 
 
@@ -107,14 +115,15 @@ class AsyncDropResponses(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[
 
 
 class AsyncBreakStreams(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    def __init__(self) -> None:
+    def __init__(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         self.record = Recorder("Listen", fail_first=10**9)
+        self.code = code
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
         self.record.see(details.method, request)
-        raise _aio_unavailable()
+        raise _aio_unavailable(self.code)
 
 
 class AsyncCountUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 from client_faults import AsyncBreakStreams, AsyncCountUnary, AsyncDropResponses
 
@@ -145,3 +146,63 @@ async def test_async_wait_falls_back_to_polling(server: ServerProcess, echo: spi
     assert result.text == "You said: /sleep 0.5\nasync polled"
     assert broken.record.calls["/spindle.v1.RunService/Listen"] >= 1
     assert counter.record.calls["/spindle.v1.RunService/Get"] >= 2
+
+
+async def test_async_wait_polls_when_the_stream_is_refused_for_good(
+    server: ServerProcess, echo: spindle.Assistant
+) -> None:
+    broken, counter = AsyncBreakStreams(grpc.StatusCode.RESOURCE_EXHAUSTED), AsyncCountUnary()
+    async with spindle.AsyncClient(server.address, interceptors=[broken, counter]) as client:
+        run = await start(client, "/sleep 0.5\nasync refused", echo)
+        result = await run.wait(timeout=20, poll_interval=0.05)
+    assert result.text == "You said: /sleep 0.5\nasync refused"
+    assert broken.record.calls["/spindle.v1.RunService/Listen"] == 1
+    assert counter.record.calls["/spindle.v1.RunService/Get"] >= 2
+
+
+async def test_async_failing_tool_leaves_no_call_running(
+    aclient: spindle.AsyncClient, weather: spindle.Assistant
+) -> None:
+    """Like the sync twin: when one call of a pause fails, the others finish before the error."""
+    finished: list[str] = []
+
+    async def get_weather(city: str) -> str:
+        raise RuntimeError(f"no data for {city}")
+
+    async def get_time(city: str) -> str:
+        await asyncio.sleep(0.2)
+        finished.append(city)
+        return "noon"
+
+    text = '/tool get_weather {"city": "Paris"}\n/tool get_time {"city": "Rome"}'
+    run = await start(aclient, text, weather)
+    with pytest.raises(spindle.ToolExecutionError) as caught:
+        await run.run_until_done([get_weather, get_time], timeout=20)
+    assert caught.value.tool_call.name == "get_weather"
+    assert finished == ["Rome"]  # not still sleeping in an orphaned task
+    await run.cancel()
+
+
+async def test_async_stream_awaits_async_callbacks(
+    aclient: spindle.AsyncClient, echo: spindle.Assistant
+) -> None:
+    """The async twin's callbacks may be ``async def`` (awaited), not only plain functions."""
+    texts: list[str] = []
+    events: list[int] = []
+
+    async def on_text(delta: str, text: str) -> None:
+        texts.append(text)
+
+    async def on_event(event: spindle.RunEvent) -> None:
+        events.append(event.index)
+
+    run = await start(aclient, "async callbacks", echo)
+    result = await run.stream(on_text=on_text, on_event=on_event, timeout=20)
+    assert result.is_succeeded and texts[-1] == result.text == "You said: async callbacks"
+    assert events == list(range(len(events))) and events
+
+
+async def test_async_poll(aclient: spindle.AsyncClient, echo: spindle.Assistant) -> None:
+    run = await start(aclient, "polled the openai way", echo)
+    polled = await aclient.runs.poll(run.id, timeout=20)
+    assert polled.status is RunStatus.COMPLETED and polled.result.text == "You said: polled the openai way"

@@ -141,3 +141,25 @@ def test_the_installed_spindle_script_streams_a_chat(server: ServerProcess) -> N
         [script, "chat", "hi from a shell"], env=env, capture_output=True, text=True, timeout=TIMEOUT
     )
     assert done.returncode == 0 and done.stdout == "You said: hi from a shell\n"
+
+
+def test_bad_global_options_are_usage_errors_not_tracebacks(
+    cli: Callable[..., Outcome], tmp_path: Any
+) -> None:
+    """Exit 1 means "the run failed": a bad option must not crash with a traceback and exit 1."""
+    for argv in (
+        ("--rpc-timeout", "0", "threads", "list"),
+        ("--ca-file", str(tmp_path / "missing.pem"), "threads", "list"),
+    ):
+        outcome = cli(*argv)
+        assert outcome.code == 2 and outcome.err.startswith("error: "), (argv, outcome)
+
+
+def test_listen_tells_how_the_run_ended_even_from_past_its_end(cli: Callable[..., Outcome]) -> None:
+    thread = cli("--json", "threads", "create", "--message", "/fail listened late").json()["id"]
+    assistant = cli("--json", "assistants", "create").json()["id"]
+    run_id = cli("--json", "runs", "create", "--thread", thread, "--assistant", assistant).json()["id"]
+    assert cli("wait", run_id).code == 1
+    assert cli("listen", run_id).code == 1
+    late = cli("listen", run_id, "--from", "999")  # nothing left to print; the run still FAILED
+    assert late.out == "" and late.code == 1

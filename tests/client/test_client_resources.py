@@ -114,3 +114,16 @@ def test_unreachable_server_is_retried_until_the_deadline() -> None:
     with unreachable as client, pytest.raises(spindle.Unavailable):
         client.threads.get("thread_x", timeout=1.0)
     assert counter.record.calls["/spindle.v1.ThreadService/Get"] >= 3
+
+
+def test_a_limit_fetches_no_page_beyond_it(server: ServerProcess) -> None:
+    counter = CountUnary()
+    with spindle.Client(server.address, interceptors=[counter]) as client:
+        thread = client.threads.create(messages=[f"m{i}" for i in range(5)])
+        assert [m.text for m in client.messages.list(thread, order="asc", page_size=2, limit=2)] == [
+            "m0",
+            "m1",
+        ]
+        assert counter.record.calls["/spindle.v1.MessageService/List"] == 1
+        assert list(client.messages.list(thread, limit=0)) == []
+        assert counter.record.calls["/spindle.v1.MessageService/List"] == 1

@@ -8,10 +8,23 @@ database while the client is in the middle of a `/sleep` run.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 
-from client_support import Restarter
+import pytest
+from client_support import Restarter, free_port
 
 import spindle
+from fake_openai import (
+    FakeOpenAI,
+    StreamReply,
+    finish_chunk,
+    role_chunk,
+    text_chunk,
+    text_stream,
+    tool_call_chunk,
+    usage_chunk,
+)
+from support.server import ServerProcess
 
 SLOW = "/sleep 1.2\none two three four five six seven eight nine ten"
 REPLY = "You said: " + SLOW
@@ -73,3 +86,80 @@ async def test_async_listen_resumes_across_a_restart(restartable: Restarter) -> 
         assert restarted
         check_stream(events)
         assert (await run).is_succeeded
+
+
+# ---- a retried turn voids only its own text --------------------------------------------------
+
+
+@pytest.fixture
+def provider() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+def test_a_restart_after_tool_calls_voids_only_the_text_of_the_retried_turn(
+    make_server: Callable[..., ServerProcess], provider: FakeOpenAI
+) -> None:
+    """`discard_partial_message` voids the text since the last TOOL_CALLS event, not the whole reply.
+
+    The provider says "Let me check. " and calls get_weather; after the result it starts "The
+    weather " and stalls; the server restarts (re-queues the turn, voiding that piece); the retried
+    turn says "It is sunny.". The reply is "Let me check. It is sunny." and so is the text so far.
+    """
+    first_turn = StreamReply(
+        [
+            role_chunk(),
+            text_chunk("Let me check. "),
+            tool_call_chunk(0, call_id="call_1", name="get_weather"),
+            tool_call_chunk(0, arguments='{"city": "Oslo"}'),
+            finish_chunk("tool_calls"),
+            usage_chunk(10, 5),
+        ]
+    )
+    provider.enqueue(
+        first_turn,
+        text_stream("The weather ", "is", stall_after=2),  # role + "The weather ", then it hangs
+        text_stream("It is ", "sunny."),
+    )
+    restarter = Restarter(
+        make_server(
+            *("--port", str(free_port()), "--grace-period", "0.3"),
+            *("--provider", f"fake={provider.base_url},max_retries=0"),
+            env={"SPINDLE_PROVIDER_FAKE_API_KEY": "sk-test"},
+        )
+    )
+    try:
+        with spindle.Client(restarter.address, timeout=10) as client:
+            assistant = client.assistants.create(model="fake/gpt-test", tools=[get_weather])
+            thread = client.threads.create(messages=["Weather in Oslo?"])
+            run = client.runs.create(thread_id=thread, assistant_id=assistant)
+            texts: list[str] = []
+            events: list[spindle.RunEvent] = []
+            paused = False
+
+            def on_event(event: spindle.RunEvent) -> None:
+                nonlocal paused
+                events.append(event)
+                if event.type is spindle.EventType.TOOL_CALLS:
+                    paused = True
+                elif paused and event.delta == "The weather ":
+                    restarter.restart()
+
+            result = run.stream(
+                tools=[get_weather],
+                on_event=on_event,
+                on_text=lambda _, text: texts.append(text),
+                timeout=60,
+            )
+    finally:
+        restarter.join()
+    assert any(e.discard_partial_message for e in events), "the restart re-queued the turn"
+    assert result.is_succeeded and result.text == "Let me check. It is sunny."
+    assert events[-1].text == result.text and texts[-1] == result.text
+    discard = next(e for e in events if e.discard_partial_message)
+    assert discard.text == "Let me check. "  # the text before the tool calls stands
+
+
+def get_weather(city: str) -> str:
+    """The weather in a city."""
+    return f"sunny in {city}"

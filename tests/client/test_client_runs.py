@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import grpc
 import pytest
 from client_faults import BreakStreams, CountUnary, DropResponses
 
@@ -152,3 +153,46 @@ def test_listen_timeout_keeps_the_run(client: spindle.Client, echo: spindle.Assi
     assert [e.index for e in seen] == list(range(len(seen))) and seen
     resumed = list(run.listen(events_start_idx=seen[-1].index + 1, timeout=20))
     assert resumed[0].index == seen[-1].index + 1 and resumed[-1].is_terminal
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED])
+def test_wait_polls_when_the_stream_is_refused_for_good(
+    server: ServerProcess, echo: spindle.Assistant, code: grpc.StatusCode
+) -> None:
+    """A server out of room for more Listens (RESOURCE_EXHAUSTED), or a proxy that cannot stream:
+    wait() still answers, by polling Get, and does not retry the refused stream on every poll."""
+    broken, counter = BreakStreams(code), CountUnary()
+    with spindle.Client(server.address, interceptors=[broken, counter]) as client:
+        run = start(client, echo, "/sleep 0.6\nrefused stream")
+        result = run.wait(timeout=20, poll_interval=0.05)
+    assert result.text == "You said: /sleep 0.6\nrefused stream"
+    assert broken.record.calls["/spindle.v1.RunService/Listen"] == 1
+    assert counter.record.calls["/spindle.v1.RunService/Get"] >= 2
+
+
+def test_wait_raises_what_get_says_for_good(server: ServerProcess) -> None:
+    """Polling is the judge: a run that is not there is NotFound, even while the stream is refused."""
+    broken = BreakStreams(grpc.StatusCode.INTERNAL)
+    with spindle.Client(server.address, interceptors=[broken]) as client, pytest.raises(spindle.NotFound):
+        client.runs.poll("run_doesnotexist", timeout=5)  # waits on an id the server never made
+
+
+def test_after_listening_the_handle_holds_the_outcome(
+    client: spindle.Client, echo: spindle.Assistant
+) -> None:
+    """Events keep the handle current: after the terminal event its result is the run's, with the
+    reply (DONE) or the error (ERROR), without another call."""
+    run = start(client, echo, "listened to the end")
+    events = list(run.listen(timeout=20))
+    assert events[-1].type is spindle.EventType.DONE
+    assert run.status is RunStatus.COMPLETED and run.result.text == "You said: listened to the end"
+    assert run.result == run.get_result()
+    failed = start(client, echo, "/fail on purpose")
+    assert list(failed.listen(timeout=20))[-1].type is spindle.EventType.ERROR
+    assert failed.result.is_failed and failed.result.error is not None
+    assert "on purpose" in failed.result.error.message
+    assert failed.result == failed.get_result()
+    cut = start(client, echo, "one two three four", max_completion_tokens=2)
+    assert list(cut.listen(timeout=20))[-1].type is spindle.EventType.STATUS
+    assert cut.status is RunStatus.INCOMPLETE and cut.result.text == "You said: "
+    assert cut.result == cut.get_result()

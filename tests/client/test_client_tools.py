@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import threading
 
 import pytest
+from client_faults import CountUnary
 
 import spindle
 from spindle import RunStatus
+from support.server import ServerProcess
 
 TWO_CITIES = '/tool get_weather {"city": "Paris"}\n/tool get_weather {"city": "Rome"}'
 
@@ -117,3 +121,109 @@ def test_declare_tools_from_functions(client: spindle.Client, echo: spindle.Assi
     assert result.text == "Tool results: lookup returned cba"
     run = client.runs.get(result.run_id)
     assert [t.name for t in run.tools] == ["lookup"] and run.tools[0].description == "Look a term up."
+
+
+def test_the_sync_runner_awaits_async_tool_functions(
+    client: spindle.Client, weather: spindle.Assistant
+) -> None:
+    """An ``async def`` tool given to the sync client is run to its result, not sent as
+    "<coroutine object ...>"."""
+
+    async def get_weather(city: str) -> str:
+        await asyncio.sleep(0)
+        return f"rain in {city}"
+
+    for text in ('/tool get_weather {"city": "Bergen"}', TWO_CITIES):  # one call, and parallel calls
+        thread = client.threads.create(messages=[text])
+        result = client.runs.create_and_run(
+            thread_id=thread, assistant_id=weather, tools=[get_weather], timeout=20
+        )
+        assert result.text is not None and "coroutine" not in result.text
+        assert result.text.startswith("Tool results: get_weather returned rain in ")
+
+
+REQUEST_USER: contextvars.ContextVar[str] = contextvars.ContextVar("REQUEST_USER", default="nobody")
+
+
+def test_tools_see_the_callers_context_variables_also_in_parallel(
+    client: spindle.Client, weather: spindle.Assistant
+) -> None:
+    """One call runs in the caller's thread, several in worker threads: both see the caller's
+    contextvars (as asyncio.to_thread gives the async twin's functions), e.g. a request's user."""
+
+    def get_weather(city: str) -> str:
+        return f"{city} for {REQUEST_USER.get()}"
+
+    token = REQUEST_USER.set("alice")
+    try:
+        thread = client.threads.create(messages=[TWO_CITIES])
+        result = client.runs.create_and_run(
+            thread_id=thread, assistant_id=weather, tools=[get_weather], timeout=20
+        )
+    finally:
+        REQUEST_USER.reset(token)
+    assert (
+        result.text
+        == "Tool results: get_weather returned Paris for alice; get_weather returned Rome for alice"
+    )
+
+
+def test_stream_keeps_its_calls_within_its_timeout(server: ServerProcess, weather: spindle.Assistant) -> None:
+    """The streaming helper's own calls (reading the run at a pause and at the end, submitting the
+    results) get what is left of its ``timeout``, not the client's longer per-call default."""
+    counter = CountUnary()
+    with spindle.Client(server.address, timeout=600, interceptors=[counter]) as client:
+        thread = client.threads.create(messages=[TWO_CITIES])
+        run = client.runs.create(thread_id=thread, assistant_id=weather)
+        result = run.stream(tools={"get_weather": lambda city: city}, timeout=30)
+        assert result.is_succeeded
+    for method in ("Get", "SubmitToolResults"):
+        sent = counter.timeouts[method]
+        assert sent and all(t is not None and t <= 30 for t in sent), (method, sent)
+
+
+def test_poll_an_existing_run_the_openai_way(client: spindle.Client, weather: spindle.Assistant) -> None:
+    thread = client.threads.create(messages=['/tool get_time {"city": "Baku"}'])
+    created = client.runs.create(thread_id=thread, assistant_id=weather)
+    run = client.runs.poll(created.id, timeout=20)
+    assert run.status is RunStatus.TOOL_CALLS and run.required_tool_calls[0].name == "get_time"
+    client.runs.submit_tool_results(run, {run.required_tool_calls[0].id: "dawn"})
+    done = client.runs.poll(run, timeout=20)
+    assert done.status is RunStatus.COMPLETED and done.result.parts == (
+        "Tool results: get_time returned dawn",
+    )
+    last = list(done.listen(timeout=20))[-1]
+    assert last.parts == done.result.parts and last.text == done.result.text
+
+
+async def test_the_sync_runner_awaits_async_tools_inside_a_running_loop(
+    client: spindle.Client, weather: spindle.Assistant
+) -> None:
+    """A notebook runs an event loop in the thread that uses the sync client: an ``async def``
+    tool still runs to its result (on a loop of its own)."""
+
+    async def get_time(city: str) -> str:
+        await asyncio.sleep(0)
+        return f"dusk in {city}"
+
+    thread = client.threads.create(messages=['/tool get_time {"city": "Lima"}'])
+    result = client.runs.create_and_run(thread_id=thread, assistant_id=weather, tools=[get_time], timeout=20)
+    assert result.text == "Tool results: get_time returned dusk in Lima"
+
+
+def test_stream_does_not_answer_a_pause_twice(client: spindle.Client, weather: spindle.Assistant) -> None:
+    """``on_tool_calls`` answered the pause itself: ``tools`` must not answer it again (a second
+    SubmitToolResults would fail: the run is no longer paused)."""
+    called: list[str] = []
+    thread = client.threads.create(messages=['/tool get_weather {"city": "Nice"}'])
+    run = client.runs.create(thread_id=thread, assistant_id=weather)
+
+    def answer(calls: tuple[spindle.ToolCall, ...]) -> None:
+        run.submit_tool_results({call.id: "by hand" for call in calls})
+
+    def get_weather(city: str) -> str:
+        called.append(city)
+        return "by tools"
+
+    result = run.stream(on_tool_calls=answer, tools=[get_weather], timeout=20)
+    assert result.text == "Tool results: get_weather returned by hand" and called == []

@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 import spindle
 from spindle import _decode, _encode
 from spindle._events import EventCursor
+from spindle._follow import Follow, poll_policy
 from spindle._schema import describe_function
 from spindle.cli._output import jsonable
 from spindle.cli._spinner import Spinner
@@ -214,6 +215,19 @@ def test_cursor_drops_duplicates_and_restarts_text_on_discard() -> None:
     assert cursor.next_index == 5
 
 
+def test_a_discard_voids_only_the_text_since_the_last_tool_calls() -> None:
+    cursor = EventCursor(0)
+    cursor.accept(_delta(0, "Let me check. "))
+    cursor.accept(
+        run_pb2.StreamEvent(index=1, type=run_pb2.StreamEvent.TOOL_CALLS, status=run_pb2.TOOL_CALLS)
+    )
+    assert cursor.accept(_delta(2, "The wea")).text == "Let me check. The wea"  # type: ignore[union-attr]
+    discard = run_pb2.StreamEvent(index=3, type=run_pb2.StreamEvent.STATUS, status=run_pb2.PENDING)
+    discard.status_change.discard_partial_message = True
+    assert cursor.accept(discard).text == "Let me check. "  # type: ignore[union-attr]
+    assert cursor.accept(_delta(4, "Sunny.")).text == "Let me check. Sunny."  # type: ignore[union-attr]
+
+
 def test_a_status_event_with_a_terminal_status_is_terminal() -> None:
     cancelled = run_pb2.StreamEvent(index=0, type=run_pb2.StreamEvent.STATUS, status=run_pb2.CANCELLED)
     paused = run_pb2.StreamEvent(index=1, type=run_pb2.StreamEvent.TOOL_CALLS, status=run_pb2.TOOL_CALLS)
@@ -251,3 +265,35 @@ def test_spinner_draws_only_on_a_terminal() -> None:
     spinner = Spinner(terminal, "waiting").start()
     spinner.stop()
     assert "waiting" in terminal.getvalue() and terminal.getvalue().endswith("\r\x1b[2K")
+
+
+# ---- following a run: which failures end it ----------------------------------------------------
+
+
+def _follow(deadline: Deadline) -> Follow:
+    def timeout() -> Exception:
+        return spindle.RunTimeoutError("timed out", None)  # type: ignore[arg-type]
+
+    return Follow("run_x", EventCursor(0), deadline, RetryPolicy(), print, print, timeout)
+
+
+def test_a_permanent_error_is_raised_as_itself_even_after_the_deadline() -> None:
+    expired = _follow(Deadline(0))
+    with pytest.raises(spindle.NotFound):
+        expired.resume_or_raise(spindle.NotFound("gone"))
+    with pytest.raises(spindle.RunTimeoutError):
+        expired.resume_or_raise(spindle.Unavailable("down"))
+
+
+def test_one_slow_poll_is_retried_while_the_wait_has_time() -> None:
+    follow = _follow(Deadline(60))
+    follow.resume_or_raise(spindle.DeadlineExceeded("poll_timeout passed"))  # no raise: poll again
+    follow.resume_or_raise(spindle.Cancelled("server shutting down"))
+    assert follow.stream_failed(spindle.Unavailable("down")) is True  # ride the stream again
+    assert follow.stream_failed(spindle.ResourceExhausted("too many streams")) is False  # poll alone
+
+
+def test_a_zero_poll_interval_still_backs_off() -> None:
+    backoff = poll_policy(0).backoff(random.Random(1))
+    delays = [backoff.next_delay() for _ in range(12)]
+    assert all(delay > 0 for delay in delays) and delays[-1] > delays[0]

@@ -28,14 +28,18 @@ def main(
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else _exit.USAGE
     out.as_json = args.json
-    roots = Path(args.ca_file).read_bytes() if args.ca_file else None
-    client = Client(
-        args.target,
-        api_key=args.api_key,
-        tls=args.tls or roots is not None,
-        root_certificates=roots,
-        timeout=args.rpc_timeout,
-    )
+    try:
+        roots = Path(args.ca_file).read_bytes() if args.ca_file else None
+        client = Client(
+            args.target,
+            api_key=args.api_key,
+            tls=args.tls or roots is not None,
+            root_certificates=roots,
+            timeout=args.rpc_timeout,
+        )
+    except (OSError, ValueError) as exc:  # an unreadable --ca-file, a --rpc-timeout <= 0
+        out.note(f"error: {exc}")
+        return _exit.USAGE
     try:
         return COMMANDS[args.command](client, args, out)
     except RunTimeoutError as exc:

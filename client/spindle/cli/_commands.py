@@ -133,13 +133,9 @@ def submit(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 def listen(client: Client, args: argparse.Namespace, out: Output) -> int:
     run = client.runs.get(args.run_id)
-    last: RunEvent | None = None
     for event in run.listen(events_start_idx=args.start, timeout=args.timeout):
         out.item(event)
-        last = event
-    if last is None or not last.is_terminal:
-        return _exit.OK if run.refresh().status.is_finished else _exit.TIMEOUT
-    return _exit.for_result(run.refresh().result)
+    return _exit.for_result(run.refresh().result)  # also when --from was past the end
 
 
 def chat(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -174,7 +170,7 @@ class _ReplyPrinter:
             return
         if event.discard_partial_message and self.printed:
             self.out.stdout.write("\n")
-            self.out.note("[the server restarted the reply]")
+            self.out.note("[the server retried the model: the text since its last tool calls is void]")
             self.printed = False
         if event.delta:
             self.spinner.stop()

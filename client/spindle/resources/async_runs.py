@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Unpack
 
-from google.protobuf.message import Message
-
-from spindle import _decode, _encode, _paging, _requests
+from spindle import _paging, _requests
 from spindle._encode import Order, ToolResultsSpec
-from spindle._requests import IdLike, RunOptions, RunOverrides, as_id
-from spindle._run_base import EventCallback, TextCallback, ToolCallsCallback
-from spindle._transport import AsyncTransport, Method
+from spindle._requests import Call, IdLike, RunOptions, RunOverrides, as_id
+from spindle._run_base import AsyncEventCallback, AsyncTextCallback, AsyncToolCallsCallback
+from spindle._transport import AsyncTransport
 from spindle.async_run import AsyncRun
 from spindle.enums import RunStatus
 from spindle.results import RunEvent, RunResult
@@ -29,16 +27,12 @@ class AsyncRuns:
         self.transport = transport
         """The channel and call wrapper that this resource and its handles use."""
 
-    async def get_raw(self, run_id: str, timeout: float | None = None) -> run_pb2.Run:
+    async def get_raw(self, run_id: IdLike, timeout: float | None = None) -> run_pb2.Run:
         """The run as the server's ``spindle.v1.Run`` proto (what handles are built from)."""
-        request = run_pb2.GetRunRequest(run_id=run_id)
-        return await self.transport.unary(self.transport.runs.Get, request, run_pb2.Run, timeout=timeout)
+        return await self.transport.call(_requests.get_run(run_id), timeout)
 
-    async def _mutate(
-        self, method: Method, request: Message, request_id: str, timeout: float | None
-    ) -> AsyncRun:
-        run = await self.transport.unary(method, request, run_pb2.Run, timeout=timeout, request_id=request_id)
-        return AsyncRun(self, run)
+    async def _handle(self, call: Call[run_pb2.Run, run_pb2.Run], timeout: float | None) -> AsyncRun:
+        return AsyncRun(self, await self.transport.call(call, timeout))
 
     # ---- the API ----------------------------------------------------------------------------
 
@@ -52,21 +46,15 @@ class AsyncRuns:
         **options: Unpack[RunOptions],
     ) -> AsyncRun:
         """Queue a run of the assistant on the thread; see ``Runs.create``."""
-        rid = _encode.request_id(request_id)
-        request = _requests.create_run(as_id(thread_id), as_id(assistant_id), options, rid)
-        return await self._mutate(self.transport.runs.Create, request, rid, timeout)
+        return await self._handle(_requests.create_run(thread_id, assistant_id, options, request_id), timeout)
 
     async def get(self, run_id: IdLike, *, timeout: float | None = None) -> AsyncRun:
         """Get a run by id. Raises NotFound."""
-        return AsyncRun(self, await self.get_raw(as_id(run_id), timeout))
+        return await self._handle(_requests.get_run(run_id), timeout)
 
     async def get_last_by_thread(self, thread_id: IdLike, *, timeout: float | None = None) -> AsyncRun:
         """The thread's newest run. Raises NotFound if it has none."""
-        request = run_pb2.GetLastRunByThreadRequest(thread_id=as_id(thread_id))
-        stub = self.transport.runs
-        return AsyncRun(
-            self, await self.transport.unary(stub.GetLastByThread, request, run_pb2.Run, timeout=timeout)
-        )
+        return await self._handle(_requests.get_last_run(thread_id), timeout)
 
     def list(
         self,
@@ -80,23 +68,17 @@ class AsyncRuns:
         limit: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[AsyncRun]:
-        """Runs matching every filter given, page by page as you ``async for`` over them."""
-        request = _requests.list_runs(
-            thread_id=as_id(thread_id) if thread_id is not None else None,
-            assistant_id=as_id(assistant_id) if assistant_id is not None else None,
+        """Runs matching every filter given (newest first unless ``order="asc"``), page by page."""
+        listing = _requests.list_runs(
+            lambda run: AsyncRun(self, run),
+            thread_id=thread_id,
+            assistant_id=assistant_id,
             statuses=statuses,
             labels=labels,
             page_size=page_size,
             order=order,
         )
-
-        async def fetch(token: str) -> _paging.Page[AsyncRun]:
-            request.page_token = token
-            stub = self.transport.runs
-            page = await self.transport.unary(stub.List, request, run_pb2.ListRunsResponse, timeout=timeout)
-            return [AsyncRun(self, r) for r in page.runs], page.next_page_token
-
-        return _paging.aiterate(fetch, limit)
+        return _paging.aiterate(lambda token: self.transport.call(listing.page(token), timeout), limit)
 
     async def update(
         self,
@@ -107,18 +89,13 @@ class AsyncRuns:
         timeout: float | None = None,
     ) -> AsyncRun:
         """Replace the run's labels (the only field that can change)."""
-        rid = _encode.request_id(request_id)
-        return await self._mutate(
-            self.transport.runs.Update, _requests.update_run(as_id(run_id), labels, rid), rid, timeout
-        )
+        return await self._handle(_requests.update_run(run_id, labels, request_id), timeout)
 
     async def cancel(
         self, run_id: IdLike, *, request_id: str | None = None, timeout: float | None = None
     ) -> AsyncRun:
         """Cancel a run: PENDING and TOOL_CALLS end CANCELLED at once, IN_PROGRESS goes CANCELLING."""
-        rid = _encode.request_id(request_id)
-        request = run_pb2.CancelRunRequest(run_id=as_id(run_id), request_id=rid)
-        return await self._mutate(self.transport.runs.Cancel, request, rid, timeout)
+        return await self._handle(_requests.cancel_run(run_id, request_id), timeout)
 
     async def submit_tool_results(
         self,
@@ -128,19 +105,14 @@ class AsyncRuns:
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> AsyncRun:
-        """Answer every pending tool call of a TOOL_CALLS run; the run is queued again."""
-        rid = _encode.request_id(request_id)
-        request = _requests.submit_tool_results(as_id(run_id), results, rid)
-        return await self._mutate(self.transport.runs.SubmitToolResults, request, rid, timeout)
+        """Answer every pending tool call of a TOOL_CALLS run (``{tool_call_id: output}``, outputs
+        that are not strings sent as JSON); the run is queued again."""
+        return await self._handle(_requests.submit_tool_results(run_id, results, request_id), timeout)
 
     async def wait(self, run_id: IdLike, *, timeout: float = 30.0) -> AsyncRun:
-        """The server's long-poll; see ``Runs.wait``."""
-        request = _requests.wait_run(as_id(run_id), timeout)
-        stub = self.transport.runs
-        run = await self.transport.unary(
-            stub.Wait, request, run_pb2.Run, timeout=timeout + _requests.WAIT_MARGIN
-        )
-        return AsyncRun(self, run)
+        """The server's long-poll: the run once it is finished or paused, or after ``timeout`` seconds
+        (at most 600) as it is then. For a wait with a result and a typed timeout, use ``Run.wait``."""
+        return await self._handle(_requests.wait_run(run_id, timeout), timeout + _requests.WAIT_MARGIN)
 
     def list_steps(
         self,
@@ -151,18 +123,9 @@ class AsyncRuns:
         limit: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[RunStep]:
-        """The run's steps, page by page as you ``async for`` over them."""
-
-        async def fetch(token: str) -> _paging.Page[RunStep]:
-            request = _requests.list_steps(as_id(run_id), page_size, order)
-            request.page_token = token
-            stub = self.transport.runs
-            page = await self.transport.unary(
-                stub.ListSteps, request, run_pb2.ListRunStepsResponse, timeout=timeout
-            )
-            return [_decode.run_step(s) for s in page.steps], page.next_page_token
-
-        return _paging.aiterate(fetch, limit)
+        """The run's steps (newest first unless ``order="asc"``), page by page."""
+        listing = _requests.list_steps(run_id, page_size, order)
+        return _paging.aiterate(lambda token: self.transport.call(listing.page(token), timeout), limit)
 
     def listen(
         self, run_id: IdLike, *, events_start_idx: int = 0, timeout: float | None = DEFAULT_WAIT
@@ -172,6 +135,15 @@ class AsyncRuns:
         return handle.listen(events_start_idx=events_start_idx, timeout=timeout)
 
     # ---- helpers ----------------------------------------------------------------------------
+
+    async def poll(
+        self, run_id: IdLike, *, timeout: float | None = DEFAULT_WAIT, poll_interval: float | None = None
+    ) -> AsyncRun:
+        """Wait until the run is finished or paused (OpenAI's ``poll``); returns the handle (check
+        ``status``). RunTimeoutError after ``timeout`` seconds; see ``Run.wait``."""
+        run = AsyncRun(self, run_pb2.Run(id=as_id(run_id)))
+        await run.wait(timeout=timeout, poll_interval=poll_interval)
+        return run
 
     async def create_and_poll(
         self,
@@ -183,15 +155,12 @@ class AsyncRuns:
         request_id: str | None = None,
         **options: Unpack[RunOptions],
     ) -> AsyncRun:
-        """Create a run and wait until it is finished or paused; returns the handle (check ``status``)."""
+        """Create a run and wait until it is finished or paused; returns the handle (check ``status``).
+
+        ``timeout`` covers both; RunTimeoutError (with the handle) when it passes.
+        """
         deadline = Deadline(timeout)
-        run = await self.create(
-            thread_id=thread_id,
-            assistant_id=assistant_id,
-            request_id=request_id,
-            timeout=deadline.cap(None),
-            **options,
-        )
+        run = await self._create_within(deadline, thread_id, assistant_id, request_id, options)
         await run.wait(timeout=deadline.remaining(), poll_interval=poll_interval)
         return run
 
@@ -204,7 +173,7 @@ class AsyncRuns:
         poll_interval: float | None = None,
         request_id: str | None = None,
     ) -> AsyncRun:
-        """Submit tool results and wait until the run is finished or paused again."""
+        """Submit tool results and wait until the run is finished or paused again; returns the handle."""
         deadline = Deadline(timeout)
         run = await self.submit_tool_results(
             run_id, results, request_id=request_id, timeout=deadline.cap(None)
@@ -217,25 +186,23 @@ class AsyncRuns:
         *,
         thread_id: IdLike,
         assistant_id: IdLike,
-        on_text: TextCallback | None = None,
-        on_event: EventCallback | None = None,
-        on_tool_calls: ToolCallsCallback | None = None,
+        on_text: AsyncTextCallback | None = None,
+        on_event: AsyncEventCallback | None = None,
+        on_tool_calls: AsyncToolCallsCallback | None = None,
         tools: Tools | None = None,
         declare_tools: bool = False,
         timeout: float | None = DEFAULT_WAIT,
         request_id: str | None = None,
         **overrides: Unpack[RunOverrides],
     ) -> RunResult:
-        """Create a run and stream it with callbacks; see ``Runs.create_and_stream``."""
+        """Create a run and stream it with callbacks (see ``Run.stream``); returns its result.
+
+        ``tools`` answer the run's tool calls; with ``declare_tools`` they are also declared as the
+        run's tools (from their signatures), replacing the assistant's.
+        """
         deadline = Deadline(timeout)
         options = _requests.options_with_tools(overrides, tools, declare_tools)
-        run = await self.create(
-            thread_id=thread_id,
-            assistant_id=assistant_id,
-            request_id=request_id,
-            timeout=deadline.cap(None),
-            **options,
-        )
+        run = await self._create_within(deadline, thread_id, assistant_id, request_id, options)
         return await run.stream(
             on_text=on_text,
             on_event=on_event,
@@ -256,14 +223,26 @@ class AsyncRuns:
         request_id: str | None = None,
         **overrides: Unpack[RunOverrides],
     ) -> RunResult:
-        """Create a run and see it to the end, answering its tool calls with ``tools`` concurrently."""
+        """Create a run and see it to the end, answering its tool calls with ``tools`` (several
+        calls of one pause in parallel); see ``Run.run_until_done``."""
         deadline = Deadline(timeout)
         options = _requests.options_with_tools(overrides, tools, declare_tools)
-        run = await self.create(
+        run = await self._create_within(deadline, thread_id, assistant_id, request_id, options)
+        return await run.run_until_done(tools, timeout=deadline.remaining(), poll_interval=poll_interval)
+
+    async def _create_within(
+        self,
+        deadline: Deadline,
+        thread_id: IdLike,
+        assistant_id: IdLike,
+        request_id: str | None,
+        options: RunOptions,
+    ) -> AsyncRun:
+        """``create`` as the first step of a helper whose ``timeout`` is ``deadline``."""
+        return await self.create(
             thread_id=thread_id,
             assistant_id=assistant_id,
             request_id=request_id,
             timeout=deadline.cap(None),
             **options,
         )
-        return await run.run_until_done(tools, timeout=deadline.remaining(), poll_interval=poll_interval)

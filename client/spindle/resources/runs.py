@@ -10,13 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Unpack
 
-from google.protobuf.message import Message
-
-from spindle import _decode, _encode, _paging, _requests
+from spindle import _paging, _requests
 from spindle._encode import Order, ToolResultsSpec
-from spindle._requests import IdLike, RunOptions, RunOverrides, as_id
+from spindle._requests import Call, IdLike, RunOptions, RunOverrides, as_id
 from spindle._run_base import EventCallback, TextCallback, ToolCallsCallback
-from spindle._transport import Method, SyncTransport
+from spindle._transport import SyncTransport
 from spindle.enums import RunStatus
 from spindle.results import RunEvent, RunResult
 from spindle.retry import Deadline
@@ -33,14 +31,12 @@ class Runs:
         self.transport = transport
         """The channel and call wrapper that this resource and its handles use."""
 
-    def get_raw(self, run_id: str, timeout: float | None = None) -> run_pb2.Run:
+    def get_raw(self, run_id: IdLike, timeout: float | None = None) -> run_pb2.Run:
         """The run as the server's ``spindle.v1.Run`` proto (what handles are built from)."""
-        request = run_pb2.GetRunRequest(run_id=run_id)
-        return self.transport.unary(self.transport.runs.Get, request, run_pb2.Run, timeout=timeout)
+        return self.transport.call(_requests.get_run(run_id), timeout)
 
-    def _mutate(self, method: Method, request: Message, request_id: str, timeout: float | None) -> Run:
-        run = self.transport.unary(method, request, run_pb2.Run, timeout=timeout, request_id=request_id)
-        return Run(self, run)
+    def _handle(self, call: Call[run_pb2.Run, run_pb2.Run], timeout: float | None) -> Run:
+        return Run(self, self.transport.call(call, timeout))
 
     # ---- the API ----------------------------------------------------------------------------
 
@@ -57,19 +53,15 @@ class Runs:
 
         A retried create (same ``request_id``, generated if not given) never makes two runs.
         """
-        rid = _encode.request_id(request_id)
-        request = _requests.create_run(as_id(thread_id), as_id(assistant_id), options, rid)
-        return self._mutate(self.transport.runs.Create, request, rid, timeout)
+        return self._handle(_requests.create_run(thread_id, assistant_id, options, request_id), timeout)
 
     def get(self, run_id: IdLike, *, timeout: float | None = None) -> Run:
         """Get a run by id. Raises NotFound."""
-        return Run(self, self.get_raw(as_id(run_id), timeout))
+        return self._handle(_requests.get_run(run_id), timeout)
 
     def get_last_by_thread(self, thread_id: IdLike, *, timeout: float | None = None) -> Run:
         """The thread's newest run. Raises NotFound if it has none."""
-        request = run_pb2.GetLastRunByThreadRequest(thread_id=as_id(thread_id))
-        stub = self.transport.runs
-        return Run(self, self.transport.unary(stub.GetLastByThread, request, run_pb2.Run, timeout=timeout))
+        return self._handle(_requests.get_last_run(thread_id), timeout)
 
     def list(
         self,
@@ -84,22 +76,16 @@ class Runs:
         timeout: float | None = None,
     ) -> Iterator[Run]:
         """Runs matching every filter given (newest first unless ``order="asc"``), page by page."""
-        request = _requests.list_runs(
-            thread_id=as_id(thread_id) if thread_id is not None else None,
-            assistant_id=as_id(assistant_id) if assistant_id is not None else None,
+        listing = _requests.list_runs(
+            lambda run: Run(self, run),
+            thread_id=thread_id,
+            assistant_id=assistant_id,
             statuses=statuses,
             labels=labels,
             page_size=page_size,
             order=order,
         )
-
-        def fetch(token: str) -> _paging.Page[Run]:
-            request.page_token = token
-            stub = self.transport.runs
-            page = self.transport.unary(stub.List, request, run_pb2.ListRunsResponse, timeout=timeout)
-            return [Run(self, r) for r in page.runs], page.next_page_token
-
-        return _paging.iterate(fetch, limit)
+        return _paging.iterate(lambda token: self.transport.call(listing.page(token), timeout), limit)
 
     def update(
         self,
@@ -110,20 +96,11 @@ class Runs:
         timeout: float | None = None,
     ) -> Run:
         """Replace the run's labels (the only field that can change)."""
-        rid = _encode.request_id(request_id)
-        return self._mutate(
-            self.transport.runs.Update, _requests.update_run(as_id(run_id), labels, rid), rid, timeout
-        )
+        return self._handle(_requests.update_run(run_id, labels, request_id), timeout)
 
     def cancel(self, run_id: IdLike, *, request_id: str | None = None, timeout: float | None = None) -> Run:
         """Cancel a run: PENDING and TOOL_CALLS end CANCELLED at once, IN_PROGRESS goes CANCELLING."""
-        rid = _encode.request_id(request_id)
-        return self._mutate(
-            self.transport.runs.Cancel,
-            run_pb2.CancelRunRequest(run_id=as_id(run_id), request_id=rid),
-            rid,
-            timeout,
-        )
+        return self._handle(_requests.cancel_run(run_id, request_id), timeout)
 
     def submit_tool_results(
         self,
@@ -133,20 +110,14 @@ class Runs:
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Run:
-        """Answer every pending tool call of a TOOL_CALLS run; the run is queued again."""
-        rid = _encode.request_id(request_id)
-        request = _requests.submit_tool_results(as_id(run_id), results, rid)
-        return self._mutate(self.transport.runs.SubmitToolResults, request, rid, timeout)
+        """Answer every pending tool call of a TOOL_CALLS run (``{tool_call_id: output}``, outputs
+        that are not strings sent as JSON); the run is queued again."""
+        return self._handle(_requests.submit_tool_results(run_id, results, request_id), timeout)
 
     def wait(self, run_id: IdLike, *, timeout: float = 30.0) -> Run:
         """The server's long-poll: the run once it is finished or paused, or after ``timeout`` seconds
         (at most 600) as it is then. For a wait with a result and a typed timeout, use ``Run.wait``."""
-        request = _requests.wait_run(as_id(run_id), timeout)
-        stub = self.transport.runs
-        return Run(
-            self,
-            self.transport.unary(stub.Wait, request, run_pb2.Run, timeout=timeout + _requests.WAIT_MARGIN),
-        )
+        return self._handle(_requests.wait_run(run_id, timeout), timeout + _requests.WAIT_MARGIN)
 
     def list_steps(
         self,
@@ -158,17 +129,8 @@ class Runs:
         timeout: float | None = None,
     ) -> Iterator[RunStep]:
         """The run's steps (newest first unless ``order="asc"``), page by page."""
-
-        def fetch(token: str) -> _paging.Page[RunStep]:
-            request = _requests.list_steps(as_id(run_id), page_size, order)
-            request.page_token = token
-            stub = self.transport.runs
-            page = self.transport.unary(
-                stub.ListSteps, request, run_pb2.ListRunStepsResponse, timeout=timeout
-            )
-            return [_decode.run_step(s) for s in page.steps], page.next_page_token
-
-        return _paging.iterate(fetch, limit)
+        listing = _requests.list_steps(run_id, page_size, order)
+        return _paging.iterate(lambda token: self.transport.call(listing.page(token), timeout), limit)
 
     def listen(
         self, run_id: IdLike, *, events_start_idx: int = 0, timeout: float | None = DEFAULT_WAIT
@@ -180,6 +142,15 @@ class Runs:
 
     # ---- helpers ----------------------------------------------------------------------------
 
+    def poll(
+        self, run_id: IdLike, *, timeout: float | None = DEFAULT_WAIT, poll_interval: float | None = None
+    ) -> Run:
+        """Wait until the run is finished or paused (OpenAI's ``poll``); returns the handle (check
+        ``status``). RunTimeoutError after ``timeout`` seconds; see ``Run.wait``."""
+        run = Run(self, run_pb2.Run(id=as_id(run_id)))
+        run.wait(timeout=timeout, poll_interval=poll_interval)
+        return run
+
     def create_and_poll(
         self,
         *,
@@ -190,15 +161,12 @@ class Runs:
         request_id: str | None = None,
         **options: Unpack[RunOptions],
     ) -> Run:
-        """Create a run and wait until it is finished or paused; returns the handle (check ``status``)."""
+        """Create a run and wait until it is finished or paused; returns the handle (check ``status``).
+
+        ``timeout`` covers both; RunTimeoutError (with the handle) when it passes.
+        """
         deadline = Deadline(timeout)
-        run = self.create(
-            thread_id=thread_id,
-            assistant_id=assistant_id,
-            request_id=request_id,
-            timeout=deadline.cap(None),
-            **options,
-        )
+        run = self._create_within(deadline, thread_id, assistant_id, request_id, options)
         run.wait(timeout=deadline.remaining(), poll_interval=poll_interval)
         return run
 
@@ -211,7 +179,7 @@ class Runs:
         poll_interval: float | None = None,
         request_id: str | None = None,
     ) -> Run:
-        """Submit tool results and wait until the run is finished or paused again."""
+        """Submit tool results and wait until the run is finished or paused again; returns the handle."""
         deadline = Deadline(timeout)
         run = self.submit_tool_results(run_id, results, request_id=request_id, timeout=deadline.cap(None))
         run.wait(timeout=deadline.remaining(), poll_interval=poll_interval)
@@ -238,13 +206,7 @@ class Runs:
         """
         deadline = Deadline(timeout)
         options = _requests.options_with_tools(overrides, tools, declare_tools)
-        run = self.create(
-            thread_id=thread_id,
-            assistant_id=assistant_id,
-            request_id=request_id,
-            timeout=deadline.cap(None),
-            **options,
-        )
+        run = self._create_within(deadline, thread_id, assistant_id, request_id, options)
         return run.stream(
             on_text=on_text,
             on_event=on_event,
@@ -265,14 +227,26 @@ class Runs:
         request_id: str | None = None,
         **overrides: Unpack[RunOverrides],
     ) -> RunResult:
-        """Create a run and see it to the end, answering its tool calls with ``tools`` (in parallel)."""
+        """Create a run and see it to the end, answering its tool calls with ``tools`` (several
+        calls of one pause in parallel); see ``Run.run_until_done``."""
         deadline = Deadline(timeout)
         options = _requests.options_with_tools(overrides, tools, declare_tools)
-        run = self.create(
+        run = self._create_within(deadline, thread_id, assistant_id, request_id, options)
+        return run.run_until_done(tools, timeout=deadline.remaining(), poll_interval=poll_interval)
+
+    def _create_within(
+        self,
+        deadline: Deadline,
+        thread_id: IdLike,
+        assistant_id: IdLike,
+        request_id: str | None,
+        options: RunOptions,
+    ) -> Run:
+        """``create`` as the first step of a helper whose ``timeout`` is ``deadline``."""
+        return self.create(
             thread_id=thread_id,
             assistant_id=assistant_id,
             request_id=request_id,
             timeout=deadline.cap(None),
             **options,
         )
-        return run.run_until_done(tools, timeout=deadline.remaining(), poll_interval=poll_interval)
