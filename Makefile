@@ -27,7 +27,7 @@ test: $(STAMP)
 llama:
 	$(PYTHON) -m venv $(LLAMA_VENV)
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" $(LLAMA_VENV)/bin/pip install --quiet \
-		'llama-cpp-python[server]==0.3.36' 'gguf==0.19.0' numpy
+		'llama-cpp-python[server]==0.3.36' 'gguf==0.19.0' numpy || { rm -rf $(LLAMA_VENV); exit 1; }
 
 proto: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) scripts/genproto.py

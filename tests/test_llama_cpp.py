@@ -25,7 +25,19 @@ from support.stubs import Stubs
 
 LLAMA_PYTHON = os.environ.get("SPINDLE_LLAMA_PYTHON", "")
 EventType = run_pb2.StreamEvent
-pytestmark = pytest.mark.skipif(not LLAMA_PYTHON, reason="llama-cpp-python not built (make llama)")
+
+
+def _llama_ready() -> bool:
+    if not LLAMA_PYTHON:
+        return False
+    try:
+        probe = subprocess.run([LLAMA_PYTHON, "-c", "import llama_cpp.server, gguf"], capture_output=True, timeout=60)
+    except OSError:
+        return False
+    return probe.returncode == 0
+
+
+pytestmark = pytest.mark.skipif(not _llama_ready(), reason="llama-cpp-python not built (make llama)")
 
 
 def _free_port() -> int:
