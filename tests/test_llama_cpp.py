@@ -31,7 +31,9 @@ def _llama_ready() -> bool:
     if not LLAMA_PYTHON:
         return False
     try:
-        probe = subprocess.run([LLAMA_PYTHON, "-c", "import llama_cpp.server, gguf"], capture_output=True, timeout=60)
+        probe = subprocess.run(
+            [LLAMA_PYTHON, "-c", "import llama_cpp.server, gguf"], capture_output=True, timeout=60
+        )
     except OSError:
         return False
     return probe.returncode == 0
