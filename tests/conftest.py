@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from spindle_server.store.sqlite import SqliteStore
 from support.server import ServerProcess
 from support.stubs import Stubs
 
@@ -43,3 +44,12 @@ def make_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """A real SQLite store of its own, opened in the test's event loop."""
+    opened = SqliteStore(tmp_path / "store.db")
+    await opened.start()
+    yield opened
+    await opened.close()

@@ -4,8 +4,6 @@ of Wait while its run streams, and end-to-end checks of store-level edges."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,14 +17,6 @@ from spindle_server.store.sqlite import SqliteStore
 from support.stubs import Stubs
 
 PROJECT = "p"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "store.db")
-    await opened.start()
-    yield opened
-    await opened.close()
 
 
 async def test_a_caller_that_goes_away_does_not_let_a_retry_act_twice(store: SqliteStore) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,6 @@ from spindle_server.store.errors import FencedError, StateError, UnavailableErro
 from spindle_server.store.sqlite import ABANDONED_RESERVATION_SECONDS, SqliteStore
 
 PROJECT = "p"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "store.db")
-    await opened.start()
-    yield opened
-    await opened.close()
 
 
 async def queued_run(store: SqliteStore, thread_id: str = "thread_1", run_id: str = "run_1") -> run_pb2.Run:

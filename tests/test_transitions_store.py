@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,14 +18,6 @@ from spindle_server.store.errors import StateError, UnavailableError
 from spindle_server.store.sqlite import SqliteStore
 
 PROJECT = "p"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    opened = SqliteStore(tmp_path / "store.db")
-    await opened.start()
-    yield opened
-    await opened.close()
 
 
 async def queued_run(store: SqliteStore, run_id: str = "run_1", **fields: object) -> run_pb2.Run:
