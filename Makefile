@@ -36,6 +36,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check client server tests bench examples scripts
 	$(VENV)/bin/ruff format --check client server tests bench examples scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests/client/conftest.py  # see [tool.mypy] exclude in pyproject.toml
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -9,8 +9,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import rpc, wait_latency
-from bench._report import rpc_section, update_section, wait_latency_section
+from bench import fanout, rpc, wait_latency
+from bench._report import fanout_section, rpc_section, update_section, wait_latency_section
 from bench._server import BenchServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +32,14 @@ def main() -> int:
     rows_rpc = rpc.run_benchmark()
     section = rpc_section(rpc.markdown(rows_rpc), machine, when, time.monotonic() - started)
     update_section(ROOT / "BENCHMARKS.md", "rpc-speed", section)
+    sys.stdout.write(section)
+
+    started = time.monotonic()
+    print("listen fan-out against a bare grpc.aio stream", flush=True)
+    section = fanout_section(
+        fanout.markdown(fanout.run_benchmark()), machine, when, time.monotonic() - started
+    )
+    update_section(ROOT / "BENCHMARKS.md", "listen-fanout", section)
     sys.stdout.write(section)
     return 0
 

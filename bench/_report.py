@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import rpc
+from bench import fanout, rpc
 from bench.wait_latency import SAMPLES, SECONDS, Row
 
 HEADER = "# Benchmarks\n\nMeasured by `make bench` (`python -m bench`) against a real server on 127.0.0.1.\n"
@@ -58,6 +58,24 @@ def rpc_section(table: str, machine: str, when: str, elapsed: float) -> str:
     method = RPC_METHOD.format(windows=rpc.WINDOWS, window=rpc.WINDOW_SECONDS)
     return (
         f"## RPC speed, as a ratio of a bare grpc.aio server\n\n{method}\n{table}\n\n"
+        f"Measured {when} on {machine}; the whole benchmark took {elapsed:.0f} s.\n"
+    )
+
+
+FANOUT_METHOD = """\
+One run of the builtin model with coalescing off, so its log holds an event per word; then 1 and
+50 concurrent Listen calls replay the whole log from index 0, {rounds} rounds, median. The baseline,
+in the same run: a bare grpc.aio server streaming as many messages, each the size of one delta
+event, to as many concurrent streams. Every listener reads the shared log at its own position (no
+per-listener queue), so the ratio is what Spindle's Listen costs beyond gRPC's own streaming.
+Source: `bench/fanout.py`.
+"""
+
+
+def fanout_section(table: str, machine: str, when: str, elapsed: float) -> str:
+    method = FANOUT_METHOD.format(rounds=fanout.ROUNDS)
+    return (
+        f"## Listen fan-out, as a ratio of a bare grpc.aio stream\n\n{method}\n{table}\n\n"
         f"Measured {when} on {machine}; the whole benchmark took {elapsed:.0f} s.\n"
     )
 

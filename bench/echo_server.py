@@ -1,4 +1,5 @@
-"""The baseline: a bare grpc.aio server with one unary echo method (raw bytes, no protobuf).
+"""The baseline: a bare grpc.aio server with a unary echo method and a streaming method
+(raw bytes, no protobuf): what any Python gRPC service costs on this machine.
 
 Run as `python -m bench.echo_server`; it prints its port like spindle-server does.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -17,10 +19,22 @@ async def _echo(request: bytes, _: grpc.aio.ServicerContext) -> bytes:
     return request
 
 
+async def _stream(request: bytes, _: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    """`COUNT:SIZE` -> COUNT messages of SIZE bytes."""
+    count, size = (int(part) for part in request.decode().split(":"))
+    message = b"x" * size
+    for _ in range(count):
+        yield message
+
+
 async def main() -> None:
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+        "bench.Echo",
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(_echo),
+            "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+        },
     )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")

@@ -30,7 +30,7 @@ SECONDS = (0.1, 1.1)
 SEED = 20260
 
 
-class CallCounter(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class CallCounter(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """Counts the calls a method makes."""
 
     def __init__(self) -> None:

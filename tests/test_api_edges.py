@@ -63,7 +63,7 @@ class _ReadCountingStore:
     async def get_run(self, project: str, run_id: str) -> run_pb2.Run:
         self.reads += 1
         self.read.set()
-        return run_pb2.Run(id=run_id, status=self.status)  # type: ignore[arg-type]
+        return run_pb2.Run(id=run_id, status=self.status)
 
 
 class _Context:
@@ -79,7 +79,7 @@ async def test_wait_does_not_reread_the_run_for_every_streamed_delta() -> None:
     servicer = RunServicer(store, None, hub, None)  # type: ignore[arg-type]
     request = run_pb2.WaitRunRequest(run_id="run_1")
     request.timeout.FromSeconds(60)
-    waiting = asyncio.ensure_future(servicer.Wait(request, _Context()))  # type: ignore[arg-type]
+    waiting = asyncio.ensure_future(servicer.Wait(request, _Context()))
     await asyncio.wait_for(store.read.wait(), 10)
     for index in range(2, 102):
         delta = events.message_delta("word ")

@@ -23,6 +23,8 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.field_mask_pb2 import FieldMask
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spindle.v1 import assistant_pb2 as ap
@@ -338,7 +340,7 @@ def truncation_cases(method: str, make: Callable[[Env, cp.TruncationStrategy], A
     ts, last = cp.TruncationStrategy, f"{field}.last_messages"
     return invalid(
         method,
-        ("truncation type 9", lambda e: make(e, ts(type=9)), f"{field}.type"),
+        ("truncation type 9", lambda e: make(e, ts(type=ts.Type.ValueType(9))), f"{field}.type"),
         ("last_messages without LAST_MESSAGES", lambda e: make(e, ts(type=ts.AUTO, last_messages=5)), last),
         ("LAST_MESSAGES with last_messages 0", lambda e: make(e, ts(type=ts.LAST_MESSAGES)), last),
         (
@@ -352,7 +354,7 @@ def truncation_cases(method: str, make: Callable[[Env, cp.TruncationStrategy], A
 def response_format_cases(method: str, make: Callable[[Env, cp.ResponseFormat], Any]) -> list[Any]:
     rf, schema, field = cp.ResponseFormat, struct({"type": "object"}), "response_format"
     rows = [
-        ("response format type 9", rf(type=9), f"{field}.type"),
+        ("response format type 9", rf(type=rf.Type.ValueType(9)), f"{field}.type"),
         ("JSON_SCHEMA without a schema", rf(type=rf.JSON_SCHEMA), f"{field}.json_schema.schema"),
         (
             "JSON_SCHEMA with a bad name",
@@ -467,11 +469,16 @@ ASSISTANT_CREATE = [
         ("unknown model", lambda e: CA(model="no-such-model"), "model"),
         ("unknown provider", lambda e: CA(model="nope/gpt-4o"), "model"),
         ("provider without a model", lambda e: CA(model="builtin/"), "model"),
-        ("max_prompt_tokens 0", lambda e: CA(prompt_truncation_options={"max_prompt_tokens": 0}), PTO_MAX),
+        ("max_prompt_tokens 0", lambda e: CA(prompt_truncation_options=PTO(max_prompt_tokens=0)), PTO_MAX),
     ),
     *label_cases(M, lambda e, labels: CA(labels=labels)),
     *tool_cases(M, lambda e, tools: CA(tools=tools)),
-    *completion_cases(M, lambda e, n, v: CA(completion_options={n: v}), "completion_options.", "max_tokens"),
+    *completion_cases(
+        M,
+        lambda e, n, v: CA(completion_options=cp.CompletionOptions(**{n: v})),
+        "completion_options.",
+        "max_tokens",
+    ),
     *truncation_cases(
         M,
         lambda e, ts: CA(prompt_truncation_options=PTO(truncation_strategy=ts)),
@@ -487,7 +494,9 @@ ASSISTANT_CREATE = [
 
 
 def update_assistant(e: Env, *paths: str, **fields: Any) -> ap.UpdateAssistantRequest:
-    return ap.UpdateAssistantRequest(assistant_id=e.assistant.id, update_mask={"paths": paths}, **fields)
+    return ap.UpdateAssistantRequest(
+        assistant_id=e.assistant.id, update_mask=FieldMask(paths=paths), **fields
+    )
 
 
 M, UA = "AssistantService.Update", update_assistant
@@ -573,7 +582,7 @@ THREADS = [
         *(
             (
                 f"update_mask {p!r}",
-                lambda e, p=p: UT(thread_id=e.thread.id, update_mask={"paths": [p]}),
+                lambda e, p=p: UT(thread_id=e.thread.id, update_mask=FieldMask(paths=[p])),
                 "update_mask",
             )
             for p in ("messages", "id", "labels.k")
@@ -670,7 +679,11 @@ RUN_CREATE = [
             lambda e: tool_run(e, override_tools=True, tool_choice=TC(function_name="get_weather")),
             CHOICE,
         ),
-        ("tool_choice mode 9", lambda e: tool_run(e, tool_choice=TC(mode=9)), "tool_choice.mode"),
+        (
+            "tool_choice mode 9",
+            lambda e: tool_run(e, tool_choice=TC(mode=TC.Mode.ValueType(9))),
+            "tool_choice.mode",
+        ),
         (
             "tool_choice REQUIRED without tools",
             lambda e: CR(e, tool_choice={"mode": TC.REQUIRED}),
@@ -731,7 +744,7 @@ def resubmit(e: Env, output: str | None, request_id: str) -> rp.SubmitToolResult
 
 
 def wait(run_id: str, seconds: int = 0, nanos: int = 0) -> rp.WaitRunRequest:
-    return rp.WaitRunRequest(run_id=run_id, timeout={"seconds": seconds, "nanos": nanos})
+    return rp.WaitRunRequest(run_id=run_id, timeout=Duration(seconds=seconds, nanos=nanos))
 
 
 def listen(e: Env, start: int) -> rp.ListenRunRequest:
@@ -764,11 +777,20 @@ RUN_OTHER = [
             lambda e: LR(assistant_id=UNKNOWN["run"]),
             "assistant_id",
         ),
-        ("statuses [42]", lambda e: LR(statuses=[42]), "statuses[0]"),
-        ("statuses [UNSPECIFIED]", lambda e: LR(statuses=[0]), "statuses[0]"),
-        ("statuses [COMPLETED, -1]", lambda e: LR(statuses=[rp.COMPLETED, -1]), "statuses[1]"),
+        ("statuses [42]", lambda e: LR(statuses=[rp.RunStatus.ValueType(42)]), "statuses[0]"),
+        ("statuses [UNSPECIFIED]", lambda e: LR(statuses=[rp.RUN_STATUS_UNSPECIFIED]), "statuses[0]"),
+        (
+            "statuses [COMPLETED, -1]",
+            lambda e: LR(statuses=[rp.COMPLETED, rp.RunStatus.ValueType(-1)]),
+            "statuses[1]",
+        ),
     ),
-    big_details("RunService.List", "1000 bad statuses", lambda e: LR(statuses=[42] * 1000), "statuses[0]"),
+    big_details(
+        "RunService.List",
+        "1000 bad statuses",
+        lambda e: LR(statuses=[rp.RunStatus.ValueType(42)] * 1000),
+        "statuses[0]",
+    ),
     *label_cases("RunService.List", lambda e, labels: LR(labels=labels)),
     *list_cases(
         "RunService.List",
@@ -782,7 +804,7 @@ RUN_OTHER = [
         *(
             (
                 f"update_mask {p}",
-                lambda e, p=p: UR(run_id=e.done_run.id, update_mask={"paths": p}),
+                lambda e, p=p: UR(run_id=e.done_run.id, update_mask=FieldMask(paths=p)),
                 "update_mask",
             )
             for p in (["status"], ["labels", "model"], ["labels.k"])
@@ -961,7 +983,7 @@ def test_garbage_bytes_do_not_hurt_the_server(method: str, stubs: Stubs) -> None
     for body in GARBAGE:
         with pytest.raises(grpc.RpcError) as caught:
             invoke(stubs, method, Raw(body))
-        code = caught.value.code()  # type: ignore[attr-defined]
+        code = caught.value.code()
         OBSERVED[f"{method}: garbage {body!r}"] = (code, False)
         assert code == IA, caught.value
         info, violations = error_details(caught.value)
@@ -969,7 +991,7 @@ def test_garbage_bytes_do_not_hurt_the_server(method: str, stubs: Stubs) -> None
     stubs.assistants.List(ap.ListAssistantsRequest(page_size=1), timeout=TIMEOUT)
     with pytest.raises(grpc.RpcError) as caught:
         stubs.channel.unary_unary(f"/spindle.v1.{method.split('.')[0]}/NoSuchMethod")(b"", timeout=TIMEOUT)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 AUTH = [
@@ -988,7 +1010,7 @@ def test_bad_api_keys(make_server: Callable[..., ServerProcess]) -> None:
         for metadata, reason in AUTH:
             with pytest.raises(grpc.RpcError) as caught:
                 stubs.assistants.List(ap.ListAssistantsRequest(), timeout=TIMEOUT, metadata=metadata)
-            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata  # type: ignore[attr-defined]
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
             info, _ = error_details(caught.value)
             assert info is not None and (info.reason, info.domain) == (reason, "spindle.v1"), metadata
         good = (("authorization", "Bearer secret"),)

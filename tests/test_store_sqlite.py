@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -87,12 +88,12 @@ async def test_abandoned_request_reservations_are_taken_over(store: SqliteStore)
     pending = await store.reserve_request(PROJECT, "k", "f1")
     assert pending is not None and pending.response is None  # still being served
 
-    def age(conn: object) -> None:
-        conn.execute(  # type: ignore[attr-defined]
+    def age(conn: sqlite3.Connection) -> None:
+        conn.execute(
             "UPDATE idempotency SET created_at = created_at - ?", (ABANDONED_RESERVATION_SECONDS + 1,)
         )
 
-    await store.db.write(age)  # type: ignore[arg-type]
+    await store.db.write(age)
     assert await store.reserve_request(PROJECT, "k", "f2") is None  # its server died: free again
     await store.complete_request(PROJECT, "k", b"answer")
     done = await store.reserve_request(PROJECT, "k", "f2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,16 @@ from spindle_server.store.sqlite import SqliteStore
 PROJECT = "p"
 
 
-async def queued_run(store: SqliteStore, run_id: str = "run_1", **fields: object) -> run_pb2.Run:
+async def queued_run(
+    store: SqliteStore, run_id: str = "run_1", labels: Mapping[str, str] | None = None
+) -> run_pb2.Run:
     thread_id = f"thread_of_{run_id}"
     user = message_pb2.Message(id=f"msg_{run_id}", thread_id=thread_id, role=message_pb2.USER)
     user.content.add().text.text = "/tool f {}"
     await store.insert_thread(PROJECT, thread_pb2.Thread(id=thread_id), [user])
-    run = run_pb2.Run(id=run_id, thread_id=thread_id, assistant_id="asst_1", status=run_pb2.PENDING, **fields)
+    run = run_pb2.Run(
+        id=run_id, thread_id=thread_id, assistant_id="asst_1", status=run_pb2.PENDING, labels=labels
+    )
     run.created_at.CopyFrom(clock.timestamp(clock.now()))
     result = await store.insert_run(PROJECT, run, [], clock.now() + 3600, [events.status_change(run)])
     return result.run

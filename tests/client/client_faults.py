@@ -49,7 +49,7 @@ class Recorder:
         return len(self.requests) <= self.fail_first
 
 
-class DropResponses(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class DropResponses(grpc.UnaryUnaryClientInterceptor):
     """Sends the first `fail_first` calls of `method` to the server, then loses their responses."""
 
     def __init__(self, method: str, fail_first: int = 1) -> None:
@@ -64,7 +64,7 @@ class DropResponses(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return outcome
 
 
-class BreakStreams(grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class BreakStreams(grpc.UnaryStreamClientInterceptor):
     """Every server-streaming call fails at once with `code` (a proxy that cannot stream, or a
     server out of room for more streams: RESOURCE_EXHAUSTED)."""
 
@@ -77,7 +77,7 @@ class BreakStreams(grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
         raise LostResponse(self.code)
 
 
-class CountUnary(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class CountUnary(grpc.UnaryUnaryClientInterceptor):
     """Counts unary calls by method, and keeps the deadline (seconds) each was sent with."""
 
     def __init__(self) -> None:
@@ -99,7 +99,7 @@ def _aio_unavailable(code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> grp
     )
 
 
-class AsyncDropResponses(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class AsyncDropResponses(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, method: str, fail_first: int = 1) -> None:
         self.record = Recorder(method, fail_first)
 
@@ -114,7 +114,7 @@ class AsyncDropResponses(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[
         return call
 
 
-class AsyncBreakStreams(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class AsyncBreakStreams(grpc.aio.UnaryStreamClientInterceptor):
     def __init__(self, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
         self.record = Recorder("Listen", fail_first=10**9)
         self.code = code
@@ -126,7 +126,7 @@ class AsyncBreakStreams(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[
         raise _aio_unavailable(self.code)
 
 
-class AsyncCountUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+class AsyncCountUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self) -> None:
         self.record = Recorder("-")
 

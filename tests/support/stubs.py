@@ -99,7 +99,7 @@ class Stubs:
         return list(self.runs.Listen(request, timeout=timeout))
 
 
-class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """Sends `authorization: Bearer KEY` on every call."""
 
     def __init__(self, key: str) -> None:
@@ -119,7 +119,7 @@ def error_details(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | N
     """ErrorInfo and BadRequest field violations from the grpc-status-details-bin trailer."""
     info = None
     violations: list[tuple[str, str]] = []
-    for key, value in error.trailing_metadata() or ():  # type: ignore[attr-defined]
+    for key, value in error.trailing_metadata() or ():
         if key != "grpc-status-details-bin":
             continue
         status = status_pb2.Status.FromString(value)
