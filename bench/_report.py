@@ -50,7 +50,8 @@ same run, a bare grpc.aio server whose one method echoes its bytes: the baseline
 gRPC service costs here. The machines are shared and noisy: read the ratio column. A durable
 write is one transaction committed with synchronous=FULL (concurrent writes share a commit). A
 whole run is four calls (create a thread, create the run, Listen until DONE) plus the engine's
-work. Source: `bench/rpc.py`.
+work. The calls take turns window by window, so load from neighbours lands on all of them alike.
+Source: `bench/rpc.py`.
 """
 
 
@@ -64,7 +65,8 @@ def rpc_section(table: str, machine: str, when: str, elapsed: float) -> str:
 
 FANOUT_METHOD = """\
 One run of the builtin model with coalescing off, so its log holds an event per word; then 1 and
-50 concurrent Listen calls replay the whole log from index 0, {rounds} rounds, median. The baseline,
+50 concurrent Listen calls replay the whole log from index 0, {rounds} rounds taking turns with the
+baseline, median. The baseline,
 in the same run: a bare grpc.aio server streaming as many messages, each the size of one delta
 event, to as many concurrent streams. Every listener reads the shared log at its own position (no
 per-listener queue), so the ratio is what Spindle's Listen costs beyond gRPC's own streaming.

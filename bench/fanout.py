@@ -30,7 +30,7 @@ from spindle.v1 import (
 )
 
 WORDS = 2_000
-ROUNDS = 3
+ROUNDS = 5
 LISTENERS = (1, 50)
 
 
@@ -53,16 +53,11 @@ async def _drain(call: grpc.aio.UnaryStreamCall) -> int:
     return count
 
 
-async def _rate(open_stream: Callable[[], grpc.aio.UnaryStreamCall], listeners: int) -> tuple[int, float]:
-    """(messages per stream, median messages/s over ROUNDS) with `listeners` streams at once."""
-    rates = []
-    per_stream = 0
-    for _ in range(ROUNDS):
-        started = time.perf_counter()
-        counts = await asyncio.gather(*(_drain(open_stream()) for _ in range(listeners)))
-        rates.append(sum(counts) / (time.perf_counter() - started))
-        per_stream = counts[0]
-    return per_stream, statistics.median(rates)
+async def _round(open_stream: Callable[[], grpc.aio.UnaryStreamCall], listeners: int) -> tuple[int, float]:
+    """(messages per stream, messages/s) with `listeners` streams drained at once."""
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(_drain(open_stream()) for _ in range(listeners)))
+    return counts[0], sum(counts) / (time.perf_counter() - started)
 
 
 async def measure(spindle_port: int, echo_port: int) -> list[FanoutRow]:
@@ -85,9 +80,16 @@ async def measure(spindle_port: int, echo_port: int) -> list[FanoutRow]:
 
     rows = []
     for listeners in LISTENERS:
-        _, baseline = await _rate(lambda: stream(baseline_request), listeners)
-        events, spindle = await _rate(lambda: runs.Listen(run_pb2.ListenRunRequest(run_id=run.id)), listeners)
-        rows.append(FanoutRow(listeners, events, spindle, baseline))
+        # Baseline and Listen take turns round by round, so load bursts hit both alike.
+        baselines, spindles = [], []
+        events = 0
+        for _ in range(ROUNDS):
+            baselines.append((await _round(lambda: stream(baseline_request), listeners))[1])
+            events, rate = await _round(
+                lambda: runs.Listen(run_pb2.ListenRunRequest(run_id=run.id)), listeners
+            )
+            spindles.append(rate)
+        rows.append(FanoutRow(listeners, events, statistics.median(spindles), statistics.median(baselines)))
     await channel.close()
     await echo_channel.close()
     return rows

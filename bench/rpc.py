@@ -31,8 +31,9 @@ from spindle.v1 import (
     thread_pb2_grpc,
 )
 
-WINDOW_SECONDS = 2.0
-WINDOWS = 3
+WINDOW_SECONDS = 1.0
+WINDOWS = 5
+BASELINE = "bare grpc.aio echo (baseline)"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -61,15 +62,20 @@ def start_process(args: list[str]) -> tuple[subprocess.Popen[str], int]:
     raise RuntimeError(f"{args} did not start")
 
 
-async def rate(call: Callable[[], Awaitable[object]], concurrency: int) -> float:
-    """Median calls/s over WINDOWS windows with `concurrency` calls in flight."""
-    results = []
+async def rates(calls: dict[str, Callable[[], Awaitable[object]]], concurrency: int) -> dict[str, float]:
+    """Median calls/s of each call over WINDOWS windows with `concurrency` calls in flight.
+
+    The calls take turns window by window, so a burst of load from a neighbour on the shared
+    machine lands on all of them alike instead of on whichever ran at that moment.
+    """
+    results: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(WINDOWS):
-        started = time.perf_counter()
-        stop_at = started + WINDOW_SECONDS
-        counts = await asyncio.gather(*(_calls_until(call, stop_at) for _ in range(concurrency)))
-        results.append(sum(counts) / (time.perf_counter() - started))
-    return statistics.median(results)
+        for name, call in calls.items():
+            started = time.perf_counter()
+            stop_at = started + WINDOW_SECONDS
+            counts = await asyncio.gather(*(_calls_until(call, stop_at) for _ in range(concurrency)))
+            results[name].append(sum(counts) / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in results.items()}
 
 
 async def _calls_until(call: Callable[[], Awaitable[object]], stop_at: float) -> int:
@@ -119,26 +125,15 @@ async def measure(spindle_port: int, echo_port: int) -> list[Row]:
         async for _ in runs.Listen(run_pb2.ListenRunRequest(run_id=started.id)):
             pass
 
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        BASELINE: echo_call,
+        "RunService.Get (read)": get_run,
+        "MessageService.Create (durable write)": add_message,
+        "whole run: thread + Create + Listen to DONE": full_run,
+    }
     for concurrency in (1, 16):
-        baseline = await rate(echo_call, concurrency)
-        rows.append(Row("bare grpc.aio echo (baseline)", concurrency, baseline, baseline))
-        rows.append(Row("RunService.Get (read)", concurrency, await rate(get_run, concurrency), baseline))
-        rows.append(
-            Row(
-                "MessageService.Create (durable write)",
-                concurrency,
-                await rate(add_message, concurrency),
-                baseline,
-            )
-        )
-        rows.append(
-            Row(
-                "whole run: thread + Create + Listen to DONE",
-                concurrency,
-                await rate(full_run, concurrency),
-                baseline,
-            )
-        )
+        measured = await rates(calls, concurrency)
+        rows.extend(Row(name, concurrency, value, measured[BASELINE]) for name, value in measured.items())
     await channel.close()
     await echo_channel.close()
     return rows
