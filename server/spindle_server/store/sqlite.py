@@ -160,7 +160,7 @@ class SqliteStore:
             ).fetchone()
             return row[0] if row else None
 
-        body = await self.db.read(read)
+        body = await self.db.read(read, inline=True)
         if body is None:
             raise NotFoundError(kind, resource_id)
         return _parse(cls, body)
@@ -342,7 +342,7 @@ class SqliteStore:
             row = conn.execute("SELECT project, body FROM runs WHERE id = ?", (run_id,)).fetchone()
             return (row[0], row[1]) if row else None
 
-        found = await self.db.read(read)
+        found = await self.db.read(read, inline=True)
         if found is None:
             raise NotFoundError("run", run_id)
         return found[0], _parse(run_pb2.Run, found[1])
@@ -357,7 +357,7 @@ class SqliteStore:
             ).fetchone()
             return row[0] if row else None
 
-        body = await self.db.read(read)
+        body = await self.db.read(read, inline=True)
         if body is None:
             raise NotFoundError("run", f"last run of thread {thread_id}")
         return _parse(run_pb2.Run, body)
