@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 
+from spindle._encode import request_id as new_request_id
 from spindle.retry import DEFAULT_RETRY, RetryPolicy
 
 DEFAULT_TARGET = "localhost:50051"
@@ -71,9 +72,10 @@ class Settings:
         given = {name for name, _ in self.channel_options}
         return [*self.channel_options, *(o for o in _CHANNEL_OPTIONS if o[0] not in given)]
 
-    def metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
-        """Per-call metadata: the API key as a bearer token and the request id for the server's log."""
-        pairs = [("x-request-id", request_id)]
+    def metadata(self, request_id: str | None = None) -> tuple[tuple[str, str], ...]:
+        """Per-call metadata: the API key as a bearer token and the request id (a new one if not
+        given) for the server's log."""
+        pairs = [("x-request-id", new_request_id(request_id))]
         if self.api_key:
             pairs.append(("authorization", f"Bearer {self.api_key}"))
         return tuple(pairs)

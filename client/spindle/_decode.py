@@ -46,9 +46,9 @@ _TOOL_CHOICE_MODES = {
 }
 
 
-def timestamp(value: timestamp_pb2.Timestamp, present: bool = True) -> datetime | None:
+def timestamp(value: timestamp_pb2.Timestamp) -> datetime | None:
     """An aware UTC datetime, or None for an unset timestamp."""
-    if not present or (value.seconds == 0 and value.nanos == 0):
+    if value.seconds == 0 and value.nanos == 0:
         return None
     return value.ToDatetime(tzinfo=UTC)
 

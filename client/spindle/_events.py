@@ -26,12 +26,8 @@ class EventCursor:
             raise ValueError("events_start_idx must not be negative")
         self.next_index = start
         self.finished = False
-        self._earlier: list[str] = []  # text of the turns that ended in TOOL_CALLS
-        self._turn: list[str] = []  # text of the current turn
-
-    @property
-    def text(self) -> str:
-        return "".join(self._earlier) + "".join(self._turn)
+        self.text = ""  # the reply so far: ``_earlier`` + the text of the current turn
+        self._earlier = ""  # text of the turns that ended in TOOL_CALLS
 
     def accept(self, event: run_pb2.StreamEvent) -> RunEvent | None:
         """The decoded event, or None for one already seen."""
@@ -40,12 +36,11 @@ class EventCursor:
         self.next_index = event.index + 1
         payload = event.WhichOneof("payload")
         if payload == "status_change" and event.status_change.discard_partial_message:
-            self._turn.clear()
+            self.text = self._earlier
         elif payload == "message_delta":
-            self._turn.append(event.message_delta.text)
+            self.text += event.message_delta.text
         elif event.type == run_pb2.StreamEvent.TOOL_CALLS:
-            self._earlier.extend(self._turn)
-            self._turn.clear()
+            self._earlier = self.text
         decoded = decode_event(event, self.text)
         self.finished = decoded.is_terminal
         return decoded

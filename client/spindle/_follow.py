@@ -22,6 +22,7 @@ from contextlib import aclosing, closing
 from dataclasses import dataclass
 
 from spindle._events import EventCursor
+from spindle._requests import get_run
 from spindle._transport import AsyncTransport, SyncTransport
 from spindle.enums import EventType, RunStatus
 from spindle.errors import ApiError, Cancelled, DeadlineExceeded
@@ -78,14 +79,14 @@ class Follow:
         if not self.is_transient(error):
             raise error
         if self.deadline.expired():
-            raise self.timed_out(error) from error
+            raise self.on_timeout() from error
 
     def stream_failed(self, error: ApiError) -> bool:
         """The stream of a wait failed: True to open it again later, False to poll Get alone from
         now on (it failed for good; Get tells whether the run itself is the problem). Raises the
         timeout error once the deadline has passed."""
         if self.deadline.expired():
-            raise self.timed_out(error) from error
+            raise self.on_timeout() from error
         return self.is_transient(error)
 
     def pause(self, backoff: Backoff) -> float:
@@ -98,14 +99,6 @@ class Follow:
 
     def listen_request(self) -> run_pb2.ListenRunRequest:
         return run_pb2.ListenRunRequest(run_id=self.run_id, events_start_idx=self.cursor.next_index)
-
-    def get_request(self) -> run_pb2.GetRunRequest:
-        return run_pb2.GetRunRequest(run_id=self.run_id)
-
-    def timed_out(self, error: ApiError | None = None) -> Exception:
-        timeout = self.on_timeout()
-        timeout.__cause__ = error
-        return timeout
 
 
 # ---- sync -------------------------------------------------------------------------------------
@@ -172,15 +165,10 @@ def _poll_once(transport: SyncTransport, follow: Follow, poll_timeout: float | N
     """The run from one Get, or None after a transient failure; raises a permanent one, or the
     timeout error once the deadline has passed."""
     if follow.deadline.expired():
-        raise follow.timed_out()
+        raise follow.on_timeout() from None
+    timeout = follow.poll_deadline(poll_timeout, transport.settings.timeout)
     try:
-        run = transport.unary(
-            transport.runs.Get,
-            follow.get_request(),
-            run_pb2.Run,
-            timeout=follow.poll_deadline(poll_timeout, transport.settings.timeout),
-            retry=NO_RETRY,
-        )
+        run = transport.call(get_run(follow.run_id), timeout, retry=NO_RETRY)
     except ApiError as error:
         follow.resume_or_raise(error)
         return None
@@ -253,15 +241,10 @@ async def _apoll_once(
 ) -> run_pb2.Run | None:
     """Async twin of :func:`_poll_once`."""
     if follow.deadline.expired():
-        raise follow.timed_out()
+        raise follow.on_timeout() from None
+    timeout = follow.poll_deadline(poll_timeout, transport.settings.timeout)
     try:
-        run = await transport.unary(
-            transport.runs.Get,
-            follow.get_request(),
-            run_pb2.Run,
-            timeout=follow.poll_deadline(poll_timeout, transport.settings.timeout),
-            retry=NO_RETRY,
-        )
+        run = await transport.call(get_run(follow.run_id), timeout, retry=NO_RETRY)
     except ApiError as error:
         follow.resume_or_raise(error)
         return None

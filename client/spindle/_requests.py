@@ -314,7 +314,7 @@ def list_messages(
 
 
 def create_run(
-    thread_id: IdLike, assistant_id: IdLike, options: RunOptions | RunOverrides, request_id: str | None
+    thread_id: IdLike, assistant_id: IdLike, options: RunOptions, request_id: str | None
 ) -> Call[run_pb2.Run, run_pb2.Run]:
     rid = _encode.request_id(request_id)
     request = run_pb2.CreateRunRequest(
@@ -335,7 +335,7 @@ def create_run(
     if "additional_messages" in options:
         request.additional_messages.extend(_encode.messages(options["additional_messages"]))
     if "tools" in options:
-        request.tools.extend(_encode.tools(options["tools"]))  # type: ignore[typeddict-item]
+        request.tools.extend(_encode.tools(options["tools"]))
         request.override_tools = True
     if "tool_choice" in options:
         request.tool_choice.CopyFrom(_encode.tool_choice(options["tool_choice"]))

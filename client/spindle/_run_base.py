@@ -58,13 +58,6 @@ class RunHandleBase(RunData):
         return RunResult.from_run(self)
 
     def _follow(self, cursor: EventCursor, timeout: float | None, retry: RetryPolicy) -> Follow:
-        seconds = timeout
-        handle = self._me
-
-        def timed_out() -> Exception:
-            what = f"after {seconds:g} s" if seconds is not None else "when its deadline passed"
-            return RunTimeoutError(f"run {self.id} is still {self.status.name} {what}", handle)
-
         return Follow(
             run_id=self.id,
             cursor=cursor,
@@ -72,8 +65,13 @@ class RunHandleBase(RunData):
             retry=retry,
             on_event=self._observe,
             on_run=self._absorb,
-            on_timeout=timed_out,
+            on_timeout=lambda: self._timed_out(timeout),
         )
+
+    def _timed_out(self, seconds: float | None) -> RunTimeoutError:
+        """The error of a follow of ``seconds`` (None: a helper's deadline) that ran out of time."""
+        what = f"after {seconds:g} s" if seconds is not None else "when its deadline passed"
+        return RunTimeoutError(f"run {self.id} is still {self.status.name} {what}", self._me)
 
     def _is_current_pause(self, calls: tuple[ToolCall, ...]) -> bool:
         """The snapshot is paused on exactly these calls (not an old, answered round)."""
@@ -83,9 +81,7 @@ class RunHandleBase(RunData):
         """The deadline of one call made by a helper with this overall ``deadline`` (None: the
         client's own); RunTimeoutError (with this handle) once it has passed."""
         if deadline.expired():
-            raise RunTimeoutError(
-                f"run {self.id} is still {self.status.name} when its deadline passed", self._me
-            )
+            raise self._timed_out(None)
         return deadline.cap(None)
 
     @property

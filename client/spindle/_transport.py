@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncGenerator, Callable, Generator
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -54,12 +53,13 @@ class SyncTransport(_Stubs):
         self.channel = channel if channel is not None else sync_channel(settings)
         super().__init__(self.channel)
 
-    def call(self, call: Call[R, T], timeout: float | None = None) -> T:
+    def call(self, call: Call[R, T], timeout: float | None = None, *, retry: RetryPolicy | None = None) -> T:
         """Make one call of the API (see ``unary``) and read its response."""
         method = self.method(call.service, call.method)
-        return call.decode(
-            self.unary(method, call.request, call.response, timeout=timeout, request_id=call.request_id)
+        response = self.unary(
+            method, call.request, call.response, timeout=timeout, request_id=call.request_id, retry=retry
         )
+        return call.decode(response)
 
     def unary(
         self,
@@ -73,7 +73,7 @@ class SyncTransport(_Stubs):
     ) -> R:
         """Call ``method`` until it succeeds, fails for good, or ``timeout`` (one deadline) passes."""
         deadline = Deadline(timeout if timeout is not None else self.settings.timeout)
-        metadata = self.settings.metadata(request_id or uuid.uuid4().hex)
+        metadata = self.settings.metadata(request_id)
         policy = retry or self.settings.retry
         backoff = policy.backoff()
         while True:
@@ -93,7 +93,7 @@ class SyncTransport(_Stubs):
         """One server-streaming call (no retry: the caller resumes from where it got to)."""
         call = None
         try:
-            call = method(request, timeout=timeout, metadata=self.settings.metadata(uuid.uuid4().hex))
+            call = method(request, timeout=timeout, metadata=self.settings.metadata())
             for raw in call:
                 item: R = raw
                 yield item
@@ -115,12 +115,15 @@ class AsyncTransport(_Stubs):
         self.channel = channel if channel is not None else async_channel(settings)
         super().__init__(self.channel)
 
-    async def call(self, call: Call[R, T], timeout: float | None = None) -> T:
+    async def call(
+        self, call: Call[R, T], timeout: float | None = None, *, retry: RetryPolicy | None = None
+    ) -> T:
         """Make one call of the API (see ``unary``) and read its response."""
         method = self.method(call.service, call.method)
-        return call.decode(
-            await self.unary(method, call.request, call.response, timeout=timeout, request_id=call.request_id)
+        response = await self.unary(
+            method, call.request, call.response, timeout=timeout, request_id=call.request_id, retry=retry
         )
+        return call.decode(response)
 
     async def unary(
         self,
@@ -134,7 +137,7 @@ class AsyncTransport(_Stubs):
     ) -> R:
         """Call ``method`` until it succeeds, fails for good, or ``timeout`` (one deadline) passes."""
         deadline = Deadline(timeout if timeout is not None else self.settings.timeout)
-        metadata = self.settings.metadata(request_id or uuid.uuid4().hex)
+        metadata = self.settings.metadata(request_id)
         policy = retry or self.settings.retry
         backoff = policy.backoff()
         while True:
@@ -154,7 +157,7 @@ class AsyncTransport(_Stubs):
         """One server-streaming call (no retry: the caller resumes from where it got to)."""
         call = None
         try:
-            call = method(request, timeout=timeout, metadata=self.settings.metadata(uuid.uuid4().hex))
+            call = method(request, timeout=timeout, metadata=self.settings.metadata())
             async for raw in call:
                 item: R = raw
                 yield item

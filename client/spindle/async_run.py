@@ -23,14 +23,13 @@ from spindle._run_base import (
 from spindle.enums import RunStatus
 from spindle.results import RunEvent, RunResult
 from spindle.retry import Deadline
+from spindle.run import DEFAULT_WAIT as DEFAULT_WAIT  # one default for both twins
 from spindle.tools import ToolFunctions, Tools, as_tool_functions, run_tool_calls_async
 from spindle.types import RunStep, ToolCall
 from spindle.v1 import run_pb2
 
 if TYPE_CHECKING:
     from spindle.resources.async_runs import AsyncRuns
-
-DEFAULT_WAIT = 60.0
 
 
 class AsyncRun(RunHandleBase):
@@ -79,10 +78,10 @@ class AsyncRun(RunHandleBase):
         if self.status.is_finished:
             return self.result
         follow = self._follow(EventCursor(self._seen), timeout, self._runs.transport.settings.retry)
-        run = await _follow.await_run(
+        # the handle takes the run from each Get of the wait (``on_run``), the last one included
+        await _follow.await_run(
             self._runs.transport, follow, poll_interval=poll_interval, poll_timeout=poll_timeout
         )
-        self._absorb(run)
         return self.result
 
     def __await__(self) -> Generator[Any, None, RunResult]:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from spindle.resources.runs import Runs
 
 DEFAULT_WAIT = 60.0
+"""The default ``timeout`` (seconds) of following a run, for ``Run``, ``AsyncRun`` and the resources."""
 
 
 class Run(RunHandleBase):
@@ -82,10 +83,8 @@ class Run(RunHandleBase):
         if self.status.is_finished:
             return self.result
         follow = self._follow(EventCursor(self._seen), timeout, self._runs.transport.settings.retry)
-        run = _follow.wait(
-            self._runs.transport, follow, poll_interval=poll_interval, poll_timeout=poll_timeout
-        )
-        self._absorb(run)
+        # the handle takes the run from each Get of the wait (``on_run``), the last one included
+        _follow.wait(self._runs.transport, follow, poll_interval=poll_interval, poll_timeout=poll_timeout)
         return self.result
 
     def listen(

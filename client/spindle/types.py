@@ -1,4 +1,4 @@
-"""Plain Python objects for the API's resources (built from protos by ``spindle._convert``).
+"""Plain Python objects for the API's resources (built from protos by ``spindle._decode``).
 
 They are frozen dataclasses with ``datetime`` timestamps (UTC) and ``None`` for fields the
 server did not set; ``raw`` fields are not kept, so they are cheap to copy and compare.

@@ -134,8 +134,10 @@ def submit(client: Client, args: argparse.Namespace, out: Output) -> int:
 def listen(client: Client, args: argparse.Namespace, out: Output) -> int:
     run = client.runs.get(args.run_id)
     for event in run.listen(events_start_idx=args.start, timeout=args.timeout):
-        out.item(event)
-    return _exit.for_result(run.refresh().result)  # also when --from was past the end
+        out.item(event)  # each event updates the handle too
+    if not run.status.is_finished:  # --from was past the end: no event brought the outcome
+        run.refresh()
+    return _exit.for_result(run.result)
 
 
 def chat(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -183,10 +185,10 @@ class _ReplyPrinter:
             return
         if self.printed:
             self.out.line()
-        if result.is_paused or result.error is not None:
-            self.out.result(result) if result.is_paused else self.out.note(
-                f"run {result.status_name}: {result.error}"
-            )
+        if result.is_paused:
+            self.out.result(result)
+        elif result.error is not None:
+            self.out.note(f"run {result.status_name}: {result.error}")
 
 
 COMMANDS: dict[str, Command] = {
