@@ -1,4 +1,5 @@
-"""A real `spindle-server` (SQLite, builtin model) on 127.0.0.1 for the length of a benchmark."""
+"""Server processes on 127.0.0.1 for the length of a benchmark: a real `spindle-server`
+(SQLite, builtin model) and the bare grpc.aio baseline, `bench.echo_server`."""
 
 from __future__ import annotations
 
@@ -6,27 +7,26 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-STARTUP_SECONDS = 30.0
+STOP_SECONDS = 30.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
-class BenchServer:
-    """``with BenchServer() as server:`` starts the server on a free port and stops it at the end."""
+class ServedProcess:
+    """``with ServedProcess(command) as served:`` starts a server that prints a JSON `serving`
+    line with its port, and stops it at the end; `served.address` is where it listens."""
 
-    def __init__(self, *args: str) -> None:
-        self._args = args
-        self._folder = tempfile.TemporaryDirectory(prefix="spindle-bench-")
+    def __init__(self, command: Sequence[str]) -> None:
+        self._command = list(command)
         self._process: subprocess.Popen[str] | None = None
         self.address = ""
 
-    def __enter__(self) -> BenchServer:
-        database = Path(self._folder.name) / "spindle.db"
-        command = [sys.executable, "-m", "spindle_server", "--host", "127.0.0.1", "--port", "0"]
-        command += ["--database", str(database), "--log-level", "warning", *self._args]
+    def __enter__(self) -> ServedProcess:
         self._process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            self._command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT
         )
         assert self._process.stdout is not None
         for line in self._process.stdout:
@@ -37,18 +37,44 @@ class BenchServer:
             if message.get("event") == "serving":
                 self.address = f"127.0.0.1:{message['port']}"
                 return self
-        raise RuntimeError("the server did not start")
+        self._stop()
+        raise RuntimeError(f"{self._command} did not start")
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=STARTUP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            if self._process.stdout is not None:
-                self._process.stdout.close()
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        try:
+            self._process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        if self._process.stdout is not None:
+            self._process.stdout.close()
+        self._process = None
+
+
+class BenchServer(ServedProcess):
+    """``with BenchServer(*flags) as server:`` a spindle-server on a free port, with its own database."""
+
+    def __init__(self, *args: str) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="spindle-bench-")
+        database = Path(self._folder.name) / "spindle.db"
+        command = [sys.executable, "-m", "spindle_server", "--host", "127.0.0.1", "--port", "0"]
+        super().__init__([*command, "--database", str(database), "--log-level", "warning", *args])
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        super().__exit__(exc_type, exc, tb)
         self._folder.cleanup()
+
+
+def echo_server() -> ServedProcess:
+    """The bare grpc.aio baseline (`bench/echo_server.py`)."""
+    return ServedProcess([sys.executable, "-m", "bench.echo_server"])

@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-METHOD = "/bench.Echo/Echo"
-
 
 async def _echo(request: bytes, _: grpc.aio.ServicerContext) -> bytes:
     return request

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
-from bench.rpc import start_process
+from bench._server import BenchServer, echo_server
 from spindle.v1 import (
     assistant_pb2,
     assistant_pb2_grpc,
@@ -60,9 +58,9 @@ async def _round(open_stream: Callable[[], grpc.aio.UnaryStreamCall], listeners:
     return counts[0], sum(counts) / (time.perf_counter() - started)
 
 
-async def measure(spindle_port: int, echo_port: int) -> list[FanoutRow]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{spindle_port}")
-    echo_channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}")
+async def measure(spindle_address: str, echo_address: str) -> list[FanoutRow]:
+    channel = grpc.aio.insecure_channel(spindle_address)
+    echo_channel = grpc.aio.insecure_channel(echo_address)
     runs = run_pb2_grpc.RunServiceStub(channel)
     assistant = await assistant_pb2_grpc.AssistantServiceStub(channel).Create(
         assistant_pb2.CreateAssistantRequest(name="fanout")
@@ -96,29 +94,8 @@ async def measure(spindle_port: int, echo_port: int) -> list[FanoutRow]:
 
 
 def run_benchmark() -> list[FanoutRow]:
-    with tempfile.TemporaryDirectory() as tmp:
-        spindle, spindle_port = start_process(
-            [
-                sys.executable,
-                "-m",
-                "spindle_server",
-                "--port",
-                "0",
-                "--database",
-                f"{tmp}/fanout.db",
-                "--log-level",
-                "warning",
-                "--coalesce-ms",
-                "0",
-            ]
-        )
-        echo, echo_port = start_process([sys.executable, "-m", "bench.echo_server"])
-        try:
-            return asyncio.run(measure(spindle_port, echo_port))
-        finally:
-            for process in (spindle, echo):
-                process.terminate()
-                process.wait(timeout=30)
+    with BenchServer("--coalesce-ms", "0") as spindle, echo_server() as echo:
+        return asyncio.run(measure(spindle.address, echo.address))
 
 
 def markdown(rows: list[FanoutRow]) -> str:

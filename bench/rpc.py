@@ -8,18 +8,14 @@ a fixed wall-clock window, median of several windows.
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
+from bench._server import BenchServer, echo_server
 from spindle.v1 import (
     assistant_pb2,
     assistant_pb2_grpc,
@@ -34,7 +30,6 @@ from spindle.v1 import (
 WINDOW_SECONDS = 1.0
 WINDOWS = 5
 BASELINE = "bare grpc.aio echo (baseline)"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
@@ -47,19 +42,6 @@ class Row:
     @property
     def ratio(self) -> float:
         return self.per_second / self.baseline if self.baseline else 0.0
-
-
-def start_process(args: list[str]) -> tuple[subprocess.Popen[str], int]:
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-    assert process.stdout is not None
-    for line in process.stdout:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        if message.get("event") == "serving":
-            return process, int(message["port"])
-    raise RuntimeError(f"{args} did not start")
 
 
 async def rates(calls: dict[str, Callable[[], Awaitable[object]]], concurrency: int) -> dict[str, float]:
@@ -86,10 +68,10 @@ async def _calls_until(call: Callable[[], Awaitable[object]], stop_at: float) ->
     return done
 
 
-async def measure(spindle_port: int, echo_port: int) -> list[Row]:
+async def measure(spindle_address: str, echo_address: str) -> list[Row]:
     rows: list[Row] = []
-    echo_channel = grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}")
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{spindle_port}")
+    echo_channel = grpc.aio.insecure_channel(echo_address)
+    channel = grpc.aio.insecure_channel(spindle_address)
     echo = echo_channel.unary_unary("/bench.Echo/Echo")
     payload = run_pb2.GetRunRequest(run_id="run_" + "0" * 24).SerializeToString()
     assistants = assistant_pb2_grpc.AssistantServiceStub(channel)
@@ -140,27 +122,8 @@ async def measure(spindle_port: int, echo_port: int) -> list[Row]:
 
 
 def run_benchmark() -> list[Row]:
-    with tempfile.TemporaryDirectory() as tmp:
-        spindle, spindle_port = start_process(
-            [
-                sys.executable,
-                "-m",
-                "spindle_server",
-                "--port",
-                "0",
-                "--database",
-                f"{tmp}/bench.db",
-                "--log-level",
-                "warning",
-            ]
-        )
-        echo, echo_port = start_process([sys.executable, "-m", "bench.echo_server"])
-        try:
-            return asyncio.run(measure(spindle_port, echo_port))
-        finally:
-            for process in (spindle, echo):
-                process.terminate()
-                process.wait(timeout=30)
+    with BenchServer() as spindle, echo_server() as echo:
+        return asyncio.run(measure(spindle.address, echo.address))
 
 
 def markdown(rows: list[Row]) -> str:

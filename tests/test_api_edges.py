@@ -39,9 +39,7 @@ async def test_a_caller_that_goes_away_does_not_let_a_retry_act_twice(store: Sql
     request = thread_pb2.CreateThreadRequest(name="once", request_id="create-1")
 
     def call() -> Any:
-        return idempotency.once(
-            store, PROJECT, "threads.create", request, request.request_id, thread_pb2.Thread, perform
-        )
+        return idempotency.once(store, PROJECT, "threads.create", request, thread_pb2.Thread, perform)
 
     first = asyncio.ensure_future(call())
     await asyncio.wait_for(started.wait(), 10)

@@ -85,11 +85,9 @@ class RunFeed:
 class EventHub:
     def __init__(self) -> None:
         self._feeds: dict[str, RunFeed] = {}
-        self.published = 0
 
     def publish(self, events: Sequence[run_pb2.StreamEvent]) -> None:
         """Store callback, after commit: events of one or more runs, in index order per run."""
-        self.published += len(events)
         by_run: dict[str, list[run_pb2.StreamEvent]] = {}
         for event in events:
             by_run.setdefault(event.run_id, []).append(event)
@@ -110,7 +108,3 @@ class EventHub:
             feed.subscribers -= 1
             if feed.subscribers == 0:
                 del self._feeds[run_id]
-
-    @property
-    def watched_runs(self) -> int:
-        return len(self._feeds)

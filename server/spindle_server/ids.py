@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import secrets
 
-PREFIXES = ("asst", "thread", "msg", "run", "step", "call")
-
 
 def new_id(prefix: str) -> str:
     # 96 random bits, lowercase base32-ish hex: unguessable, URL- and shell-safe.

@@ -100,13 +100,7 @@ class AssistantServicer(assistant_pb2_grpc.AssistantServiceServicer):
             return assistant
 
         return await idempotency.once(
-            self._store,
-            project,
-            "assistants.create",
-            request,
-            request.request_id,
-            assistant_pb2.Assistant,
-            create,
+            self._store, project, "assistants.create", request, assistant_pb2.Assistant, create
         )
 
     async def Get(
@@ -138,13 +132,7 @@ class AssistantServicer(assistant_pb2_grpc.AssistantServiceServicer):
             return await self._store.update_assistant(project, request.assistant_id, apply)
 
         return await idempotency.once(
-            self._store,
-            project,
-            "assistants.update",
-            request,
-            request.request_id,
-            assistant_pb2.Assistant,
-            update,
+            self._store, project, "assistants.update", request, assistant_pb2.Assistant, update
         )
 
     async def Delete(
@@ -161,13 +149,7 @@ class AssistantServicer(assistant_pb2_grpc.AssistantServiceServicer):
             return assistant_pb2.DeleteAssistantResponse()
 
         return await idempotency.once(
-            self._store,
-            project,
-            "assistants.delete",
-            request,
-            request.request_id,
-            assistant_pb2.DeleteAssistantResponse,
-            delete,
+            self._store, project, "assistants.delete", request, assistant_pb2.DeleteAssistantResponse, delete
         )
 
     async def List(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -19,15 +19,24 @@ R = TypeVar("R", bound=Message)
 IN_FLIGHT_WAIT_SECONDS = 10.0
 
 
+class IdempotentRequest(Protocol):
+    """A request message with a request_id field."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
+
+
 async def once(
     store: Store,
     project: str,
     method: str,
-    request: Message,
-    request_id: str,
+    request: IdempotentRequest,
     response_type: type[R],
     perform: Callable[[], Awaitable[R]],
 ) -> R:
+    request_id = request.request_id
     if not request_id:
         return await perform()
     key = f"{method}:{request_id}"

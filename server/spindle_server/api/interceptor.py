@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any
 
@@ -36,10 +35,6 @@ class ApiKeys:
     def __init__(self, keys: Mapping[str, str]) -> None:
         self._keys = dict(keys)
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
-
     def project_for(self, metadata: Mapping[str, str]) -> str:
         if not self._keys:
             return context.DEFAULT_PROJECT
@@ -62,7 +57,6 @@ class ApiKeys:
 class CallInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: ApiKeys) -> None:
         self._keys = keys
-        self.calls: Counter[tuple[str, str]] = Counter()
 
     async def intercept_service(
         self,
@@ -144,7 +138,6 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def _finish(self, call: _Call) -> None:
         elapsed = time.perf_counter() - call.started
-        self.calls[(call.method, call.code)] += 1
         slow = elapsed >= SLOW_CALL_SECONDS and not call.streaming
         level = log.info if call.code != "OK" or slow else log.debug
         level(

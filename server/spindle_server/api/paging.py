@@ -9,7 +9,6 @@ import json
 from typing import Any
 
 from spindle.v1 import common_pb2
-from spindle_server.api.errors import invalid_argument
 from spindle_server.api.validation import Validator
 from spindle_server.store.base import Page, PageQuery
 
@@ -53,6 +52,3 @@ def next_page_token(page: Page[Any], query: PageQuery, scope: str) -> str:
         {"s": page.next_seq, "d": query.descending, "f": _fingerprint(scope)}, separators=(",", ":")
     )
     return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
-
-
-__all__ = ["invalid_argument", "next_page_token", "page_query"]

@@ -15,7 +15,7 @@ from spindle_server.api.threads import messages_from_inputs
 from spindle_server.api.validation import Validator
 from spindle_server.broadcast import EventHub
 from spindle_server.engine import events, transitions
-from spindle_server.engine.engine import Engine, find_tool_step
+from spindle_server.engine.engine import Engine, find_tool_step, pending_tool_step
 from spindle_server.models.registry import ModelRegistry, UnknownModelError
 from spindle_server.store.base import TERMINAL_STATUSES, RunFilter, Store
 from spindle_server.store.errors import StateError
@@ -77,9 +77,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             self._engine.wake()
             return result.run
 
-        created = await idempotency.once(
-            self._store, project, "runs.create", request, request.request_id, run_pb2.Run, create
-        )
+        created = await idempotency.once(self._store, project, "runs.create", request, run_pb2.Run, create)
         context.note_run(created.id)
         return created
 
@@ -193,9 +191,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         async def update() -> run_pb2.Run:
             return await self._store.update_run_labels(project, request.run_id, dict(request.labels))
 
-        return await idempotency.once(
-            self._store, project, "runs.update", request, request.request_id, run_pb2.Run, update
-        )
+        return await idempotency.once(self._store, project, "runs.update", request, run_pb2.Run, update)
 
     async def Cancel(self, request: run_pb2.CancelRunRequest, _: grpc.aio.ServicerContext) -> run_pb2.Run:
         v = Validator()
@@ -207,18 +203,14 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
 
         async def cancel() -> run_pb2.Run:
             run = await self._store.get_run(project, request.run_id)
-            tool_step = None
-            if run.status == run_pb2.TOOL_CALLS:
-                tool_step = find_tool_step(await self._store.run_steps(run.id), run)
+            tool_step = await pending_tool_step(self._store, run)
             mutation = transitions.request_cancel(clock.now(), tool_step)
             result = await self._store.mutate_run(run.id, mutation, project=project)
             if result.run.status == run_pb2.CANCELLING:
                 self._engine.cancel_local(run.id)
             return result.run
 
-        return await idempotency.once(
-            self._store, project, "runs.cancel", request, request.request_id, run_pb2.Run, cancel
-        )
+        return await idempotency.once(self._store, project, "runs.cancel", request, run_pb2.Run, cancel)
 
     async def SubmitToolResults(
         self, request: run_pb2.SubmitToolResultsRequest, _: grpc.aio.ServicerContext
@@ -247,7 +239,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             return result.run
 
         return await idempotency.once(
-            self._store, project, "runs.submit_tool_results", request, request.request_id, run_pb2.Run, submit
+            self._store, project, "runs.submit_tool_results", request, run_pb2.Run, submit
         )
 
     # ---- follow ---------------------------------------------------------------------------

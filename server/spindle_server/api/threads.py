@@ -90,7 +90,7 @@ class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
             return thread
 
         return await idempotency.once(
-            self._store, project, "threads.create", request, request.request_id, thread_pb2.Thread, create
+            self._store, project, "threads.create", request, thread_pb2.Thread, create
         )
 
     async def Get(
@@ -122,7 +122,7 @@ class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
             return await self._store.update_thread(project, request.thread_id, apply)
 
         return await idempotency.once(
-            self._store, project, "threads.update", request, request.request_id, thread_pb2.Thread, update
+            self._store, project, "threads.update", request, thread_pb2.Thread, update
         )
 
     async def Delete(
@@ -139,13 +139,7 @@ class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
             return thread_pb2.DeleteThreadResponse()
 
         return await idempotency.once(
-            self._store,
-            project,
-            "threads.delete",
-            request,
-            request.request_id,
-            thread_pb2.DeleteThreadResponse,
-            delete,
+            self._store, project, "threads.delete", request, thread_pb2.DeleteThreadResponse, delete
         )
 
     async def List(
@@ -184,7 +178,7 @@ class MessageServicer(message_pb2_grpc.MessageServiceServicer):
             return message
 
         return await idempotency.once(
-            self._store, project, "messages.create", request, request.request_id, message_pb2.Message, create
+            self._store, project, "messages.create", request, message_pb2.Message, create
         )
 
     async def Get(

@@ -62,9 +62,7 @@ class Validator:
         if not ids.has_prefix(value, prefix) or len(value) > 128 or not ID_BODY.match(value):
             self.add(field, f"must be an id starting with '{prefix}_'")
 
-    def text(self, field: str, value: str, limit: int, *, required: bool = False) -> None:
-        if required and not value.strip():
-            self.add(field, "is required")
+    def text(self, field: str, value: str, limit: int) -> None:
         if len(value) > limit:
             self.add(field, f"is {len(value)} characters long; at most {limit} are allowed")
         if "\x00" in value:
@@ -92,12 +90,12 @@ class Validator:
         if value not in names or (value == 0 and not allow_unspecified):
             self.add(field, f"{value} is not a valid value")
 
-    def number(self, field: str, value: float, low: float, high: float, *, present: bool = True) -> None:
-        if present and (math.isnan(value) or not low <= value <= high):
+    def number(self, field: str, value: float, low: float, high: float) -> None:
+        if math.isnan(value) or not low <= value <= high:
             self.add(field, f"must be between {low:g} and {high:g}")
 
-    def positive(self, field: str, value: int, *, present: bool = True) -> None:
-        if present and value < 1:
+    def positive(self, field: str, value: int) -> None:
+        if value < 1:
             self.add(field, "must be at least 1")
 
     def page_size(self, value: int) -> int:

@@ -177,17 +177,12 @@ class Engine:
     async def _expire(self, run_id: str) -> None:
         try:
             _, run = await self._store.get_run_any_project(run_id)
-            tool_step = await self._pending_tool_step(run)
+            tool_step = await pending_tool_step(self._store, run)
             await self._store.mutate_run(run_id, transitions.expire(clock.now(), tool_step))
         except (StateError, NotFoundError):
             return
         log.info("run_expired", run_id=run_id)
         self.cancel_local(run_id, CANCEL_LOST_RUN)
-
-    async def _pending_tool_step(self, run: run_pb2.Run) -> run_pb2.RunStep | None:
-        if run.status != run_pb2.TOOL_CALLS:
-            return None
-        return find_tool_step(await self._store.run_steps(run.id), run)
 
     async def _recover(self, run_id: str) -> None:
         try:
@@ -204,6 +199,13 @@ class Engine:
         log.info("run_recovered", run_id=run_id, status=run_pb2.RunStatus.Name(claim.run.status))
         if claim.run.status == run_pb2.IN_PROGRESS:
             self._spawn(claim)
+
+
+async def pending_tool_step(store: Store, run: run_pb2.Run) -> run_pb2.RunStep | None:
+    """The step of a TOOL_CALLS run's pending calls, read from the store; None in other statuses."""
+    if run.status != run_pb2.TOOL_CALLS:
+        return None
+    return find_tool_step(await store.run_steps(run.id), run)
 
 
 def find_tool_step(steps: list[run_pb2.RunStep], run: run_pb2.Run) -> run_pb2.RunStep | None:

@@ -7,8 +7,6 @@ from collections.abc import Iterable
 from spindle.v1 import common_pb2, message_pb2, run_pb2
 from spindle_server.store.base import TERMINAL_STATUSES
 
-EventType = run_pb2.StreamEvent.EventType
-
 
 def status_change(
     run: run_pb2.Run, reason: str = "", *, discard_partial: bool = False

@@ -23,7 +23,6 @@ class TurnState:
     calls: dict[int, _CallBuilder] = field(default_factory=dict)
     usage: common_pb2.Usage | None = None
     finish_reason: str = ""
-    completion_words: int = 0  # fallback count when the provider reports no usage
     pending: list[run_pb2.StreamEvent] = field(default_factory=list)  # not yet written
 
     def add(self, chunk: ModelChunk) -> None:

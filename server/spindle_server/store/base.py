@@ -14,9 +14,6 @@ from typing import Generic, Protocol, TypeVar
 
 from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
 
-Run = run_pb2.Run
-RunStatus = run_pb2.RunStatus
-
 ACTIVE_STATUSES: frozenset[int] = frozenset(
     {run_pb2.PENDING, run_pb2.IN_PROGRESS, run_pb2.TOOL_CALLS, run_pb2.CANCELLING}
 )

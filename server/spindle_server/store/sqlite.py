@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -178,8 +178,18 @@ class SqliteStore:
         return _to_page(await self.db.read(read), cls, query)
 
     async def _update(
-        self, table: str, cls: type[M], kind: str, project: str, resource_id: str, mutate: Callable[[M], None]
+        self,
+        table: str,
+        cls: type[M],
+        kind: str,
+        project: str,
+        resource_id: str,
+        mutate: Callable[[M], None],
+        columns: Mapping[str, Any] | None = None,
     ) -> M:
+        """Read-modify-write of one resource's body; `columns` are set alongside it."""
+        assignments = "".join(f", {name} = ?" for name in columns or {})
+
         def write(conn: sqlite3.Connection) -> M:
             row = conn.execute(
                 f"SELECT body FROM {table} WHERE id = ? AND project = ?", (resource_id, project)
@@ -189,7 +199,8 @@ class SqliteStore:
             resource = _parse(cls, row[0])
             mutate(resource)
             conn.execute(
-                f"UPDATE {table} SET body = ? WHERE id = ?", (resource.SerializeToString(), resource_id)
+                f"UPDATE {table} SET body = ?{assignments} WHERE id = ?",
+                (resource.SerializeToString(), *(columns or {}).values(), resource_id),
             )
             return resource
 
@@ -381,23 +392,14 @@ class SqliteStore:
         return await self._list("runs", run_pb2.Run, where, args, query)
 
     async def update_run_labels(self, project: str, run_id: str, labels: dict[str, str]) -> run_pb2.Run:
-        def write(conn: sqlite3.Connection) -> run_pb2.Run:
-            row = conn.execute(
-                "SELECT body FROM runs WHERE id = ? AND project = ?", (run_id, project)
-            ).fetchone()
-            if row is None:
-                raise NotFoundError("run", run_id)
-            run = _parse(run_pb2.Run, row[0])
+        def relabel(run: run_pb2.Run) -> None:
             run.labels.clear()
             run.labels.update(labels)
             run.updated_at.CopyFrom(clock.timestamp(clock.now()))
-            conn.execute(
-                "UPDATE runs SET body = ?, labels = ? WHERE id = ?",
-                (run.SerializeToString(), json.dumps(labels), run_id),
-            )
-            return run
 
-        return await self.db.write(write)
+        return await self._update(
+            "runs", run_pb2.Run, "run", project, run_id, relabel, {"labels": json.dumps(labels)}
+        )
 
     async def mutate_run(
         self, run_id: str, mutate: RunMutation, *, epoch: int | None = None, project: str | None = None

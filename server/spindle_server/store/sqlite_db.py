@@ -53,7 +53,6 @@ class SqliteDatabase:
         self._lock_file: Any = None
         self._closing = False
         self.batches = 0
-        self.writes = 0
 
     def open(self, schema: str) -> None:
         """Take the single-owner lock, set the pragmas, create the schema, start the writer."""
@@ -180,7 +179,6 @@ class SqliteDatabase:
             failure = UnavailableError(f"database write failed: {exc}")
             outcomes = [(False, failure)] * len(batch)
         self.batches += 1
-        self.writes += len(batch)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, batch, outcomes)
 
