@@ -28,6 +28,8 @@ class ServerConfig:
     allow_unauthenticated_remote: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    api_keys_file: Path | None = None  # `sha256:<hex> PROJECT` lines, re-read on SIGHUP (keys.py)
+    tls_client_ca: Path | None = None  # PEM CA: require client certificates it signed (mutual TLS)
     grace_period: float = 10.0
     max_message_bytes: int = 8 * 1024 * 1024
     log_level: str = "info"
@@ -37,6 +39,10 @@ class ServerConfig:
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"SPINDLE_{name.upper().replace('-', '_')}", default)
+
+
+def is_local_host(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,8 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[k for k in (_env("api_keys") or "").split(",") if k],
         metavar="KEY=PROJECT",
-        help="accept 'authorization: Bearer KEY' for PROJECT "
+        help="accept 'authorization: Bearer KEY' for PROJECT, for local use only: a key on the "
+        "command line is visible in the process list; use --api-keys-file elsewhere "
         "(repeatable; SPINDLE_API_KEYS separates several with ',')",
+    )
+    option(
+        "api-keys-file",
+        Path,
+        None,
+        "file of 'sha256:<hex> PROJECT' lines, re-read on SIGHUP; add keys with "
+        "`spindle-server keys add --project P --file PATH`",
     )
     parser.add_argument(
         "--allow-unauthenticated-remote",
@@ -86,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     option("tls-cert", Path, None, "PEM certificate chain: serve TLS (with --tls-key)")
     option("tls-key", Path, None, "PEM private key for --tls-cert")
+    option("tls-client-ca", Path, None, "PEM CA certificates: require client certificates they signed")
     option("grace-period", float, defaults.grace_period, "seconds to finish calls and runs on SIGTERM")
     option("max-message-bytes", int, defaults.max_message_bytes, "largest gRPC message accepted or sent")
     option("log-level", str, defaults.log_level, "debug | info | warning | error")
@@ -119,11 +134,14 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         parser.error("--tls-cert and --tls-key go together")
     if args.log_format not in ("auto", "json", "console"):
         parser.error("--log-format must be auto, json or console")
-    local = args.host in ("127.0.0.1", "localhost", "::1", "[::1]")
-    if not local and not api_keys and not args.allow_unauthenticated_remote:
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key (client certificates need TLS)")
+    local = is_local_host(args.host)
+    keyed = bool(api_keys) or args.api_keys_file is not None
+    if not local and not keyed and not args.allow_unauthenticated_remote:
         parser.error(
             f"listening on {args.host} without API keys would let anyone in: "
-            "give --api-key KEY=PROJECT or --allow-unauthenticated-remote"
+            "give --api-keys-file PATH or --allow-unauthenticated-remote"
         )
     providers: list[ProviderConfig] = []
     for spec in args.provider:
@@ -164,6 +182,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         allow_unauthenticated_remote=args.allow_unauthenticated_remote,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        api_keys_file=args.api_keys_file,
+        tls_client_ca=args.tls_client_ca,
         grace_period=args.grace_period,
         max_message_bytes=args.max_message_bytes,
         log_level=args.log_level,

@@ -7,6 +7,7 @@ import contextlib
 import json
 import signal
 import sys
+from pathlib import Path
 
 import grpc
 import structlog
@@ -23,13 +24,14 @@ from spindle.v1 import (
     thread_pb2,
     thread_pb2_grpc,
 )
+from spindle_server import keys as api_keys
 from spindle_server.api import idempotency
 from spindle_server.api.assistants import AssistantServicer
 from spindle_server.api.interceptor import ApiKeys, CallInterceptor
 from spindle_server.api.runs import RunServicer
 from spindle_server.api.threads import MessageServicer, ThreadServicer
 from spindle_server.broadcast import EventHub
-from spindle_server.config import ServerConfig
+from spindle_server.config import ServerConfig, is_local_host
 from spindle_server.engine.engine import Engine
 from spindle_server.models.base import ModelBackend
 from spindle_server.models.builtin import BuiltinBackend
@@ -81,12 +83,20 @@ class StartupError(Exception):
 class SpindleServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        self.api_keys = ApiKeys(config.api_keys, required=config.api_keys_file is not None)
+        if config.api_keys_file is not None:
+            try:
+                self.api_keys.replace(api_keys.load(config.api_keys_file))
+            except api_keys.KeyFileError as exc:
+                raise StartupError(str(exc)) from exc
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[None]] = set()
         self.store: Store = SqliteStore(config.database)
         self.models = build_models(config)
         self.hub = EventHub()
         self.engine = Engine(self.store, self.models, config.engine)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        self.interceptor = CallInterceptor(ApiKeys(config.api_keys))
+        self.interceptor = CallInterceptor(self.api_keys)
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -118,8 +128,11 @@ class SpindleServer:
         address = f"{self.config.host}:{self.config.port}"
         try:
             if self.config.tls_cert and self.config.tls_key:
+                client_ca = self.config.tls_client_ca
                 credentials = grpc.ssl_server_credentials(
-                    [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
+                    [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())],
+                    root_certificates=client_ca.read_bytes() if client_ca else None,
+                    require_client_auth=client_ca is not None,
                 )
                 self.port = server.add_secure_port(address, credentials)
             else:
@@ -137,6 +150,29 @@ class SpindleServer:
             raise
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the API keys file (a task, so the signal handler returns at once)."""
+        task = asyncio.get_running_loop().create_task(self.reload_keys())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload_keys(self) -> None:
+        """New keys work and removed keys are refused from the next call on; a file that does not
+        parse is logged and the keys in use stay. Only counts are logged, never keys or hashes."""
+        path = self.config.api_keys_file
+        if path is None:
+            log.info("api_keys_reload_skipped", reason="no --api-keys-file")
+            return
+        async with self._reload_lock:  # two quick SIGHUPs: the later read must win
+            try:
+                entries = await asyncio.to_thread(api_keys.load, path)
+            except api_keys.KeyFileError as exc:
+                log.error("api_keys_reload_failed", error=str(exc), keys_kept=len(self.api_keys))
+                return
+            warn_if_writable_by_others(path)
+            self.api_keys.replace(entries)
+            log.info("api_keys_reloaded", keys=len(self.api_keys), projects=self.api_keys.projects())
 
     async def _set_serving(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -166,8 +202,24 @@ class SpindleServer:
             await self._server.wait_for_termination()
 
 
+def warn_if_writable_by_others(path: Path) -> None:
+    if api_keys.writable_by_others(path):
+        log.warning("api_keys_file_writable_by_others", path=str(path), advice="chmod 600")
+
+
 async def serve(config: ServerConfig) -> None:
     server = SpindleServer(config)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, AttributeError):  # no SIGHUP on Windows
+        loop.add_signal_handler(signal.SIGHUP, server.request_reload)
+    if config.api_keys and not is_local_host(config.host):
+        log.warning(
+            "api_keys_on_command_line",
+            host=config.host,
+            advice="--api-key is for local use (visible in the process list); use --api-keys-file",
+        )
+    if config.api_keys_file is not None:
+        warn_if_writable_by_others(config.api_keys_file)
     port = await server.start()
     # One machine-readable line on stdout (tests and scripts read the port from it).
     print(json.dumps({"event": "serving", "host": config.host, "port": port}), flush=True)
@@ -175,7 +227,6 @@ async def serve(config: ServerConfig) -> None:
         "serving", host=config.host, port=port, database=str(config.database), model=config.default_model
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)

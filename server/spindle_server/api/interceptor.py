@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
 import structlog
 
+from spindle_server import keys as api_keys
 from spindle_server.api import context
 from spindle_server.api.errors import ApiError, to_api_error, trailing_metadata
 
@@ -30,13 +31,35 @@ StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, N
 
 
 class ApiKeys:
-    """`authorization: Bearer KEY` -> project. With no keys configured, every call is 'default'."""
+    """`authorization: Bearer KEY` -> project. With no keys configured (and no keys file), every
+    call is 'default'; with a keys file, even an empty one, every call needs a key.
 
-    def __init__(self, keys: Mapping[str, str]) -> None:
-        self._keys = dict(keys)
+    Only SHA-256 digests of keys are held. The lookup is a dict keyed by the presented key's
+    digest: its timing depends on digests, which tell an attacker nothing about a key; the
+    match is then confirmed with a constant-time compare. `replace` swaps the whole table at
+    once (SIGHUP reload): a call authenticates once at its start, so open calls are unaffected.
+    """
+
+    def __init__(self, keys: Mapping[str, str], *, required: bool = False) -> None:
+        self._inline = {api_keys.digest(key): project for key, project in keys.items()}
+        self._table: dict[bytes, tuple[bytes, str]] = {}
+        self._required = required
+        self.replace(())
+
+    def replace(self, entries: Iterable[api_keys.KeyEntry]) -> None:
+        """Keys of the file (new ones replace old ones), plus the command line's, which stay."""
+        table = {entry.digest: (entry.digest, entry.project) for entry in entries}
+        table.update((value, (value, project)) for value, project in self._inline.items())
+        self._table = table
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def projects(self) -> int:
+        return len({project for _, project in self._table.values()})
 
     def project_for(self, metadata: Mapping[str, str]) -> str:
-        if not self._keys:
+        if not self._table and not self._required:
             return context.DEFAULT_PROJECT
         header = metadata.get("authorization", "")
         scheme, _, key = header.partition(" ")
@@ -48,9 +71,10 @@ class ApiKeys:
             raise ApiError(
                 grpc.StatusCode.UNAUTHENTICATED, "MALFORMED_API_KEY", "expected 'authorization: Bearer KEY'"
             )
-        for known, project in self._keys.items():
-            if secrets.compare_digest(known.encode(), key.strip().encode()):
-                return project
+        presented = api_keys.digest(key.strip())
+        found = self._table.get(presented)
+        if found is not None and secrets.compare_digest(found[0], presented):
+            return found[1]
         raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "INVALID_API_KEY", "the API key is not valid")
 
 
