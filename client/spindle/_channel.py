@@ -36,6 +36,8 @@ class Settings:
     api_key: str | None = None
     tls: bool = False
     root_certificates: bytes | None = None
+    client_cert: bytes | None = None
+    client_key: bytes | None = None
     timeout: float = DEFAULT_TIMEOUT
     retry: RetryPolicy = DEFAULT_RETRY
     channel_options: tuple[tuple[str, Any], ...] = ()
@@ -50,6 +52,8 @@ class Settings:
         tls: bool | None,
         root_certificates: bytes | None,
         timeout: float,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
         retry: RetryPolicy | None,
         channel_options: Sequence[tuple[str, Any]],
         interceptors: Sequence[Any],
@@ -57,11 +61,17 @@ class Settings:
         """Fill what the caller left out from ``SPINDLE_TARGET`` / ``SPINDLE_API_KEY`` and defaults."""
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if (client_cert is None) != (client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        if client_cert is not None and tls is False:
+            raise ValueError("a client certificate needs TLS")
         return cls(
             target=target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
             api_key=api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None,
-            tls=bool(root_certificates) if tls is None else tls,
+            tls=bool(root_certificates or client_cert) if tls is None else tls,
             root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
             timeout=timeout,
             retry=retry or DEFAULT_RETRY,
             channel_options=tuple(channel_options),
@@ -81,11 +91,19 @@ class Settings:
         return tuple(pairs)
 
 
+def _credentials(settings: Settings) -> grpc.ChannelCredentials:
+    """TLS, with the client's certificate when the server asks for one (mutual TLS)."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=settings.root_certificates,
+        private_key=settings.client_key,
+        certificate_chain=settings.client_cert,
+    )
+
+
 def sync_channel(settings: Settings) -> grpc.Channel:
     """A ``grpc`` channel (TLS if asked), with the settings' interceptors."""
     if settings.tls:
-        credentials = grpc.ssl_channel_credentials(root_certificates=settings.root_certificates)
-        channel = grpc.secure_channel(settings.target, credentials, options=settings.options())
+        channel = grpc.secure_channel(settings.target, _credentials(settings), options=settings.options())
     else:
         channel = grpc.insecure_channel(settings.target, options=settings.options())
     if settings.interceptors:
@@ -97,8 +115,7 @@ def async_channel(settings: Settings) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel (TLS if asked), with the settings' interceptors."""
     interceptors = list(settings.interceptors) or None
     if settings.tls:
-        credentials = grpc.ssl_channel_credentials(root_certificates=settings.root_certificates)
         return grpc.aio.secure_channel(
-            settings.target, credentials, options=settings.options(), interceptors=interceptors
+            settings.target, _credentials(settings), options=settings.options(), interceptors=interceptors
         )
     return grpc.aio.insecure_channel(settings.target, options=settings.options(), interceptors=interceptors)

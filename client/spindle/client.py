@@ -22,6 +22,8 @@ class Client:
         api_key: sent as ``authorization: Bearer KEY`` (default: ``$SPINDLE_API_KEY``).
         tls: use TLS (default: only when ``root_certificates`` is given).
         root_certificates: PEM roots to trust for TLS (default: the system's).
+        client_cert: PEM certificate chain to present to a server that asks for one (mutual
+            TLS; implies TLS), with ``client_key``, its PEM private key.
         timeout: default deadline in seconds of each call, retries included.
         retry: how UNAVAILABLE is retried (every call is safe to retry).
         channel_options: extra ``grpc`` channel options.
@@ -41,6 +43,8 @@ class Client:
         api_key: str | None = None,
         tls: bool | None = None,
         root_certificates: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
@@ -52,6 +56,8 @@ class Client:
             api_key,
             tls=tls,
             root_certificates=root_certificates,
+            client_cert=client_cert,
+            client_key=client_key,
             timeout=timeout,
             retry=retry,
             channel_options=channel_options,

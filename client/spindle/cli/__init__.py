@@ -30,14 +30,18 @@ def main(
     out.as_json = args.json
     try:
         roots = Path(args.ca_file).read_bytes() if args.ca_file else None
+        cert = Path(args.tls_client_cert).read_bytes() if args.tls_client_cert else None
+        key = Path(args.tls_client_key).read_bytes() if args.tls_client_key else None
         client = Client(
             args.target,
             api_key=args.api_key,
-            tls=args.tls or roots is not None,
+            tls=args.tls or roots is not None or cert is not None,
             root_certificates=roots,
+            client_cert=cert,
+            client_key=key,
             timeout=args.rpc_timeout,
         )
-    except (OSError, ValueError) as exc:  # an unreadable --ca-file, a --rpc-timeout <= 0
+    except (OSError, ValueError) as exc:  # unreadable file, --rpc-timeout <= 0, cert without key
         out.note(f"error: {exc}")
         return _exit.USAGE
     try:

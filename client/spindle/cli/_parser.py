@@ -29,6 +29,14 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS")
     parser.add_argument("--ca-file", default=default(None), help="PEM roots to trust for TLS (implies --tls)")
     parser.add_argument(
+        "--tls-client-cert",
+        default=default(None),
+        help="PEM client certificate for a server that requires one (mutual TLS; implies --tls)",
+    )
+    parser.add_argument(
+        "--tls-client-key", default=default(None), help="PEM private key of --tls-client-cert"
+    )
+    parser.add_argument(
         "--rpc-timeout", type=float, default=default(30.0), help="deadline of each call in seconds"
     )
     parser.add_argument(
