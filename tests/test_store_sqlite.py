@@ -11,9 +11,9 @@ import pytest
 from spindle.v1 import message_pb2, run_pb2, thread_pb2
 from spindle_server import clock
 from spindle_server.engine import events, transitions
-from spindle_server.store.base import PageQuery, RunChange
-from spindle_server.store.errors import FencedError, StateError, UnavailableError
-from spindle_server.store.sqlite import ABANDONED_RESERVATION_SECONDS, SqliteStore
+from spindle_server.store.base import PageQuery, RequestKey, RequestReplayed, RunChange, RunFilter
+from spindle_server.store.errors import FencedError, NotFoundError, StateError, UnavailableError
+from spindle_server.store.sqlite import SqliteStore
 
 PROJECT = "p"
 
@@ -83,23 +83,125 @@ async def test_one_active_run_per_thread_is_enforced_in_the_transaction(store: S
         await store.insert_message(PROJECT, message_pb2.Message(id="msg_1", thread_id="thread_1"))
 
 
-async def test_abandoned_request_reservations_are_taken_over(store: SqliteStore) -> None:
-    assert await store.reserve_request(PROJECT, "k", "f1") is None
-    pending = await store.reserve_request(PROJECT, "k", "f1")
-    assert pending is not None and pending.response is None  # still being served
+def request_key(request_id: str = "r1", fingerprint: str = "f1", method: str = "runs.create") -> RequestKey:
+    return RequestKey(PROJECT, method, request_id, fingerprint)
 
-    def age(conn: sqlite3.Connection) -> None:
+
+def new_run(run_id: str, thread_id: str = "thread_1") -> run_pb2.Run:
+    return run_pb2.Run(id=run_id, thread_id=thread_id, assistant_id="asst_1", status=run_pb2.PENDING)
+
+
+async def test_the_answer_commits_with_the_change_and_a_replay_changes_nothing(store: SqliteStore) -> None:
+    await store.insert_thread(PROJECT, thread_pb2.Thread(id="thread_1"), [])
+    first = request_key()
+    created = await store.insert_run(PROJECT, new_run("run_1"), [], clock.now() + 60, [], record=first)
+    assert first.recorded
+    stored = await store.get_request(PROJECT, first.key)
+    assert stored is not None and stored.fingerprint == "f1"
+    assert run_pb2.Run.FromString(stored.response) == created.run
+    # The same request_id again (a retry that missed the answer): refused inside the transaction
+    # with the first answer, before its own change is tried (it would be THREAD_HAS_ACTIVE_RUN).
+    with pytest.raises(RequestReplayed) as replayed:
+        await store.insert_run(PROJECT, new_run("run_2"), [], clock.now() + 60, [], record=request_key())
+    assert replayed.value.record == stored
+    runs = await store.list_runs(PROJECT, RunFilter(thread_id="thread_1"), PageQuery(limit=10))
+    assert [r.id for r in runs.items] == ["run_1"]
+
+
+async def test_queued_twins_apply_once_and_share_the_answer(store: SqliteStore) -> None:
+    await store.insert_thread(PROJECT, thread_pb2.Thread(id="thread_1"), [])
+    twins = [message_pb2.Message(id=f"msg_{i}", thread_id="thread_1") for i in range(5)]
+    results = await asyncio.gather(
+        *(store.insert_message(PROJECT, m, record=request_key(method="messages.create")) for m in twins),
+        return_exceptions=True,
+    )
+    assert results[0] is None  # queued first, so written first
+    assert all(isinstance(r, RequestReplayed) for r in results[1:])
+    answers = {r.record.response for r in results[1:] if isinstance(r, RequestReplayed)}
+    assert answers == {twins[0].SerializeToString()}
+    page = await store.list_messages(PROJECT, "thread_1", PageQuery(limit=10))
+    assert [m.id for m in page.items] == ["msg_0"]
+
+
+async def test_a_different_request_under_the_same_id_changes_nothing(store: SqliteStore) -> None:
+    await queued_run(store)
+    cancel = transitions.request_cancel(clock.now(), None)
+    await store.mutate_run("run_1", cancel, record=request_key("c", "f1", "runs.cancel"))
+    with pytest.raises(RequestReplayed) as replayed:
+        note = transitions.stream([events.message_delta("not applied")])
+        await store.mutate_run("run_1", note, record=request_key("c", "other", "runs.cancel"))
+    assert replayed.value.record.fingerprint == "f1"
+    logged = await store.read_events("run_1", 0, 100)
+    assert not [e for e in logged if e.type == run_pb2.StreamEvent.PARTIAL_MESSAGE]
+
+
+async def test_a_failed_write_records_no_answer(store: SqliteStore) -> None:
+    key = request_key(method="messages.create")
+    with pytest.raises(NotFoundError):
+        await store.insert_message(PROJECT, message_pb2.Message(id="msg_1", thread_id="thread_9"), record=key)
+    assert not key.recorded
+    assert await store.get_request(PROJECT, key.key) is None
+
+
+async def test_every_write_records_its_answer(store: SqliteStore) -> None:
+    """Each write an API method makes stores what that method answers."""
+    thread = thread_pb2.Thread(id="thread_1", name="t")
+    await store.insert_thread(PROJECT, thread, [], record=request_key("1", method="threads.create"))
+    renamed = await store.update_thread(
+        PROJECT,
+        "thread_1",
+        lambda t: setattr(t, "name", "u"),
+        record=request_key("2", method="threads.update"),
+    )
+    run = (await store.insert_run(PROJECT, new_run("run_1"), [], clock.now() + 60, [])).run
+    relabelled = await store.update_run_labels(PROJECT, run.id, {"a": "b"}, record=request_key("3"))
+    cancelled = await store.mutate_run(
+        run.id, transitions.request_cancel(clock.now(), None), record=request_key("4")
+    )
+    await store.insert_thread(PROJECT, thread_pb2.Thread(id="thread_2"), [])
+    await store.delete_thread(PROJECT, "thread_2", record=request_key("5", method="threads.delete"))
+    expected = {
+        "1": thread.SerializeToString(),
+        "2": renamed.SerializeToString(),
+        "3": relabelled.SerializeToString(),
+        "4": cancelled.run.SerializeToString(),
+        "5": b"",
+    }
+    methods = {"1": "threads.create", "2": "threads.update", "5": "threads.delete"}
+    for request_id, answer in expected.items():
+        stored = await store.get_request(PROJECT, f"{methods.get(request_id, 'runs.create')}:{request_id}")
+        assert stored is not None and stored.response == answer, request_id
+
+
+async def test_saved_answers_keep_the_first_and_expire(store: SqliteStore) -> None:
+    first = await store.save_request(request_key(), b"first")
+    assert first.response == b"first"
+    kept = await store.save_request(request_key(fingerprint="f2"), b"second")
+    assert kept == first
+    assert await store.purge_requests(clock.now() + 1) == 1
+    assert await store.get_request(PROJECT, request_key().key) is None
+
+
+async def test_reservations_left_by_the_old_scheme_are_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = SqliteStore(path)
+    await old.start()
+
+    def reserve(conn: sqlite3.Connection) -> None:
         conn.execute(
-            "UPDATE idempotency SET created_at = created_at - ?", (ABANDONED_RESERVATION_SECONDS + 1,)
+            "INSERT INTO idempotency(project, key, fingerprint, response, created_at)"
+            " VALUES (?, ?, ?, NULL, ?)",
+            (PROJECT, "runs.create:r1", "f1", clock.now()),
         )
 
-    await store.db.write(age)
-    assert await store.reserve_request(PROJECT, "k", "f2") is None  # its server died: free again
-    await store.complete_request(PROJECT, "k", b"answer")
-    done = await store.reserve_request(PROJECT, "k", "f2")
-    assert done is not None and done.response == b"answer"
-    assert await store.purge_requests(clock.now() + 1) == 1
-    assert await store.reserve_request(PROJECT, "k", "f3") is None
+    await old.db.write(reserve)
+    await old.close()
+    reopened = SqliteStore(path)
+    await reopened.start()
+    try:
+        assert await reopened.get_request(PROJECT, "runs.create:r1") is None
+    finally:
+        await reopened.close()
 
 
 async def test_pages_follow_the_cursor(store: SqliteStore) -> None:

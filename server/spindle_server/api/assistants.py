@@ -10,7 +10,7 @@ from spindle_server.api import context, idempotency, masks, validation
 from spindle_server.api.paging import next_page_token, page_query
 from spindle_server.api.validation import Validator
 from spindle_server.models.registry import ModelRegistry, UnknownModelError
-from spindle_server.store.base import Store
+from spindle_server.store.base import RequestKey, Store
 
 UPDATABLE = (
     "name",
@@ -79,7 +79,7 @@ class AssistantServicer(assistant_pb2_grpc.AssistantServiceServicer):
         v.check()
         project = context.project()
 
-        async def create() -> assistant_pb2.Assistant:
+        async def create(record: RequestKey | None) -> assistant_pb2.Assistant:
             now = clock.timestamp(clock.now())
             assistant = assistant_pb2.Assistant(
                 id=ids.new_id("asst"),
@@ -96,7 +96,7 @@ class AssistantServicer(assistant_pb2_grpc.AssistantServiceServicer):
             for name in ("completion_options", "prompt_truncation_options", "response_format"):
                 if request.HasField(name):
                     getattr(assistant, name).CopyFrom(getattr(request, name))
-            await self._store.insert_assistant(project, assistant)
+            await self._store.insert_assistant(project, assistant, record=record)
             return assistant
 
         return await idempotency.once(
@@ -128,8 +128,8 @@ class AssistantServicer(assistant_pb2_grpc.AssistantServiceServicer):
                 assistant.model = self._models.default_model
             assistant.updated_at.CopyFrom(clock.timestamp(clock.now()))
 
-        async def update() -> assistant_pb2.Assistant:
-            return await self._store.update_assistant(project, request.assistant_id, apply)
+        async def update(record: RequestKey | None) -> assistant_pb2.Assistant:
+            return await self._store.update_assistant(project, request.assistant_id, apply, record=record)
 
         return await idempotency.once(
             self._store, project, "assistants.update", request, assistant_pb2.Assistant, update
@@ -144,8 +144,8 @@ class AssistantServicer(assistant_pb2_grpc.AssistantServiceServicer):
         v.check()
         project = context.project()
 
-        async def delete() -> assistant_pb2.DeleteAssistantResponse:
-            await self._store.delete_assistant(project, request.assistant_id)
+        async def delete(record: RequestKey | None) -> assistant_pb2.DeleteAssistantResponse:
+            await self._store.delete_assistant(project, request.assistant_id, record=record)
             return assistant_pb2.DeleteAssistantResponse()
 
         return await idempotency.once(

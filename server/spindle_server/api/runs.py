@@ -17,7 +17,7 @@ from spindle_server.broadcast import EventHub
 from spindle_server.engine import events, transitions
 from spindle_server.engine.engine import Engine, find_tool_step, pending_tool_step
 from spindle_server.models.registry import ModelRegistry, UnknownModelError
-from spindle_server.store.base import TERMINAL_STATUSES, RunFilter, Store
+from spindle_server.store.base import TERMINAL_STATUSES, RequestKey, RunFilter, Store
 from spindle_server.store.errors import StateError
 
 DEFAULT_WAIT_SECONDS = 30.0
@@ -62,7 +62,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             v.add("model", str(exc))
         v.check()
 
-        async def create() -> run_pb2.Run:
+        async def create(record: RequestKey | None) -> run_pb2.Run:
             now = clock.now()
             run.id = ids.new_id("run")
             run.created_at.CopyFrom(clock.timestamp(now))
@@ -72,7 +72,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             for message in messages:
                 message.run_id = ""
             result = await self._store.insert_run(
-                project, run, messages, deadline, [events.status_change(run, "queued")]
+                project, run, messages, deadline, [events.status_change(run, "queued")], record=record
             )
             self._engine.wake()
             return result.run
@@ -188,8 +188,10 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         project = context.project()
         context.note_run(request.run_id)
 
-        async def update() -> run_pb2.Run:
-            return await self._store.update_run_labels(project, request.run_id, dict(request.labels))
+        async def update(record: RequestKey | None) -> run_pb2.Run:
+            return await self._store.update_run_labels(
+                project, request.run_id, dict(request.labels), record=record
+            )
 
         return await idempotency.once(self._store, project, "runs.update", request, run_pb2.Run, update)
 
@@ -201,11 +203,11 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         project = context.project()
         context.note_run(request.run_id)
 
-        async def cancel() -> run_pb2.Run:
+        async def cancel(record: RequestKey | None) -> run_pb2.Run:
             run = await self._store.get_run(project, request.run_id)
             tool_step = await pending_tool_step(self._store, run)
             mutation = transitions.request_cancel(clock.now(), tool_step)
-            result = await self._store.mutate_run(run.id, mutation, project=project)
+            result = await self._store.mutate_run(run.id, mutation, project=project, record=record)
             if result.run.status == run_pb2.CANCELLING:
                 self._engine.cancel_local(run.id)
             return result.run
@@ -219,7 +221,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         project = context.project()
         context.note_run(request.run_id)
 
-        async def submit() -> run_pb2.Run:
+        async def submit(record: RequestKey | None) -> run_pb2.Run:
             run = await self._store.get_run(project, request.run_id)
             steps = await self._store.run_steps(run.id)
             if run.status != run_pb2.TOOL_CALLS:
@@ -234,7 +236,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                 raise StateError("RUN_CHANGED", f"run {run.id} changed while submitting; retry")
             deadline = transitions.run_deadline(run, self._engine.config.run_timeout)
             mutation = transitions.submit_tool_results(clock.now(), results, step, deadline)
-            result = await self._store.mutate_run(run.id, mutation, project=project)
+            result = await self._store.mutate_run(run.id, mutation, project=project, record=record)
             self._engine.wake()
             return result.run
 

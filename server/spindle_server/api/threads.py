@@ -11,7 +11,7 @@ from spindle_server import clock, ids
 from spindle_server.api import context, idempotency, masks, validation
 from spindle_server.api.paging import next_page_token, page_query
 from spindle_server.api.validation import Validator
-from spindle_server.store.base import Store
+from spindle_server.store.base import RequestKey, Store
 
 THREAD_UPDATABLE = ("name", "description", "labels")
 
@@ -75,7 +75,7 @@ class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
         )
         v.check()
 
-        async def create() -> thread_pb2.Thread:
+        async def create(record: RequestKey | None) -> thread_pb2.Thread:
             now = clock.timestamp(clock.now())
             thread = thread_pb2.Thread(
                 id=thread_id,
@@ -86,7 +86,7 @@ class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
                 updated_at=now,
                 created_by=project,
             )
-            await self._store.insert_thread(project, thread, messages)
+            await self._store.insert_thread(project, thread, messages, record=record)
             return thread
 
         return await idempotency.once(
@@ -118,8 +118,8 @@ class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
             masks.copy_fields(thread, request, fields)
             thread.updated_at.CopyFrom(clock.timestamp(clock.now()))
 
-        async def update() -> thread_pb2.Thread:
-            return await self._store.update_thread(project, request.thread_id, apply)
+        async def update(record: RequestKey | None) -> thread_pb2.Thread:
+            return await self._store.update_thread(project, request.thread_id, apply, record=record)
 
         return await idempotency.once(
             self._store, project, "threads.update", request, thread_pb2.Thread, update
@@ -134,8 +134,8 @@ class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
         v.check()
         project = context.project()
 
-        async def delete() -> thread_pb2.DeleteThreadResponse:
-            await self._store.delete_thread(project, request.thread_id)
+        async def delete(record: RequestKey | None) -> thread_pb2.DeleteThreadResponse:
+            await self._store.delete_thread(project, request.thread_id, record=record)
             return thread_pb2.DeleteThreadResponse()
 
         return await idempotency.once(
@@ -170,11 +170,11 @@ class MessageServicer(message_pb2_grpc.MessageServiceServicer):
         v.check()
         project = context.project()
 
-        async def create() -> message_pb2.Message:
+        async def create(record: RequestKey | None) -> message_pb2.Message:
             message = new_message(
                 request.thread_id, request.role, parts, dict(request.labels), project, clock.now()
             )
-            await self._store.insert_message(project, message)
+            await self._store.insert_message(project, message, record=record)
             return message
 
         return await idempotency.once(

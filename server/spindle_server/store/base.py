@@ -4,6 +4,10 @@ Resources are kept as their protobuf messages (the API contract is the schema) n
 columns that queries need. Every change of a run goes through `mutate_run`, which applies a
 pure function to the current run inside one transaction and appends the events it returns
 with gap-free indexes, so a status change and its event are committed together or not at all.
+
+Every write an API method can make takes `record`, the request_id it serves (AIP-155): the store
+commits that request's answer in the same transaction as the change, or refuses the change with
+RequestReplayed when the request_id is already answered, so no crash or race applies it twice.
 """
 
 from __future__ import annotations
@@ -78,8 +82,37 @@ class ClaimedRun:
 
 @dataclass(frozen=True, slots=True)
 class IdempotencyRecord:
+    """The answer a request_id was given, and which request it answered."""
+
     fingerprint: str
-    response: bytes | None  # None while the first request is still being served
+    response: bytes
+
+
+@dataclass(slots=True)
+class RequestKey:
+    """A request_id whose answer a write records with its change (see the module docstring).
+
+    The answer recorded is what the write returns to the API: the resource written (the run, for
+    run writes), or the empty response for a delete. `recorded` is set once a write stored it.
+    """
+
+    project: str
+    method: str
+    request_id: str
+    fingerprint: str
+    recorded: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}:{self.request_id}"
+
+
+class RequestReplayed(Exception):
+    """The request_id was answered already (maybe by a concurrent twin): the write did nothing."""
+
+    def __init__(self, record: IdempotencyRecord) -> None:
+        super().__init__("request_id already answered")
+        self.record = record
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,31 +135,49 @@ class Store(Protocol):
         ...
 
     # Assistants
-    async def insert_assistant(self, project: str, assistant: assistant_pb2.Assistant) -> None: ...
+    async def insert_assistant(
+        self, project: str, assistant: assistant_pb2.Assistant, *, record: RequestKey | None = None
+    ) -> None: ...
     async def get_assistant(self, project: str, assistant_id: str) -> assistant_pb2.Assistant: ...
     async def update_assistant(
         self,
         project: str,
         assistant_id: str,
         mutate: Callable[[assistant_pb2.Assistant], None],
+        *,
+        record: RequestKey | None = None,
     ) -> assistant_pb2.Assistant: ...
-    async def delete_assistant(self, project: str, assistant_id: str) -> None: ...
+    async def delete_assistant(
+        self, project: str, assistant_id: str, *, record: RequestKey | None = None
+    ) -> None: ...
     async def list_assistants(self, project: str, query: PageQuery) -> Page[assistant_pb2.Assistant]: ...
 
     # Threads and messages
     async def insert_thread(
-        self, project: str, thread: thread_pb2.Thread, messages: Sequence[message_pb2.Message]
+        self,
+        project: str,
+        thread: thread_pb2.Thread,
+        messages: Sequence[message_pb2.Message],
+        *,
+        record: RequestKey | None = None,
     ) -> None: ...
     async def get_thread(self, project: str, thread_id: str) -> thread_pb2.Thread: ...
     async def update_thread(
-        self, project: str, thread_id: str, mutate: Callable[[thread_pb2.Thread], None]
+        self,
+        project: str,
+        thread_id: str,
+        mutate: Callable[[thread_pb2.Thread], None],
+        *,
+        record: RequestKey | None = None,
     ) -> thread_pb2.Thread: ...
-    async def delete_thread(self, project: str, thread_id: str) -> None:
+    async def delete_thread(self, project: str, thread_id: str, *, record: RequestKey | None = None) -> None:
         """Deletes messages, runs, steps and events too; StateError while a run is active."""
         ...
 
     async def list_threads(self, project: str, query: PageQuery) -> Page[thread_pb2.Thread]: ...
-    async def insert_message(self, project: str, message: message_pb2.Message) -> None:
+    async def insert_message(
+        self, project: str, message: message_pb2.Message, *, record: RequestKey | None = None
+    ) -> None:
         """StateError while the thread has an active run."""
         ...
 
@@ -146,6 +197,8 @@ class Store(Protocol):
         messages: Sequence[message_pb2.Message],
         deadline: float,
         events: Sequence[run_pb2.StreamEvent],
+        *,
+        record: RequestKey | None = None,
     ) -> MutationResult:
         """Adds `messages` to the thread and the run; StateError when the thread has an active run."""
         ...
@@ -154,9 +207,17 @@ class Store(Protocol):
     async def get_run_any_project(self, run_id: str) -> tuple[str, run_pb2.Run]: ...
     async def get_last_run(self, project: str, thread_id: str) -> run_pb2.Run: ...
     async def list_runs(self, project: str, flt: RunFilter, query: PageQuery) -> Page[run_pb2.Run]: ...
-    async def update_run_labels(self, project: str, run_id: str, labels: dict[str, str]) -> run_pb2.Run: ...
+    async def update_run_labels(
+        self, project: str, run_id: str, labels: dict[str, str], *, record: RequestKey | None = None
+    ) -> run_pb2.Run: ...
     async def mutate_run(
-        self, run_id: str, mutate: RunMutation, *, epoch: int | None = None, project: str | None = None
+        self,
+        run_id: str,
+        mutate: RunMutation,
+        *,
+        epoch: int | None = None,
+        project: str | None = None,
+        record: RequestKey | None = None,
     ) -> MutationResult:
         """Apply `mutate` atomically; FencedError if `epoch` is given and is no longer the run's."""
         ...
@@ -184,14 +245,16 @@ class Store(Protocol):
         """At start-up: end the leases a dead predecessor held, where the store knows it is alone."""
         ...
 
-    # Idempotency (AIP-155)
-    async def reserve_request(self, project: str, key: str, fingerprint: str) -> IdempotencyRecord | None:
-        """Reserve `key`; None if it was free, else the existing record."""
+    # Idempotency (AIP-155); the answers themselves are written by the writes above (`record`)
+    async def get_request(self, project: str, key: str) -> IdempotencyRecord | None:
+        """The answer recorded for `key` (RequestKey.key), if any."""
         ...
 
-    async def complete_request(self, project: str, key: str, response: bytes) -> None: ...
+    async def save_request(self, request: RequestKey, response: bytes) -> IdempotencyRecord:
+        """Record the answer of a request that wrote nothing; returns the record that is kept
+        (an earlier one wins)."""
+        ...
+
     async def purge_requests(self, older_than: float) -> int:
         """Forget request_ids older than `older_than` (epoch seconds); returns how many."""
         ...
-
-    async def release_request(self, project: str, key: str) -> None: ...

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message as ProtoMessage
 
 from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
-from spindle_server import clock
+from spindle_server import clock, faults
 from spindle_server.store.base import (
     ACTIVE_STATUSES,
     ClaimedRun,
@@ -21,6 +21,8 @@ from spindle_server.store.base import (
     MutationResult,
     Page,
     PageQuery,
+    RequestKey,
+    RequestReplayed,
     RunChange,
     RunFilter,
     RunMutation,
@@ -29,9 +31,7 @@ from spindle_server.store.errors import FencedError, NotFoundError, StateError
 from spindle_server.store.sqlite_db import SqliteDatabase
 
 M = TypeVar("M", bound=ProtoMessage)
-
-# A request_id reserved this long ago without an answer belongs to a server that died mid-call.
-ABANDONED_RESERVATION_SECONDS = 60.0
+T = TypeVar("T")
 
 _ACTIVE = ",".join(str(s) for s in sorted(ACTIVE_STATUSES))
 
@@ -100,6 +100,9 @@ CREATE TABLE IF NOT EXISTS idempotency (
   created_at REAL NOT NULL,
   PRIMARY KEY (project, key)
 ) WITHOUT ROWID;
+-- Reservations without an answer were left by versions that reserved before writing; answers are
+-- now written with their change, so such a row proves nothing was answered: drop it.
+DELETE FROM idempotency WHERE response IS NULL;
 """
 
 
@@ -151,6 +154,31 @@ class SqliteStore:
             for listener in self._listeners:
                 listener(events)
 
+    async def _write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        record: RequestKey | None,
+        answer: Callable[[T], bytes],
+        after_commit: Callable[[T], None] | None = None,
+    ) -> T:
+        """`fn` in one transaction with `record`'s answer (`answer(result)`): both commit or neither."""
+        if record is None:
+            return await self.db.write(fn, after_commit)
+
+        def write(conn: sqlite3.Connection) -> T:
+            # Checked first, inside the transaction: a twin that committed (or was queued ahead
+            # in this batch) wins, and this change is rolled back before it is even tried.
+            _refuse_replay(conn, record)
+            result = fn(conn)
+            _insert_request(conn, record, answer(result))
+            if faults.ENABLED:
+                faults.reached_sync(f"idempotency.in_transaction:{record.method}")
+            return result
+
+        result = await self.db.write(write, after_commit)
+        record.recorded = True
+        return result
+
     # ---- generic resources -------------------------------------------------------------
 
     async def _get(self, table: str, cls: type[M], kind: str, project: str, resource_id: str) -> M:
@@ -186,6 +214,7 @@ class SqliteStore:
         resource_id: str,
         mutate: Callable[[M], None],
         columns: Mapping[str, Any] | None = None,
+        record: RequestKey | None = None,
     ) -> M:
         """Read-modify-write of one resource's body; `columns` are set alongside it."""
         assignments = "".join(f", {name} = ?" for name in columns or {})
@@ -204,30 +233,39 @@ class SqliteStore:
             )
             return resource
 
-        return await self.db.write(write)
+        return await self._write(write, record, _serialized)
 
     # ---- assistants --------------------------------------------------------------------
 
-    async def insert_assistant(self, project: str, assistant: assistant_pb2.Assistant) -> None:
+    async def insert_assistant(
+        self, project: str, assistant: assistant_pb2.Assistant, *, record: RequestKey | None = None
+    ) -> None:
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO assistants(id, project, body) VALUES (?, ?, ?)",
                 (assistant.id, project, assistant.SerializeToString()),
             )
 
-        await self.db.write(write)
+        await self._write(write, record, lambda _: assistant.SerializeToString())
 
     async def get_assistant(self, project: str, assistant_id: str) -> assistant_pb2.Assistant:
         return await self._get("assistants", assistant_pb2.Assistant, "assistant", project, assistant_id)
 
     async def update_assistant(
-        self, project: str, assistant_id: str, mutate: Callable[[assistant_pb2.Assistant], None]
+        self,
+        project: str,
+        assistant_id: str,
+        mutate: Callable[[assistant_pb2.Assistant], None],
+        *,
+        record: RequestKey | None = None,
     ) -> assistant_pb2.Assistant:
         return await self._update(
-            "assistants", assistant_pb2.Assistant, "assistant", project, assistant_id, mutate
+            "assistants", assistant_pb2.Assistant, "assistant", project, assistant_id, mutate, record=record
         )
 
-    async def delete_assistant(self, project: str, assistant_id: str) -> None:
+    async def delete_assistant(
+        self, project: str, assistant_id: str, *, record: RequestKey | None = None
+    ) -> None:
         def write(conn: sqlite3.Connection) -> None:
             cursor = conn.execute(
                 "DELETE FROM assistants WHERE id = ? AND project = ?", (assistant_id, project)
@@ -235,7 +273,7 @@ class SqliteStore:
             if cursor.rowcount == 0:
                 raise NotFoundError("assistant", assistant_id)
 
-        await self.db.write(write)
+        await self._write(write, record, _empty)
 
     async def list_assistants(self, project: str, query: PageQuery) -> Page[assistant_pb2.Assistant]:
         return await self._list("assistants", assistant_pb2.Assistant, "project = ?", [project], query)
@@ -243,7 +281,12 @@ class SqliteStore:
     # ---- threads -----------------------------------------------------------------------
 
     async def insert_thread(
-        self, project: str, thread: thread_pb2.Thread, messages: Sequence[message_pb2.Message]
+        self,
+        project: str,
+        thread: thread_pb2.Thread,
+        messages: Sequence[message_pb2.Message],
+        *,
+        record: RequestKey | None = None,
     ) -> None:
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -252,17 +295,24 @@ class SqliteStore:
             )
             _insert_messages(conn, project, messages)
 
-        await self.db.write(write)
+        await self._write(write, record, lambda _: thread.SerializeToString())
 
     async def get_thread(self, project: str, thread_id: str) -> thread_pb2.Thread:
         return await self._get("threads", thread_pb2.Thread, "thread", project, thread_id)
 
     async def update_thread(
-        self, project: str, thread_id: str, mutate: Callable[[thread_pb2.Thread], None]
+        self,
+        project: str,
+        thread_id: str,
+        mutate: Callable[[thread_pb2.Thread], None],
+        *,
+        record: RequestKey | None = None,
     ) -> thread_pb2.Thread:
-        return await self._update("threads", thread_pb2.Thread, "thread", project, thread_id, mutate)
+        return await self._update(
+            "threads", thread_pb2.Thread, "thread", project, thread_id, mutate, record=record
+        )
 
-    async def delete_thread(self, project: str, thread_id: str) -> None:
+    async def delete_thread(self, project: str, thread_id: str, *, record: RequestKey | None = None) -> None:
         def write(conn: sqlite3.Connection) -> None:
             _require_thread(conn, project, thread_id)
             _require_no_active_run(conn, thread_id, "delete the thread")
@@ -276,20 +326,22 @@ class SqliteStore:
             conn.execute("DELETE FROM messages WHERE thread_id = ?", (thread_id,))
             conn.execute("DELETE FROM threads WHERE id = ?", (thread_id,))
 
-        await self.db.write(write)
+        await self._write(write, record, _empty)
 
     async def list_threads(self, project: str, query: PageQuery) -> Page[thread_pb2.Thread]:
         return await self._list("threads", thread_pb2.Thread, "project = ?", [project], query)
 
     # ---- messages ----------------------------------------------------------------------
 
-    async def insert_message(self, project: str, message: message_pb2.Message) -> None:
+    async def insert_message(
+        self, project: str, message: message_pb2.Message, *, record: RequestKey | None = None
+    ) -> None:
         def write(conn: sqlite3.Connection) -> None:
             _require_thread(conn, project, message.thread_id)
             _require_no_active_run(conn, message.thread_id, "add a message")
             _insert_messages(conn, project, [message])
 
-        await self.db.write(write)
+        await self._write(write, record, lambda _: message.SerializeToString())
 
     async def get_message(self, project: str, message_id: str) -> message_pb2.Message:
         return await self._get("messages", message_pb2.Message, "message", project, message_id)
@@ -320,6 +372,8 @@ class SqliteStore:
         messages: Sequence[message_pb2.Message],
         deadline: float,
         events: Sequence[run_pb2.StreamEvent],
+        *,
+        record: RequestKey | None = None,
     ) -> MutationResult:
         def write(conn: sqlite3.Connection) -> MutationResult:
             _require_thread(conn, project, run.thread_id)
@@ -343,7 +397,7 @@ class SqliteStore:
             conn.execute("UPDATE runs SET next_event_idx = ? WHERE id = ?", (len(stored), run.id))
             return MutationResult(run, stored)
 
-        return await self.db.write(write, self._publish)
+        return await self._write(write, record, _run_answer, self._publish)
 
     async def get_run(self, project: str, run_id: str) -> run_pb2.Run:
         return await self._get("runs", run_pb2.Run, "run", project, run_id)
@@ -391,23 +445,31 @@ class SqliteStore:
             args.extend([key, value])
         return await self._list("runs", run_pb2.Run, where, args, query)
 
-    async def update_run_labels(self, project: str, run_id: str, labels: dict[str, str]) -> run_pb2.Run:
+    async def update_run_labels(
+        self, project: str, run_id: str, labels: dict[str, str], *, record: RequestKey | None = None
+    ) -> run_pb2.Run:
         def relabel(run: run_pb2.Run) -> None:
             run.labels.clear()
             run.labels.update(labels)
             run.updated_at.CopyFrom(clock.timestamp(clock.now()))
 
         return await self._update(
-            "runs", run_pb2.Run, "run", project, run_id, relabel, {"labels": json.dumps(labels)}
+            "runs", run_pb2.Run, "run", project, run_id, relabel, {"labels": json.dumps(labels)}, record
         )
 
     async def mutate_run(
-        self, run_id: str, mutate: RunMutation, *, epoch: int | None = None, project: str | None = None
+        self,
+        run_id: str,
+        mutate: RunMutation,
+        *,
+        epoch: int | None = None,
+        project: str | None = None,
+        record: RequestKey | None = None,
     ) -> MutationResult:
         def write(conn: sqlite3.Connection) -> MutationResult:
             return _mutate_run(conn, run_id, mutate, epoch=epoch, project=project)
 
-        return await self.db.write(write, self._publish)
+        return await self._write(write, record, _run_answer, self._publish)
 
     async def run_steps(self, run_id: str) -> list[run_pb2.RunStep]:
         def read(conn: sqlite3.Connection) -> list[bytes]:
@@ -516,25 +578,27 @@ class SqliteStore:
 
     # ---- idempotency -------------------------------------------------------------------
 
-    async def reserve_request(self, project: str, key: str, fingerprint: str) -> IdempotencyRecord | None:
-        def write(conn: sqlite3.Connection) -> IdempotencyRecord | None:
-            now = clock.now()
+    async def get_request(self, project: str, key: str) -> IdempotencyRecord | None:
+        def read(conn: sqlite3.Connection) -> IdempotencyRecord | None:
             row = conn.execute(
-                "SELECT fingerprint, response, created_at FROM idempotency WHERE project = ? AND key = ?",
-                (project, key),
+                "SELECT fingerprint, response FROM idempotency WHERE project = ? AND key = ?", (project, key)
             ).fetchone()
-            if row is not None and (row[1] is not None or row[2] > now - ABANDONED_RESERVATION_SECONDS):
-                return IdempotencyRecord(row[0], row[1])
-            # Free, or reserved by a server that died before answering: take it.
-            conn.execute(
-                "INSERT INTO idempotency(project, key, fingerprint, created_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT(project, key) DO UPDATE SET fingerprint = excluded.fingerprint,"
-                " created_at = excluded.created_at, response = NULL",
-                (project, key, fingerprint, now),
-            )
-            return None
+            return IdempotencyRecord(row[0], row[1]) if row else None
 
-        return await self.db.write(write)
+        return await self.db.read(read, inline=True)
+
+    async def save_request(self, request: RequestKey, response: bytes) -> IdempotencyRecord:
+        def write(conn: sqlite3.Connection) -> IdempotencyRecord:
+            try:
+                _refuse_replay(conn, request)
+            except RequestReplayed as replayed:
+                return replayed.record
+            _insert_request(conn, request, response)
+            return IdempotencyRecord(request.fingerprint, response)
+
+        kept = await self.db.write(write)
+        request.recorded = True
+        return kept
 
     async def purge_requests(self, older_than: float) -> int:
         def write(conn: sqlite3.Connection) -> int:
@@ -542,24 +606,38 @@ class SqliteStore:
 
         return await self.db.write(write)
 
-    async def complete_request(self, project: str, key: str, response: bytes) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE idempotency SET response = ? WHERE project = ? AND key = ?", (response, project, key)
-            )
-
-        await self.db.write(write)
-
-    async def release_request(self, project: str, key: str) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "DELETE FROM idempotency WHERE project = ? AND key = ? AND response IS NULL", (project, key)
-            )
-
-        await self.db.write(write)
-
 
 # ---- helpers that run inside a write transaction -----------------------------------------
+
+
+def _refuse_replay(conn: sqlite3.Connection, request: RequestKey) -> None:
+    row = conn.execute(
+        "SELECT fingerprint, response FROM idempotency WHERE project = ? AND key = ?",
+        (request.project, request.key),
+    ).fetchone()
+    if row is not None:
+        raise RequestReplayed(IdempotencyRecord(row[0], row[1]))
+
+
+def _insert_request(conn: sqlite3.Connection, request: RequestKey, response: bytes) -> None:
+    # A plain INSERT: were the key taken after all, the primary key fails this write, not the
+    # first answer.
+    conn.execute(
+        "INSERT INTO idempotency(project, key, fingerprint, response, created_at) VALUES (?, ?, ?, ?, ?)",
+        (request.project, request.key, request.fingerprint, response, clock.now()),
+    )
+
+
+def _serialized(resource: ProtoMessage) -> bytes:
+    return resource.SerializeToString()
+
+
+def _run_answer(result: MutationResult) -> bytes:
+    return result.run.SerializeToString()
+
+
+def _empty(_: None) -> bytes:
+    return b""  # the empty Delete*Response
 
 
 def _require_thread(conn: sqlite3.Connection, project: str, thread_id: str) -> None:
