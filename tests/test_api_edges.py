@@ -13,6 +13,7 @@ from spindle_server.api import idempotency
 from spindle_server.api.runs import RunServicer
 from spindle_server.broadcast import EventHub
 from spindle_server.engine import events
+from spindle_server.store.base import PageQuery, RequestKey
 from spindle_server.store.sqlite import SqliteStore
 from support.stubs import Stubs
 
@@ -20,21 +21,20 @@ PROJECT = "p"
 
 
 async def test_a_caller_that_goes_away_does_not_let_a_retry_act_twice(store: SqliteStore) -> None:
-    """A store write, once queued, commits whether or not its caller still waits. If the
-    reservation were released when the caller is cancelled, the client's retry with the same
-    request_id would do it all a second time (a second thread, message or run)."""
+    """A store write, once queued, commits whether or not its caller still waits, and its answer
+    with it: the client's retry with the same request_id gets that answer and does not make a
+    second thread."""
     gate = asyncio.Event()
     started = asyncio.Event()
-    performed: list[str] = []
+    made: list[str] = []
 
-    async def commit() -> thread_pb2.Thread:
-        await gate.wait()
-        performed.append(f"thread_{len(performed) + 1}")
-        return thread_pb2.Thread(id=performed[-1])
-
-    async def perform() -> thread_pb2.Thread:
+    async def perform(record: RequestKey | None) -> thread_pb2.Thread:
         started.set()
-        return await asyncio.shield(asyncio.ensure_future(commit()))
+        await gate.wait()
+        thread = thread_pb2.Thread(id=f"thread_{len(made) + 1}")
+        made.append(thread.id)
+        await store.insert_thread(PROJECT, thread, [], record=record)
+        return thread
 
     request = thread_pb2.CreateThreadRequest(name="once", request_id="create-1")
 
@@ -48,8 +48,8 @@ async def test_a_caller_that_goes_away_does_not_let_a_retry_act_twice(store: Sql
         await first
     gate.set()  # the write commits anyway
     retried = await asyncio.wait_for(call(), 15)
-    assert performed == ["thread_1"]
-    assert retried.id == "thread_1"
+    stored = await store.list_threads(PROJECT, PageQuery(limit=10))
+    assert [t.id for t in stored.items] == [retried.id]
 
 
 class _ReadCountingStore:

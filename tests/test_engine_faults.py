@@ -16,7 +16,7 @@ from spindle_server.engine.config import EngineConfig
 from spindle_server.engine.engine import Engine
 from spindle_server.models.builtin import BuiltinBackend
 from spindle_server.models.registry import ModelRegistry
-from spindle_server.store.base import ClaimedRun, MutationResult, RunMutation
+from spindle_server.store.base import ClaimedRun, MutationResult, RequestKey, RunMutation
 from spindle_server.store.errors import UnavailableError
 from spindle_server.store.sqlite import SqliteStore
 from support.stubs import TERMINAL
@@ -51,12 +51,18 @@ class FlakyStore(SqliteStore):
         self.failed = 0
 
     async def mutate_run(
-        self, run_id: str, mutate: RunMutation, *, epoch: int | None = None, project: str | None = None
+        self,
+        run_id: str,
+        mutate: RunMutation,
+        *,
+        epoch: int | None = None,
+        project: str | None = None,
+        record: RequestKey | None = None,
     ) -> MutationResult:
         if epoch is not None and self.failed == 0:
             self.failed += 1
             raise UnavailableError("database write failed: database or disk is full")
-        return await super().mutate_run(run_id, mutate, epoch=epoch, project=project)
+        return await super().mutate_run(run_id, mutate, epoch=epoch, project=project, record=record)
 
 
 @pytest.fixture
