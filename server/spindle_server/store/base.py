@@ -8,6 +8,10 @@ with gap-free indexes, so a status change and its event are committed together o
 Every write an API method can make takes `record`, the request_id it serves (AIP-155): the store
 commits that request's answer in the same transaction as the change, or refuses the change with
 RequestReplayed when the request_id is already answered, so no crash or race applies it twice.
+The check comes first in the transaction. SQLite's single writer orders twins by itself; a store
+with concurrent writers (PostgreSQL, several replicas) claims the key first with INSERT ... ON
+CONFLICT DO NOTHING, so a twin's insert waits for the first transaction and then finds the key
+taken (its own transaction rolls back and it reads the answer).
 """
 
 from __future__ import annotations
