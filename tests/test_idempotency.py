@@ -113,7 +113,7 @@ def status_events(stubs: Stubs, run_id: str, status: int) -> list[str]:
 
 def run_cancel(stubs: Stubs) -> Prepared:
     run = stubs.start("/sleep 600")  # streams for ten minutes: IN_PROGRESS until cancelled
-    stubs.wait_for(run.id, {run_pb2.IN_PROGRESS})
+    assert stubs.wait_for(run.id, {run_pb2.IN_PROGRESS}, timeout=CALL_TIMEOUT).status == run_pb2.IN_PROGRESS
     request_id = new_request_id()
     request = run_pb2.CancelRunRequest(run_id=run.id, request_id=request_id)
 
@@ -135,7 +135,7 @@ def run_cancel(stubs: Stubs) -> Prepared:
 def tool_submit(stubs: Stubs) -> Prepared:
     assistant = stubs.tool_assistant("f")
     run = stubs.run(assistant.id, stubs.thread("/tool f {}").id)
-    paused = stubs.wait(run.id)
+    paused = stubs.wait(run.id, timeout=CALL_TIMEOUT)
     assert paused.status == run_pb2.TOOL_CALLS
     request_id = new_request_id()
     request = run_pb2.SubmitToolResultsRequest(
