@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spindle.v1 import message_pb2, run_pb2, thread_pb2
+from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
 from spindle_server import clock
 from spindle_server.engine import events, transitions
 from spindle_server.store.base import PageQuery, RequestKey, RequestReplayed, RunChange, RunFilter
@@ -145,32 +145,60 @@ async def test_a_failed_write_records_no_answer(store: SqliteStore) -> None:
 
 async def test_every_write_records_its_answer(store: SqliteStore) -> None:
     """Each write an API method makes stores what that method answers."""
-    thread = thread_pb2.Thread(id="thread_1", name="t")
-    await store.insert_thread(PROJECT, thread, [], record=request_key("1", method="threads.create"))
-    renamed = await store.update_thread(
-        PROJECT,
-        "thread_1",
-        lambda t: setattr(t, "name", "u"),
-        record=request_key("2", method="threads.update"),
+    keys = {name: request_key(name, method=name) for name in ANSWERING_WRITES}
+    assistant = assistant_pb2.Assistant(id="asst_1", name="a")
+    await store.insert_assistant(PROJECT, assistant, record=keys["assistants.create"])
+    renamed_assistant = await store.update_assistant(
+        PROJECT, "asst_1", lambda a: setattr(a, "name", "b"), record=keys["assistants.update"]
     )
-    run = (await store.insert_run(PROJECT, new_run("run_1"), [], clock.now() + 60, [])).run
-    relabelled = await store.update_run_labels(PROJECT, run.id, {"a": "b"}, record=request_key("3"))
+    await store.delete_assistant(PROJECT, "asst_1", record=keys["assistants.delete"])
+    thread = thread_pb2.Thread(id="thread_1", name="t")
+    await store.insert_thread(PROJECT, thread, [], record=keys["threads.create"])
+    renamed = await store.update_thread(
+        PROJECT, "thread_1", lambda t: setattr(t, "name", "u"), record=keys["threads.update"]
+    )
+    message = message_pb2.Message(id="msg_1", thread_id="thread_1")
+    await store.insert_message(PROJECT, message, record=keys["messages.create"])
+    created = await store.insert_run(
+        PROJECT, new_run("run_1"), [], clock.now() + 60, [], record=keys["runs.create"]
+    )
+    relabelled = await store.update_run_labels(PROJECT, "run_1", {"a": "b"}, record=keys["runs.update"])
     cancelled = await store.mutate_run(
-        run.id, transitions.request_cancel(clock.now(), None), record=request_key("4")
+        "run_1", transitions.request_cancel(clock.now(), None), record=keys["runs.cancel"]
     )
     await store.insert_thread(PROJECT, thread_pb2.Thread(id="thread_2"), [])
-    await store.delete_thread(PROJECT, "thread_2", record=request_key("5", method="threads.delete"))
+    await store.delete_thread(PROJECT, "thread_2", record=keys["threads.delete"])
     expected = {
-        "1": thread.SerializeToString(),
-        "2": renamed.SerializeToString(),
-        "3": relabelled.SerializeToString(),
-        "4": cancelled.run.SerializeToString(),
-        "5": b"",
+        "assistants.create": assistant.SerializeToString(),
+        "assistants.update": renamed_assistant.SerializeToString(),
+        "assistants.delete": b"",
+        "threads.create": thread.SerializeToString(),
+        "threads.update": renamed.SerializeToString(),
+        "threads.delete": b"",
+        "messages.create": message.SerializeToString(),
+        "runs.create": created.run.SerializeToString(),
+        "runs.update": relabelled.SerializeToString(),
+        "runs.cancel": cancelled.run.SerializeToString(),
     }
-    methods = {"1": "threads.create", "2": "threads.update", "5": "threads.delete"}
-    for request_id, answer in expected.items():
-        stored = await store.get_request(PROJECT, f"{methods.get(request_id, 'runs.create')}:{request_id}")
-        assert stored is not None and stored.response == answer, request_id
+    assert set(expected) == set(ANSWERING_WRITES)
+    for name, answer in expected.items():
+        assert keys[name].recorded, name
+        stored = await store.get_request(PROJECT, keys[name].key)
+        assert stored is not None and stored.response == answer, name
+
+
+ANSWERING_WRITES = (
+    "assistants.create",
+    "assistants.update",
+    "assistants.delete",
+    "threads.create",
+    "threads.update",
+    "threads.delete",
+    "messages.create",
+    "runs.create",
+    "runs.update",
+    "runs.cancel",
+)
 
 
 async def test_saved_answers_keep_the_first_and_expire(store: SqliteStore) -> None:
