@@ -146,8 +146,12 @@ class Store(Protocol):
         messages: Sequence[message_pb2.Message],
         deadline: float,
         events: Sequence[run_pb2.StreamEvent],
+        *,
+        max_active_runs: int | None = None,
     ) -> MutationResult:
-        """Adds `messages` to the thread and the run; StateError when the thread has an active run."""
+        """Adds `messages` to the thread and the run; StateError when the thread has an active run,
+        QuotaError when the project already has `max_active_runs` active runs (counted in the
+        same transaction as the insert)."""
         ...
 
     async def get_run(self, project: str, run_id: str) -> run_pb2.Run: ...
@@ -195,3 +199,15 @@ class Store(Protocol):
         ...
 
     async def release_request(self, project: str, key: str) -> None: ...
+
+    # Retention
+    async def delete_expired_runs(self, before: float, limit: int) -> int:
+        """Delete up to `limit` runs that reached a terminal status before `before` (epoch
+        seconds), oldest first, with their events and steps, in one transaction; returns how
+        many. Their messages stay on the thread."""
+        ...
+
+    async def checkpoint_wal(self) -> bool:
+        """At a quiet moment: fold the write-ahead log into the database and shrink it. False if
+        it was busy (try again later)."""
+        ...
