@@ -15,7 +15,7 @@ from typing import Protocol
 
 import structlog
 
-from spindle_server import clock
+from spindle_server import clock, faults
 
 log = structlog.get_logger("spindle.retention")
 
@@ -69,6 +69,8 @@ class RetentionSweeper:
     async def _loop(self) -> None:
         while True:
             try:
+                if faults.ENABLED:
+                    await faults.reached("retention.sweep")  # tests hold it to steer sweeps
                 await self.sweep()
             except asyncio.CancelledError:
                 raise
