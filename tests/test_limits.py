@@ -21,8 +21,11 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from google.rpc import error_details_pb2, status_pb2
 
 from spindle.v1 import assistant_pb2, common_pb2, message_pb2, run_pb2, thread_pb2
+from spindle_server import clock
 from spindle_server.config import parse_config
 from spindle_server.limits import Limits
+from spindle_server.store.errors import NotFoundError, QuotaError
+from spindle_server.store.sqlite import SqliteStore
 from support.server import ServerProcess
 from support.stubs import Stubs, error_details
 
@@ -189,6 +192,23 @@ def test_active_runs_limit_holds_under_concurrent_creates(limited: ServerProcess
         (stored,) = db.execute("SELECT COUNT(*) FROM runs WHERE project = 'race'").fetchone()
     assert stored == MAX_RUNS
     stubs.close()
+
+
+async def test_active_runs_limit_in_the_store(store: SqliteStore) -> None:
+    for index in range(3):
+        await store.insert_thread("p", thread_pb2.Thread(id=f"thread_{index}"), [])
+    runs = [
+        run_pb2.Run(id=f"run_{i}", thread_id=f"thread_{i}", assistant_id="a", status=run_pb2.PENDING)
+        for i in range(3)
+    ]
+    for run in runs[:2]:
+        await store.insert_run("p", run, [], clock.now() + 60, [], max_active_runs=2)
+    with pytest.raises(QuotaError) as refused:
+        await store.insert_run("p", runs[2], [], clock.now() + 60, [], max_active_runs=2)
+    assert refused.value.reason == "ACTIVE_RUNS_LIMIT" and refused.value.limit == 2
+    with pytest.raises(NotFoundError):
+        await store.get_run("p", "run_2")
+    await store.insert_run("p", runs[2], [], clock.now() + 60, [])  # no limit given: no count
 
 
 # ---- Listen streams per project ---------------------------------------------------------------

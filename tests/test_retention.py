@@ -17,9 +17,14 @@ import grpc
 import pytest
 
 from spindle.v1 import common_pb2, message_pb2, run_pb2, thread_pb2
+from spindle_server import clock
 from spindle_server.config import parse_config, parse_duration
+from spindle_server.engine import events
 from spindle_server.engine.retention import sweep_interval
 from spindle_server.store import sqlite_db
+from spindle_server.store.base import RunChange
+from spindle_server.store.errors import NotFoundError
+from spindle_server.store.sqlite import SqliteStore
 from support.faults import Holds
 from support.server import ServerProcess
 from support.stubs import TERMINAL, Stubs, error_details
@@ -276,3 +281,31 @@ def test_sweep_interval_follows_the_retention() -> None:
     assert sweep_interval(1.0) == pytest.approx(0.1)
     assert sweep_interval(0.01) == pytest.approx(0.05)
     assert sweep_interval(7 * 86400.0) == 60.0
+
+
+# ---- the store's sweep on its own -------------------------------------------------------------
+
+
+async def test_expired_runs_are_deleted_in_bounded_batches(store: SqliteStore) -> None:
+    def finish(run: run_pb2.Run) -> RunChange:
+        run.status = run_pb2.COMPLETED
+        return RunChange(run, [events.status_change(run)], steps=[run_pb2.RunStep(id=f"step_{run.id}")])
+
+    for index in range(5):
+        thread_id, run_id = f"thread_{index}", f"run_{index}"
+        await store.insert_thread("p", thread_pb2.Thread(id=thread_id), [])
+        run = run_pb2.Run(id=run_id, thread_id=thread_id, assistant_id="asst_1", status=run_pb2.PENDING)
+        await store.insert_run("p", run, [], clock.now() + 60, [events.status_change(run)])
+        if index < 4:  # run_4 stays PENDING: active runs are never deleted
+            await store.mutate_run(run_id, finish)
+    assert await store.delete_expired_runs(clock.now() - 3600, 10) == 0  # none finished that long ago
+    after = clock.now() + 1
+    assert [await store.delete_expired_runs(after, 3) for _ in range(3)] == [3, 1, 0]
+    for index in range(4):
+        with pytest.raises(NotFoundError):
+            await store.get_run("p", f"run_{index}")
+        assert await store.read_events(f"run_{index}", 0, 10) == []
+        assert await store.run_steps(f"run_{index}") == []
+    assert (await store.get_run("p", "run_4")).status == run_pb2.PENDING
+    assert len(await store.read_events("run_4", 0, 10)) == 1
+    assert await store.checkpoint_wal()  # nothing else holds the database: the WAL folds back
