@@ -99,8 +99,9 @@ class SqliteDatabase:
 
     async def checkpoint(self) -> bool:
         """Fold the whole WAL into the database and truncate it to zero bytes, on a connection of
-        its own (the writer's always holds a transaction). True if it went through; False if the
-        writer or a reader was busy past CHECKPOINT_BUSY_MS (the next call tries again)."""
+        its own (the writer runs everything in a transaction, where a checkpoint cannot run).
+        True if it went through; False if the writer or a reader was busy past
+        CHECKPOINT_BUSY_MS (the next call tries again)."""
         if self._closing:
             raise UnavailableError("the database is closed")
 
