@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spindle_server.engine.config import EngineConfig
+from spindle_server.limits import Limits
 from spindle_server.models.openai_backend import ProviderConfig, parse_provider_spec
 
 
@@ -35,6 +37,24 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
     engine: EngineConfig = field(default_factory=EngineConfig)
+    limits: Limits = field(default_factory=Limits)
+    retention: float | None = None  # seconds a finished run is kept; None: forever
+
+
+_DURATION = re.compile(r"^(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[smhd]?)$")
+_UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float | None:
+    """'90', '90s', '15m', '12h', '7d' -> seconds; 'off' or '0' -> None (keep forever)."""
+    text = text.strip().lower()
+    if text in ("", "off", "none", "0"):
+        return None
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration like 3600, 90s, 15m, 12h or 7d")
+    seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"]]
+    return seconds or None
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -118,6 +138,35 @@ def build_parser() -> argparse.ArgumentParser:
         "coalesce-ms", float, engine.coalesce_window * 1000, "text deltas within this many ms share one event"
     )
     option("max-attempts", int, engine.max_attempts, "model attempts of one run across crashes before FAILED")
+    limits = Limits()
+    option(
+        "max-active-runs-per-project",
+        int,
+        limits.max_active_runs_per_project,
+        "runs not yet finished at once in one project (more: RESOURCE_EXHAUSTED)",
+    )
+    option(
+        "max-listen-streams-per-project",
+        int,
+        limits.max_listen_streams_per_project,
+        "Listen streams open at once in one project on this server (more: RESOURCE_EXHAUSTED)",
+    )
+    option("max-tools", int, limits.max_tools, "function tools of one assistant or run")
+    option("max-message-chars", int, limits.max_message_chars, "characters of one message's text")
+    option("max-tool-output-chars", int, limits.max_tool_output_chars, "characters of one tool output")
+    option(
+        "max-tool-outputs-total-chars",
+        int,
+        limits.max_tool_outputs_total_chars,
+        "characters of all outputs of one SubmitToolResults",
+    )
+    parser.add_argument(
+        "--retention",
+        default=_env("retention", "off"),
+        metavar="DURATION",
+        help="delete finished runs (with their events and steps) this long after they end: "
+        "seconds or 90s, 15m, 12h, 7d; off keeps them forever",
+    )
     return parser
 
 
@@ -160,7 +209,19 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     if args.default_model != "builtin" and not default_provider_model:
         # The model registry refuses a bare provider name: every call would be INVALID_ARGUMENT.
         parser.error(f"--default-model {args.default_model!r}: use builtin or PROVIDER/MODEL")
-    for name in ("max_concurrent_runs", "max_attempts"):
+    limit_names = (
+        "max_active_runs_per_project",
+        "max_listen_streams_per_project",
+        "max_tools",
+        "max_message_chars",
+        "max_tool_output_chars",
+        "max_tool_outputs_total_chars",
+    )
+    try:
+        retention = parse_duration(args.retention)
+    except ValueError as exc:
+        parser.error(f"--retention: {exc}")
+    for name in ("max_concurrent_runs", "max_attempts", *limit_names):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     # `not x > 0` rather than `x <= 0`: NaN must fail too (it would disable the deadline).
@@ -196,4 +257,6 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
             coalesce_window=max(args.coalesce_ms, 0.0) / 1000,
             max_attempts=args.max_attempts,
         ),
+        limits=Limits(**{name: getattr(args, name) for name in limit_names}),
+        retention=retention,
     )

@@ -33,6 +33,7 @@ from spindle_server.api.threads import MessageServicer, ThreadServicer
 from spindle_server.broadcast import EventHub
 from spindle_server.config import ServerConfig, is_local_host
 from spindle_server.engine.engine import Engine
+from spindle_server.engine.retention import RetentionSweeper
 from spindle_server.models.base import ModelBackend
 from spindle_server.models.builtin import BuiltinBackend
 from spindle_server.models.openai_backend import OpenAIBackend
@@ -98,6 +99,7 @@ class SpindleServer:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.interceptor = CallInterceptor(self.api_keys)
         self._server: grpc.aio.Server | None = None
+        self.retention = RetentionSweeper(self.store, config.retention) if config.retention else None
         self.port = 0
 
     async def start(self) -> int:
@@ -109,12 +111,16 @@ class SpindleServer:
             maximum_concurrent_rpcs=None,
         )
         assistant_pb2_grpc.add_AssistantServiceServicer_to_server(
-            AssistantServicer(self.store, self.models), server
+            AssistantServicer(self.store, self.models, self.config.limits), server
         )
-        thread_pb2_grpc.add_ThreadServiceServicer_to_server(ThreadServicer(self.store), server)
-        message_pb2_grpc.add_MessageServiceServicer_to_server(MessageServicer(self.store), server)
+        thread_pb2_grpc.add_ThreadServiceServicer_to_server(
+            ThreadServicer(self.store, self.config.limits), server
+        )
+        message_pb2_grpc.add_MessageServiceServicer_to_server(
+            MessageServicer(self.store, self.config.limits), server
+        )
         run_pb2_grpc.add_RunServiceServicer_to_server(
-            RunServicer(self.store, self.engine, self.hub, self.models), server
+            RunServicer(self.store, self.engine, self.hub, self.models, self.config.limits), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -148,6 +154,8 @@ class SpindleServer:
             await server.stop(0)  # never leave a port open with no engine behind it
             await self.store.close()
             raise
+        if self.retention is not None:
+            self.retention.start()
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
@@ -194,6 +202,8 @@ class SpindleServer:
         if stop_calls is not None:
             await stop_calls
         await idempotency.drain(CALL_DRAIN_SECONDS)
+        if self.retention is not None:
+            await self.retention.stop()
         await self.models.aclose()
         await self.store.close()
 

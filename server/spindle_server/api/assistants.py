@@ -9,6 +9,7 @@ from spindle_server import clock, ids
 from spindle_server.api import context, idempotency, masks, validation
 from spindle_server.api.paging import next_page_token, page_query
 from spindle_server.api.validation import Validator
+from spindle_server.limits import DEFAULT_LIMITS, Limits
 from spindle_server.models.registry import ModelRegistry, UnknownModelError
 from spindle_server.store.base import RequestKey, Store
 
@@ -66,14 +67,15 @@ def check_assistant_fields(
 
 
 class AssistantServicer(assistant_pb2_grpc.AssistantServiceServicer):
-    def __init__(self, store: Store, models: ModelRegistry) -> None:
+    def __init__(self, store: Store, models: ModelRegistry, limits: Limits = DEFAULT_LIMITS) -> None:
         self._store = store
         self._models = models
+        self._limits = limits
 
     async def Create(
         self, request: assistant_pb2.CreateAssistantRequest, _: grpc.aio.ServicerContext
     ) -> assistant_pb2.Assistant:
-        v = Validator()
+        v = Validator(self._limits)
         check_assistant_fields(v, self._models, request)
         v.request_id(request.request_id)
         v.check()
@@ -114,7 +116,7 @@ class AssistantServicer(assistant_pb2_grpc.AssistantServiceServicer):
     async def Update(
         self, request: assistant_pb2.UpdateAssistantRequest, _: grpc.aio.ServicerContext
     ) -> assistant_pb2.Assistant:
-        v = Validator()
+        v = Validator(self._limits)
         v.resource_id("assistant_id", request.assistant_id, "asst")
         fields = masks.fields_to_update(v, request, request.update_mask, UPDATABLE)
         check_assistant_fields(v, self._models, request, fields)

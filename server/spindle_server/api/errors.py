@@ -1,8 +1,9 @@
 """The one place where failures become gRPC status codes (AIP-193).
 
 Every error carries a google.rpc.Status in the `grpc-status-details-bin` trailer with an
-ErrorInfo (UPPER_SNAKE reason, domain spindle.v1) and, for bad input, a BadRequest with one
-field violation per problem. INTERNAL is only ever a bug.
+ErrorInfo (UPPER_SNAKE reason, domain spindle.v1); bad input adds a BadRequest with one field
+violation per problem, a limit reached (RESOURCE_EXHAUSTED) a QuotaFailure naming the quota.
+INTERNAL is only ever a bug.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ from google.rpc import error_details_pb2, status_pb2
 
 from spindle_server.engine.transitions import UnknownToolCallError
 from spindle_server.models.registry import UnknownModelError
-from spindle_server.store.errors import FencedError, NotFoundError, StateError, UnavailableError
+from spindle_server.store.errors import (
+    FencedError,
+    NotFoundError,
+    QuotaError,
+    StateError,
+    UnavailableError,
+)
 
 DOMAIN = "spindle.v1"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -50,6 +57,7 @@ class ApiError(Exception):
         *,
         violations: list[tuple[str, str]] | None = None,
         metadata: dict[str, str] | None = None,
+        quota_violations: list[tuple[str, str]] | None = None,
     ) -> None:
         message = _clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
@@ -58,6 +66,8 @@ class ApiError(Exception):
         self.message = message
         self.violations = _bounded_violations(violations or [])
         self.metadata = {key: _clip(value, MAX_FIELD_CHARS) for key, value in (metadata or {}).items()}
+        # (subject, description) pairs of a google.rpc.QuotaFailure.
+        self.quota_violations = _bounded_violations(quota_violations or [])
 
     def to_status(self) -> status_pb2.Status:
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
@@ -68,11 +78,17 @@ class ApiError(Exception):
             for field, description in self.violations:
                 bad_request.field_violations.add(field=field, description=description)
             _pack(status, bad_request)
+        if self.quota_violations:
+            quota = error_details_pb2.QuotaFailure()
+            for subject, description in self.quota_violations:
+                quota.violations.add(subject=subject, description=description)
+            _pack(status, quota)
         return status
 
 
 def _pack(
-    status: status_pb2.Status, detail: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest
+    status: status_pb2.Status,
+    detail: error_details_pb2.ErrorInfo | error_details_pb2.BadRequest | error_details_pb2.QuotaFailure,
 ) -> None:
     packed = any_pb2.Any()
     packed.Pack(detail)
@@ -85,6 +101,17 @@ def invalid_argument(violations: list[tuple[str, str]]) -> ApiError:
     if len(violations) > len(shown):
         summary += f" (and {len(violations) - len(shown)} more)"
     return ApiError(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT", summary, violations=violations)
+
+
+def quota_exceeded(reason: str, subject: str, description: str, limit: int) -> ApiError:
+    """RESOURCE_EXHAUSTED: a limit of the caller's project is reached; retry once usage drops."""
+    return ApiError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        reason,
+        f"{subject}: {description}",
+        metadata={"subject": subject, "limit": str(limit)},
+        quota_violations=[(subject, description)],
+    )
 
 
 def not_found(kind: str, resource_id: str) -> ApiError:
@@ -102,6 +129,8 @@ def to_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, NotFoundError):
         return not_found(exc.kind, exc.resource_id)
+    if isinstance(exc, QuotaError):
+        return quota_exceeded(exc.reason, exc.subject, exc.description, exc.limit)
     if isinstance(exc, StateError):
         return ApiError(grpc.StatusCode.FAILED_PRECONDITION, exc.reason, exc.message)
     if isinstance(exc, UnknownToolCallError):

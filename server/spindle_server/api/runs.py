@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 
 from spindle.v1 import assistant_pb2, run_pb2, run_pb2_grpc
 from spindle_server import clock, ids
 from spindle_server.api import context, idempotency, validation
+from spindle_server.api.errors import quota_exceeded
 from spindle_server.api.paging import next_page_token, page_query
 from spindle_server.api.threads import messages_from_inputs
 from spindle_server.api.validation import Validator
 from spindle_server.broadcast import EventHub
 from spindle_server.engine import events, transitions
 from spindle_server.engine.engine import Engine, find_tool_step, pending_tool_step
+from spindle_server.limits import DEFAULT_LIMITS, Limits
 from spindle_server.models.registry import ModelRegistry, UnknownModelError
 from spindle_server.store.base import TERMINAL_STATUSES, RequestKey, RunFilter, Store
 from spindle_server.store.errors import StateError
@@ -29,17 +32,59 @@ IDLE_RECHECK_SECONDS = 30.0
 WAIT_READY = TERMINAL_STATUSES | {run_pb2.TOOL_CALLS}
 
 
+class ListenStreams:
+    """Listen streams open per project on this server, held under --max-listen-streams-per-project."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._open: dict[str, int] = {}
+
+    def open(self, project: str) -> Callable[[], None]:
+        """Count one more stream of `project` (or refuse it); returns its release, safe to call twice."""
+        count = self._open.get(project, 0)
+        if count >= self._limit:
+            raise quota_exceeded(
+                "LISTEN_STREAMS_LIMIT",
+                f"projects/{project}",
+                f"{count} Listen streams are open; at most {self._limit} are allowed at once",
+                self._limit,
+            )
+        self._open[project] = count + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                left = self._open[project] - 1
+                if left:
+                    self._open[project] = left
+                else:
+                    del self._open[project]
+
+        return release
+
+
 class RunServicer(run_pb2_grpc.RunServiceServicer):
-    def __init__(self, store: Store, engine: Engine, hub: EventHub, models: ModelRegistry) -> None:
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        hub: EventHub,
+        models: ModelRegistry,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
         self._store = store
         self._engine = engine
         self._hub = hub
         self._models = models
+        self._limits = limits
+        self._listens = ListenStreams(limits.max_listen_streams_per_project)
 
     # ---- create ---------------------------------------------------------------------------
 
     async def Create(self, request: run_pb2.CreateRunRequest, _: grpc.aio.ServicerContext) -> run_pb2.Run:
-        v = Validator()
+        v = Validator(self._limits)
         v.resource_id("assistant_id", request.assistant_id, "asst")
         v.resource_id("thread_id", request.thread_id, "thread")
         _check_overrides(v, request)
@@ -55,6 +100,9 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         v.check()
         assistant = await self._store.get_assistant(project, request.assistant_id)
         run = self._effective_run(request, assistant, project)
+        if not (request.override_tools or request.tools):
+            # The assistant's tools, checked when it was saved, maybe under a higher limit.
+            v.tool_count("tools", len(run.tools))
         v.tool_choice("tool_choice", run.tool_choice, {t.function.name for t in run.tools})
         try:
             self._models.resolve(run.model)
@@ -72,7 +120,13 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             for message in messages:
                 message.run_id = ""
             result = await self._store.insert_run(
-                project, run, messages, deadline, [events.status_change(run, "queued")], record=record
+                project,
+                run,
+                messages,
+                deadline,
+                [events.status_change(run, "queued")],
+                record=record,
+                max_active_runs=self._limits.max_active_runs_per_project,
             )
             self._engine.wake()
             return result.run
@@ -217,7 +271,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
     async def SubmitToolResults(
         self, request: run_pb2.SubmitToolResultsRequest, _: grpc.aio.ServicerContext
     ) -> run_pb2.Run:
-        results = _check_tool_results(request)
+        results = _check_tool_results(request, self._limits)
         project = context.project()
         context.note_run(request.run_id)
 
@@ -273,7 +327,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                 await asyncio.wait({changed}, timeout=min(left, IDLE_RECHECK_SECONDS))
 
     async def Listen(
-        self, request: run_pb2.ListenRunRequest, _: grpc.aio.ServicerContext
+        self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[run_pb2.StreamEvent]:
         v = Validator()
         v.resource_id("run_id", request.run_id, "run")
@@ -281,6 +335,19 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             v.add("events_start_idx", "must not be negative")
         v.check()
         context.note_run(request.run_id)
+        release = self._listens.open(context.project())
+        # However the call ends (its end, an error, the client gone), the slot is given back:
+        # the finally below when the generator is closed, the callback if it never is.
+        ctx.add_done_callback(lambda _: release())
+        try:
+            # aclosing: the inner generator's subscription ends with this one, not at collection.
+            async with contextlib.aclosing(self._listen(request)) as stream:
+                async for event in stream:
+                    yield event
+        finally:
+            release()
+
+    async def _listen(self, request: run_pb2.ListenRunRequest) -> AsyncGenerator[run_pb2.StreamEvent, None]:
         run = await self._store.get_run(context.project(), request.run_id)
         next_index = request.events_start_idx
         stale = False  # woken without finding events: the run's status may have moved on
@@ -341,8 +408,8 @@ def _check_overrides(v: Validator, request: run_pb2.CreateRunRequest) -> None:
     v.request_id(request.request_id)
 
 
-def _check_tool_results(request: run_pb2.SubmitToolResultsRequest) -> dict[str, str]:
-    v = Validator()
+def _check_tool_results(request: run_pb2.SubmitToolResultsRequest, limits: Limits) -> dict[str, str]:
+    v = Validator(limits)
     v.resource_id("run_id", request.run_id, "run")
     v.request_id(request.request_id)
     if not request.tool_results:
@@ -355,14 +422,8 @@ def _check_tool_results(request: run_pb2.SubmitToolResultsRequest) -> dict[str, 
             v.add(f"tool_results[{index}].tool_call_id", "is required")
         elif result.tool_call_id in results:
             v.add(f"tool_results[{index}].tool_call_id", f"duplicate result for {result.tool_call_id!r}")
-        v.text(f"tool_results[{index}].output", result.output, validation.MAX_TOOL_OUTPUT_CHARS)
         results[result.tool_call_id] = result.output
-    total = sum(len(output) for output in results.values())
-    if total > validation.MAX_TOOL_OUTPUTS_TOTAL_CHARS:
-        v.add(
-            "tool_results",
-            f"outputs total {total} characters; at most {validation.MAX_TOOL_OUTPUTS_TOTAL_CHARS}",
-        )
+    v.tool_outputs("tool_results", [result.output for result in request.tool_results])
     v.check()
     return results
 

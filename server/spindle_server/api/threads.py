@@ -11,6 +11,7 @@ from spindle_server import clock, ids
 from spindle_server.api import context, idempotency, masks, validation
 from spindle_server.api.paging import next_page_token, page_query
 from spindle_server.api.validation import Validator
+from spindle_server.limits import DEFAULT_LIMITS, Limits
 from spindle_server.store.base import RequestKey, Store
 
 THREAD_UPDATABLE = ("name", "description", "labels")
@@ -57,13 +58,14 @@ def messages_from_inputs(
 
 
 class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limits: Limits = DEFAULT_LIMITS) -> None:
         self._store = store
+        self._limits = limits
 
     async def Create(
         self, request: thread_pb2.CreateThreadRequest, _: grpc.aio.ServicerContext
     ) -> thread_pb2.Thread:
-        v = Validator()
+        v = Validator(self._limits)
         v.text("name", request.name, validation.MAX_NAME)
         v.text("description", request.description, validation.MAX_DESCRIPTION)
         v.labels("labels", request.labels)
@@ -155,13 +157,14 @@ class ThreadServicer(thread_pb2_grpc.ThreadServiceServicer):
 
 
 class MessageServicer(message_pb2_grpc.MessageServiceServicer):
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limits: Limits = DEFAULT_LIMITS) -> None:
         self._store = store
+        self._limits = limits
 
     async def Create(
         self, request: message_pb2.CreateMessageRequest, _: grpc.aio.ServicerContext
     ) -> message_pb2.Message:
-        v = Validator()
+        v = Validator(self._limits)
         v.resource_id("thread_id", request.thread_id, "thread")
         v.enum("role", request.role, message_pb2.MessageRole)
         v.labels("labels", request.labels)

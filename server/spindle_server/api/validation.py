@@ -13,6 +13,7 @@ from google.protobuf import json_format, struct_pb2
 from spindle.v1 import common_pb2, message_pb2
 from spindle_server import ids
 from spindle_server.api.errors import invalid_argument
+from spindle_server.limits import DEFAULT_LIMITS, Limits
 
 MAX_LABELS = 16
 MAX_LABEL_KEY = 64
@@ -21,16 +22,17 @@ MAX_NAME = 256
 MAX_DESCRIPTION = 1024
 MAX_INSTRUCTIONS = 256_000
 MAX_MODEL_NAME = 256
-MAX_MESSAGE_CHARS = 256_000
+# The configurable limits live in Limits (--max-* flags); these names are their defaults.
+MAX_MESSAGE_CHARS = DEFAULT_LIMITS.max_message_chars
+MAX_TOOLS = DEFAULT_LIMITS.max_tools
+MAX_TOOL_OUTPUT_CHARS = DEFAULT_LIMITS.max_tool_output_chars
+MAX_TOOL_OUTPUTS_TOTAL_CHARS = DEFAULT_LIMITS.max_tool_outputs_total_chars
 MAX_MESSAGE_PARTS = 32
 MAX_ADDITIONAL_MESSAGES = 32
 MAX_THREAD_MESSAGES = 32
-MAX_TOOLS = 128
 MAX_TOOL_SCHEMA_BYTES = 64 * 1024
-MAX_TOOL_OUTPUT_CHARS = 512_000
 # Totals keep a run (which carries its tools) and its reply under the 8 MiB message limit.
 MAX_TOOLS_TOTAL_BYTES = 1024 * 1024
-MAX_TOOL_OUTPUTS_TOTAL_CHARS = 2_000_000
 MAX_TOOL_RESULTS = 128
 MAX_REQUEST_ID = 128
 MAX_PAGE_SIZE = 100
@@ -42,8 +44,9 @@ ID_BODY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class Validator:
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.violations: list[tuple[str, str]] = []
+        self.limits = limits
 
     def add(self, field: str, description: str) -> None:
         self.violations.append((field, description))
@@ -108,8 +111,7 @@ class Validator:
 
     def tools(self, field: str, tools: Iterable[common_pb2.Tool]) -> None:
         tool_list = list(tools)
-        if len(tool_list) > MAX_TOOLS:
-            self.add(field, f"has {len(tool_list)} tools; at most {MAX_TOOLS} are allowed")
+        self.tool_count(field, len(tool_list))
         seen: set[str] = set()
         for index, tool in enumerate(tool_list):
             where = f"{field}[{index}].function"
@@ -128,6 +130,19 @@ class Validator:
         total = sum(tool.ByteSize() for tool in tool_list)
         if total > MAX_TOOLS_TOTAL_BYTES:
             self.add(field, f"the tools take {total} bytes; at most {MAX_TOOLS_TOTAL_BYTES} are allowed")
+
+    def tool_count(self, field: str, count: int) -> None:
+        if count > self.limits.max_tools:
+            self.add(field, f"has {count} tools; at most {self.limits.max_tools} are allowed")
+
+    def tool_outputs(self, field: str, outputs: list[str]) -> None:
+        """Each output of one SubmitToolResults (`field[i].output`) and all of them together."""
+        for index, output in enumerate(outputs):
+            self.text(f"{field}[{index}].output", output, self.limits.max_tool_output_chars)
+        total = sum(len(output) for output in outputs)
+        limit = self.limits.max_tool_outputs_total_chars
+        if total > limit:
+            self.add(field, f"outputs total {total} characters; at most {limit} are allowed")
 
     def json_struct(self, field: str, value: struct_pb2.Struct, limit: int) -> None:
         """A JSON schema: representable as JSON (no NaN or Infinity) and at most `limit` bytes."""
@@ -192,8 +207,9 @@ class Validator:
         if text and parts:
             self.add(field + "text", "give either text or content, not both")
             return []
+        limit = self.limits.max_message_chars
         if text:
-            self.text(field + "text", text, MAX_MESSAGE_CHARS)
+            self.text(field + "text", text, limit)
             return [message_pb2.ContentPart(text=message_pb2.TextPart(text=text))]
         if not parts:
             self.add(field + "content", "is required (or text)")
@@ -208,10 +224,8 @@ class Validator:
             total += len(part.text.text)
             if "\x00" in part.text.text:
                 self.add(f"{field}content[{index}].text", "must not contain NUL characters")
-        if total > MAX_MESSAGE_CHARS:
-            self.add(
-                field + "content", f"is {total} characters long; at most {MAX_MESSAGE_CHARS} are allowed"
-            )
+        if total > limit:
+            self.add(field + "content", f"is {total} characters long; at most {limit} are allowed")
         if parts and total == 0:
             self.add(field + "content", "must not be empty")
         return parts

@@ -203,8 +203,11 @@ class Store(Protocol):
         events: Sequence[run_pb2.StreamEvent],
         *,
         record: RequestKey | None = None,
+        max_active_runs: int | None = None,
     ) -> MutationResult:
-        """Adds `messages` to the thread and the run; StateError when the thread has an active run."""
+        """Adds `messages` to the thread and the run; StateError when the thread has an active run,
+        QuotaError when the project already has `max_active_runs` active runs (counted in the
+        same transaction as the insert)."""
         ...
 
     async def get_run(self, project: str, run_id: str) -> run_pb2.Run: ...
@@ -261,4 +264,16 @@ class Store(Protocol):
 
     async def purge_requests(self, older_than: float) -> int:
         """Forget request_ids older than `older_than` (epoch seconds); returns how many."""
+        ...
+
+    # Retention
+    async def delete_expired_runs(self, before: float, limit: int) -> int:
+        """Delete up to `limit` runs that reached a terminal status before `before` (epoch
+        seconds), oldest first, with their events and steps, in one transaction; returns how
+        many. Their messages stay on the thread."""
+        ...
+
+    async def checkpoint_wal(self) -> bool:
+        """At a quiet moment: fold the write-ahead log into the database and shrink it. False if
+        it was busy (try again later)."""
         ...

@@ -23,6 +23,17 @@ class StateError(StoreError):
         self.message = message
 
 
+class QuotaError(StoreError):
+    """A limit counted in the store is reached (RESOURCE_EXHAUSTED), e.g. active runs of a project."""
+
+    def __init__(self, reason: str, subject: str, description: str, limit: int) -> None:
+        super().__init__(f"{subject}: {description}")
+        self.reason = reason
+        self.subject = subject
+        self.description = description
+        self.limit = limit
+
+
 class FencedError(StoreError):
     """A write from an engine whose lease on the run was taken over (stale epoch)."""
 

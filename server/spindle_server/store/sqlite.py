@@ -14,6 +14,7 @@ from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
 from spindle_server import clock, faults
 from spindle_server.store.base import (
     ACTIVE_STATUSES,
+    TERMINAL_STATUSES,
     ClaimedRun,
     DueRuns,
     EventsListener,
@@ -27,13 +28,14 @@ from spindle_server.store.base import (
     RunFilter,
     RunMutation,
 )
-from spindle_server.store.errors import FencedError, NotFoundError, StateError
+from spindle_server.store.errors import FencedError, NotFoundError, QuotaError, StateError
 from spindle_server.store.sqlite_db import SqliteDatabase
 
 M = TypeVar("M", bound=ProtoMessage)
 T = TypeVar("T")
 
 _ACTIVE = ",".join(str(s) for s in sorted(ACTIVE_STATUSES))
+_TERMINAL = ",".join(str(s) for s in sorted(TERMINAL_STATUSES))
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS assistants (
@@ -106,6 +108,50 @@ DELETE FROM idempotency WHERE response IS NULL;
 """
 
 
+# Retention and limits, kept apart from SCHEMA and applied at every start (all IF NOT EXISTS).
+# runs_finished records when each run reached a terminal status; triggers keep it, so no write
+# path has to remember to. The time is SQLite's clock in epoch seconds (julianday has ms).
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+LIMITS_SCHEMA = f"""
+CREATE INDEX IF NOT EXISTS runs_active_per_project ON runs(project) WHERE status IN ({_ACTIVE});
+CREATE TABLE IF NOT EXISTS runs_finished (
+  run_id TEXT PRIMARY KEY,
+  finished_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS runs_finished_at ON runs_finished(finished_at);
+CREATE TRIGGER IF NOT EXISTS runs_finish AFTER UPDATE OF status ON runs
+  WHEN NEW.status IN ({_TERMINAL}) AND OLD.status NOT IN ({_TERMINAL})
+  BEGIN INSERT OR IGNORE INTO runs_finished(run_id, finished_at) VALUES (NEW.id, {_NOW}); END;
+CREATE TRIGGER IF NOT EXISTS runs_forget AFTER DELETE ON runs
+  BEGIN DELETE FROM runs_finished WHERE run_id = OLD.id; END;
+"""
+
+
+def _apply_limits_schema(conn: sqlite3.Connection) -> None:
+    created = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs_finished'"
+    ).fetchone()
+    for statement in _statements(LIMITS_SCHEMA):
+        conn.execute(statement)
+    if created is None:
+        # A database from before retention: its finished runs count as finished now.
+        conn.execute(
+            f"INSERT OR IGNORE INTO runs_finished(run_id, finished_at)"
+            f" SELECT id, {_NOW} FROM runs WHERE status IN ({_TERMINAL})"
+        )
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script whose triggers end with 'END;' (executescript would commit the batch)."""
+    statements, current = [], ""
+    for line in script.strip().splitlines():
+        current += line + "\n"
+        if sqlite3.complete_statement(current):
+            statements.append(current)
+            current = ""
+    return statements
+
+
 def _parse(cls: type[M], body: bytes) -> M:
     message = cls()
     message.ParseFromString(body)
@@ -137,6 +183,7 @@ class SqliteStore:
 
     async def start(self) -> None:
         self.db.open(SCHEMA)
+        await self.db.write(_apply_limits_schema)
 
     async def close(self) -> None:
         await self.db.close()
@@ -374,10 +421,13 @@ class SqliteStore:
         events: Sequence[run_pb2.StreamEvent],
         *,
         record: RequestKey | None = None,
+        max_active_runs: int | None = None,
     ) -> MutationResult:
         def write(conn: sqlite3.Connection) -> MutationResult:
             _require_thread(conn, project, run.thread_id)
             _require_no_active_run(conn, run.thread_id, "start another run")
+            if max_active_runs is not None:
+                _require_run_quota(conn, project, max_active_runs)
             _insert_messages(conn, project, messages)
             conn.execute(
                 "INSERT INTO runs(id, project, thread_id, assistant_id, status, labels, body, deadline)"
@@ -576,6 +626,29 @@ class SqliteStore:
 
         return await self.db.read(read)
 
+    # ---- retention ---------------------------------------------------------------------
+
+    async def delete_expired_runs(self, before: float, limit: int) -> int:
+        def write(conn: sqlite3.Connection) -> int:
+            run_ids = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT run_id FROM runs_finished WHERE finished_at < ? ORDER BY finished_at LIMIT ?",
+                    (before, limit),
+                )
+            ]
+            for run_id in run_ids:
+                conn.execute("DELETE FROM run_events WHERE run_id = ?", (run_id,))
+                conn.execute("DELETE FROM run_steps WHERE run_id = ?", (run_id,))
+                conn.execute(f"DELETE FROM runs WHERE id = ? AND status IN ({_TERMINAL})", (run_id,))
+                conn.execute("DELETE FROM runs_finished WHERE run_id = ?", (run_id,))
+            return len(run_ids)
+
+        return await self.db.write(write)
+
+    async def checkpoint_wal(self) -> bool:
+        return await self.db.checkpoint()
+
     # ---- idempotency -------------------------------------------------------------------
 
     async def get_request(self, project: str, key: str) -> IdempotencyRecord | None:
@@ -654,6 +727,22 @@ def _require_no_active_run(conn: sqlite3.Connection, thread_id: str, action: str
         raise StateError(
             "THREAD_HAS_ACTIVE_RUN",
             f"thread {thread_id} has an active run {row[0]}; cannot {action} until it ends",
+        )
+
+
+def _require_run_quota(conn: sqlite3.Connection, project: str, limit: int) -> None:
+    # Counted in the inserting transaction (the writer is serial): two creates cannot both see
+    # one free slot. The partial index runs_active_per_project holds only active runs.
+    (active,) = conn.execute(
+        f"SELECT COUNT(*) FROM (SELECT 1 FROM runs WHERE project = ? AND status IN ({_ACTIVE}) LIMIT ?)",
+        (project, limit),
+    ).fetchone()
+    if active >= limit:
+        raise QuotaError(
+            "ACTIVE_RUNS_LIMIT",
+            f"projects/{project}",
+            f"{active} runs are active; at most {limit} are allowed at once",
+            limit,
         )
 
 

@@ -29,6 +29,13 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256
+# The WAL is folded into the database every WAL_AUTOCHECKPOINT pages (SQLite's default, made
+# explicit), and when it restarts from the top its file is cut back to JOURNAL_SIZE_LIMIT: so the
+# WAL file stays near max(limit, autocheckpoint pages + one batch) instead of keeping its peak.
+WAL_AUTOCHECKPOINT_PAGES = 1000
+JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
+# A TRUNCATE checkpoint waits at most this long for the writer or readers, then gives up.
+CHECKPOINT_BUSY_MS = 100
 _STOP = object()
 
 
@@ -66,6 +73,8 @@ class SqliteDatabase:
         self._loop = asyncio.get_running_loop()
         connection = self._connect()
         connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+        connection.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
         connection.executescript(schema)
         self._writer = threading.Thread(target=self._write_loop, args=(connection,), name="sqlite-writer")
         self._writer.daemon = True
@@ -87,6 +96,27 @@ class SqliteDatabase:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+    async def checkpoint(self) -> bool:
+        """Fold the whole WAL into the database and truncate it to zero bytes, on a connection of
+        its own (the writer runs everything in a transaction, where a checkpoint cannot run).
+        True if it went through; False if the writer or a reader was busy past
+        CHECKPOINT_BUSY_MS (the next call tries again)."""
+        if self._closing:
+            raise UnavailableError("the database is closed")
+
+        def run() -> bool:
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                connection.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
+                busy, _, _ = connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                return busy == 0
+            except sqlite3.OperationalError:
+                return False
+            finally:
+                connection.close()
+
+        return await asyncio.to_thread(run)
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
