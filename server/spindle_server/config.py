@@ -34,6 +34,8 @@ class ServerConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    metrics_host: str | None = None  # None: the gRPC host
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -118,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "coalesce-ms", float, engine.coalesce_window * 1000, "text deltas within this many ms share one event"
     )
     option("max-attempts", int, engine.max_attempts, "model attempts of one run across crashes before FAILED")
+    option(
+        "metrics-port",
+        int,
+        None,
+        "serve Prometheus metrics over HTTP on this port (unset: off; 0: any free port, printed at start)",
+    )
+    option("metrics-host", str, None, "address of the metrics endpoint (default: --host); it has no auth")
     return parser
 
 
@@ -168,6 +177,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error("--metrics-port must be between 0 and 65535")
     for name in ("grace_period", "coalesce_ms"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
@@ -188,6 +199,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         max_message_bytes=args.max_message_bytes,
         log_level=args.log_level,
         log_format=args.log_format,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         engine=EngineConfig(
             max_concurrent_runs=args.max_concurrent_runs,
             tool_timeout=args.tool_timeout,

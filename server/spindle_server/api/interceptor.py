@@ -18,6 +18,7 @@ import grpc
 import structlog
 
 from spindle_server import keys as api_keys
+from spindle_server import metrics
 from spindle_server.api import context
 from spindle_server.api.errors import ApiError, to_api_error, trailing_metadata
 
@@ -162,6 +163,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def _finish(self, call: _Call) -> None:
         elapsed = time.perf_counter() - call.started
+        metrics.record_rpc(call.method, call.code, elapsed)
         slow = elapsed >= SLOW_CALL_SECONDS and not call.streaming
         level = log.info if call.code != "OK" or slow else log.debug
         level(
