@@ -9,20 +9,32 @@ collectors (memory, CPU, open files) that operators expect next to them.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from contextlib import aclosing
+from pathlib import Path
 from typing import Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    Metric,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
 
 from spindle.v1 import run_pb2
 from spindle_server.engine.events import is_terminal
 from spindle_server.models.base import ModelChunk, ModelError, ModelRequest
-from spindle_server.store.base import TERMINAL_STATUSES
+from spindle_server.store.base import ACTIVE_STATUSES, TERMINAL_STATUSES
 
 # Seconds: sub-millisecond key lookups up to calls that wait (Wait, Listen) for minutes.
 # No `*_created` series: a timestamp per label set that Prometheus does not need.
@@ -209,17 +221,65 @@ class RunObserver:
             RUN_SECONDS.observe(max(_seconds(event.created_at) - created, 0.0))
 
 
+# ---- runs active now (read from the database at each scrape) ---------------------------------
+
+_ACTIVE_NAMES = {status: name for name, status in run_pb2.RunStatus.items() if status in ACTIVE_STATUSES}
+
+
+class ActiveRuns:
+    """`spindle_runs_active{status}`, counted by the database when Prometheus scrapes.
+
+    Not kept from events: runs queued or waiting for tools before this process started would
+    be missed until they moved. A count over the status index is cheap, and scrapes are rare.
+    Runs on prometheus_client's HTTP thread, with a read-only connection of its own.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self._uri = database.resolve().as_uri() + "?mode=ro"
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily("spindle_runs_active", _ACTIVE_HELP, labels=["status"])]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily("spindle_runs_active", _ACTIVE_HELP, labels=["status"])
+        try:
+            counts = self._count()
+        except sqlite3.Error:
+            return []  # no figure rather than a wrong one (the scrape still answers)
+        for status, name in _ACTIVE_NAMES.items():
+            family.add_metric([name], counts.get(status, 0))
+        return [family]
+
+    def _count(self) -> dict[int, int]:
+        with contextlib.closing(sqlite3.connect(self._uri, uri=True, timeout=1.0)) as connection:
+            marks = ",".join("?" * len(_ACTIVE_NAMES))
+            rows = connection.execute(
+                f"SELECT status, COUNT(*) FROM runs WHERE status IN ({marks}) GROUP BY status",
+                tuple(_ACTIVE_NAMES),
+            )
+            return {status: count for status, count in rows}
+
+
+_ACTIVE_HELP = "Runs not finished yet, by status (PENDING, IN_PROGRESS, TOOL_CALLS, CANCELLING)"
+
+
 # ---- the endpoint ------------------------------------------------------------------------------
 
 
 class MetricsEndpoint:
     """prometheus_client's HTTP server (a thread of its own) on HOST:PORT; port 0 picks one."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, database: Path) -> None:
         # "[::1]" is how the gRPC flag spells an IPv6 address; a socket wants it bare.
         self._server: WSGIServer
         self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, addr=host.strip("[]"))
+        self._active = ActiveRuns(database)
+        REGISTRY.register(self._active)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host.strip("[]"))
+        except BaseException:
+            REGISTRY.unregister(self._active)
+            raise
         self.port: int = self._server.server_port
 
     def close(self) -> None:
@@ -227,3 +287,4 @@ class MetricsEndpoint:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+        REGISTRY.unregister(self._active)

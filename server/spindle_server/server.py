@@ -190,7 +190,7 @@ class SpindleServer:
             return
         host = self.config.metrics_host or self.config.host
         try:
-            self._metrics = metrics.MetricsEndpoint(host, self.config.metrics_port)
+            self._metrics = metrics.MetricsEndpoint(host, self.config.metrics_port, self.config.database)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {host}:{self.config.metrics_port}: {exc}") from exc
         self.metrics_port = self._metrics.port
