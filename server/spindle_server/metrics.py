@@ -36,10 +36,10 @@ from spindle_server.engine.events import is_terminal
 from spindle_server.models.base import ModelChunk, ModelError, ModelRequest
 from spindle_server.store.base import ACTIVE_STATUSES, TERMINAL_STATUSES
 
-# Seconds: sub-millisecond key lookups up to calls that wait (Wait, Listen) for minutes.
 # No `*_created` series: a timestamp per label set that Prometheus does not need.
 disable_created_metrics()
 
+# Seconds: sub-millisecond key lookups up to calls that wait (Wait, Listen) for minutes.
 _CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0)
 # Seconds: a run or a model call takes from a fraction of a second to many minutes.
 _RUN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
@@ -177,10 +177,11 @@ def _seconds(stamp: Timestamp) -> float:
 class RunObserver:
     """Follows runs through the events every commit publishes (Store.add_events_listener).
 
-    A run's creation time comes from its STATUS events (they carry the run); the first event
-    of a run created by this process starts it. Its first output event gives the time to
-    first event; its terminal event the end count and the duration. Events carry the store's
-    commit time, so both are measured as clients see them in the log.
+    A run's creation time comes from its STATUS events (they carry the run). Only runs whose
+    first event (index 0, written by Create) this process saw are timed to their first output:
+    a run taken over after a restart has had output before. Its terminal event gives the end
+    count and the duration. Events carry the time the store wrote them, so both figures are
+    what a client reading the log would measure.
     """
 
     def __init__(self) -> None:
@@ -224,6 +225,7 @@ class RunObserver:
 # ---- runs active now (read from the database at each scrape) ---------------------------------
 
 _ACTIVE_NAMES = {status: name for name, status in run_pb2.RunStatus.items() if status in ACTIVE_STATUSES}
+_ACTIVE_HELP = "Runs not finished yet, by status (PENDING, IN_PROGRESS, TOOL_CALLS, CANCELLING)"
 
 
 class ActiveRuns:
@@ -258,9 +260,6 @@ class ActiveRuns:
                 tuple(_ACTIVE_NAMES),
             )
             return {status: count for status, count in rows}
-
-
-_ACTIVE_HELP = "Runs not finished yet, by status (PENDING, IN_PROGRESS, TOOL_CALLS, CANCELLING)"
 
 
 # ---- the endpoint ------------------------------------------------------------------------------
