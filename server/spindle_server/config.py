@@ -36,6 +36,8 @@ class ServerConfig:
     max_message_bytes: int = 8 * 1024 * 1024
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    metrics_host: str | None = None  # None: the gRPC host
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
     retention: float | None = None  # seconds a finished run is kept; None: forever
@@ -167,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete finished runs (with their events and steps) this long after they end: "
         "seconds or 90s, 15m, 12h, 7d; off keeps them forever",
     )
+    option(
+        "metrics-port",
+        int,
+        None,
+        "serve Prometheus metrics over HTTP on this port (unset: off; 0: any free port, printed at start)",
+    )
+    option("metrics-host", str, None, "address of the metrics endpoint (default: --host); it has no auth")
     return parser
 
 
@@ -229,6 +238,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error("--metrics-port must be between 0 and 65535")
     for name in ("grace_period", "coalesce_ms"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
@@ -249,6 +260,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         max_message_bytes=args.max_message_bytes,
         log_level=args.log_level,
         log_format=args.log_format,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         engine=EngineConfig(
             max_concurrent_runs=args.max_concurrent_runs,
             tool_timeout=args.tool_timeout,

@@ -25,6 +25,7 @@ from spindle.v1 import (
     thread_pb2_grpc,
 )
 from spindle_server import keys as api_keys
+from spindle_server import metrics
 from spindle_server.api import idempotency
 from spindle_server.api.assistants import AssistantServicer
 from spindle_server.api.interceptor import ApiKeys, CallInterceptor
@@ -101,10 +102,18 @@ class SpindleServer:
         self._server: grpc.aio.Server | None = None
         self.retention = RetentionSweeper(self.store, config.retention) if config.retention else None
         self.port = 0
+        self._metrics: metrics.MetricsEndpoint | None = None
+        self.metrics_port: int | None = None
 
     async def start(self) -> int:
-        await self.store.start()
+        self._start_metrics()  # first: nothing else is open yet if its port is taken
+        try:
+            await self.store.start()
+        except BaseException:
+            await self._stop_metrics()
+            raise
         self.store.add_events_listener(self.hub.publish)
+        self.store.add_events_listener(metrics.RunObserver())
         server = grpc.aio.server(
             interceptors=[self.interceptor],
             options=grpc_options(self.config),
@@ -145,6 +154,7 @@ class SpindleServer:
                 self.port = server.add_insecure_port(address)
         except (RuntimeError, OSError) as exc:
             await self.store.close()
+            await self._stop_metrics()
             raise StartupError(f"cannot listen on {address}: {exc}") from exc
         await server.start()
         self._server = server
@@ -153,6 +163,7 @@ class SpindleServer:
         except BaseException:
             await server.stop(0)  # never leave a port open with no engine behind it
             await self.store.close()
+            await self._stop_metrics()
             raise
         if self.retention is not None:
             self.retention.start()
@@ -182,6 +193,21 @@ class SpindleServer:
             self.api_keys.replace(entries)
             log.info("api_keys_reloaded", keys=len(self.api_keys), projects=self.api_keys.projects())
 
+    def _start_metrics(self) -> None:
+        if self.config.metrics_port is None:
+            return
+        host = self.config.metrics_host or self.config.host
+        try:
+            self._metrics = metrics.MetricsEndpoint(host, self.config.metrics_port, self.config.database)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {host}:{self.config.metrics_port}: {exc}") from exc
+        self.metrics_port = self._metrics.port
+
+    async def _stop_metrics(self) -> None:
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.close)
+            self._metrics = None
+
     async def _set_serving(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
             result = self.health.set(name, status)
@@ -206,6 +232,7 @@ class SpindleServer:
             await self.retention.stop()
         await self.models.aclose()
         await self.store.close()
+        await self._stop_metrics()  # last: the drain above is still visible to a scrape
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -232,9 +259,15 @@ async def serve(config: ServerConfig) -> None:
         warn_if_writable_by_others(config.api_keys_file)
     port = await server.start()
     # One machine-readable line on stdout (tests and scripts read the port from it).
-    print(json.dumps({"event": "serving", "host": config.host, "port": port}), flush=True)
+    serving = {"event": "serving", "host": config.host, "port": port, "metrics_port": server.metrics_port}
+    print(json.dumps(serving), flush=True)
     log.info(
-        "serving", host=config.host, port=port, database=str(config.database), model=config.default_model
+        "serving",
+        host=config.host,
+        port=port,
+        database=str(config.database),
+        model=config.default_model,
+        metrics_port=server.metrics_port,
     )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

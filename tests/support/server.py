@@ -26,6 +26,7 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
+        self.serving: dict[str, object] = {}  # the server's "serving" line (ports it chose)
         self.stderr_lines: list[str] = []
         self._stderr_thread: threading.Thread | None = None
 
@@ -72,6 +73,7 @@ class ServerProcess:
             except ValueError:
                 continue
             if message.get("event") == "serving":
+                self.serving = message
                 self.port = int(message["port"])
                 break
         else:

@@ -18,6 +18,7 @@ import grpc
 import structlog
 
 from spindle_server import keys as api_keys
+from spindle_server import metrics
 from spindle_server.api import context
 from spindle_server.api.errors import ApiError, to_api_error, trailing_metadata
 
@@ -158,10 +159,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         call.reason = error.reason
         if error.code == grpc.StatusCode.INTERNAL:
             log.error("unhandled_error", method=call.method, exc_info=exc)
+        call.record()  # now: abort sends the status, and the client may scrape at once
         await ctx.abort(error.code, error.message, trailing_metadata=trailing_metadata(error))
 
     def _finish(self, call: _Call) -> None:
         elapsed = time.perf_counter() - call.started
+        call.record()
         slow = elapsed >= SLOW_CALL_SECONDS and not call.streaming
         level = log.info if call.code != "OK" or slow else log.debug
         level(
@@ -211,7 +214,7 @@ def _require_decoded(request: Any) -> None:
 
 
 class _Call:
-    __slots__ = ("code", "messages", "method", "reason", "request_id", "started", "streaming")
+    __slots__ = ("code", "messages", "method", "reason", "recorded", "request_id", "started", "streaming")
 
     def __init__(self, method: str, metadata: Mapping[str, str], *, streaming: bool = False) -> None:
         self.method = method
@@ -221,3 +224,10 @@ class _Call:
         self.reason = ""
         self.streaming = streaming
         self.messages = 0
+        self.recorded = False
+
+    def record(self) -> None:
+        """Counts the call in the metrics, once, before its status reaches the client."""
+        if not self.recorded:
+            self.recorded = True
+            metrics.record_rpc(self.method, self.code, time.perf_counter() - self.started)

@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 import grpc
 
 from spindle.v1 import assistant_pb2, run_pb2, run_pb2_grpc
-from spindle_server import clock, ids
+from spindle_server import clock, ids, metrics
 from spindle_server.api import context, idempotency, validation
 from spindle_server.api.errors import quota_exceeded
 from spindle_server.api.paging import next_page_token, page_query
@@ -351,7 +351,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         run = await self._store.get_run(context.project(), request.run_id)
         next_index = request.events_start_idx
         stale = False  # woken without finding events: the run's status may have moved on
-        with self._hub.subscribe(run.id) as feed:
+        with self._hub.subscribe(run.id) as feed, metrics.LISTEN_STREAMS.track_inprogress():
             while True:
                 changed = feed.changed()
                 batch = feed.cached(next_index)

@@ -53,6 +53,7 @@ from openai.types.chat import (
 )
 from openai.types.chat.chat_completion_chunk import ChoiceDeltaToolCall
 
+from spindle_server import metrics
 from spindle_server.models.base import (
     ChatMessage,
     Finish,
@@ -255,6 +256,7 @@ class OpenAIBackend:
     async def aclose(self) -> None:
         await self._client.close()
 
+    @metrics.timed_model_call
     async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelChunk, None]:
         params = self._request_params(request)
         for attempt in range(self.config.max_retries + 1):

@@ -15,6 +15,7 @@ import fcntl
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from spindle_server import metrics
 from spindle_server.store.errors import UnavailableError
 
 T = TypeVar("T")
@@ -186,6 +188,7 @@ class SqliteDatabase:
 
     def _commit_batch(self, connection: sqlite3.Connection, batch: list[_Write]) -> None:
         outcomes: list[tuple[bool, Any]] = []
+        began = time.perf_counter()
         try:
             if connection.in_transaction:
                 # A failed COMMIT whose ROLLBACK failed too: without this, every later batch
@@ -209,6 +212,7 @@ class SqliteDatabase:
             failure = UnavailableError(f"database write failed: {exc}")
             outcomes = [(False, failure)] * len(batch)
         self.batches += 1
+        metrics.record_commit(began, len(batch))
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, batch, outcomes)
 

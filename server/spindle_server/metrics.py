@@ -1,0 +1,289 @@
+"""Prometheus metrics: every definition, the run-life observer and the HTTP endpoint.
+
+Recording sites stay one line each and cheap: label children are resolved once (per method,
+per method and code, per provider) and cached, so a call costs a dict lookup plus
+prometheus_client's own per-value lock; nothing here takes a lock of its own.
+The metrics live in prometheus_client's default registry, which also carries the process
+collectors (memory, CPU, open files) that operators expect next to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from contextlib import aclosing
+from pathlib import Path
+from typing import Protocol, TypeVar
+from wsgiref.simple_server import WSGIServer
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import (
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    Metric,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+from spindle.v1 import run_pb2
+from spindle_server.engine.events import is_terminal
+from spindle_server.models.base import ModelChunk, ModelError, ModelRequest
+from spindle_server.store.base import ACTIVE_STATUSES, TERMINAL_STATUSES
+
+# No `*_created` series: a timestamp per label set that Prometheus does not need.
+disable_created_metrics()
+
+# Seconds: sub-millisecond key lookups up to calls that wait (Wait, Listen) for minutes.
+_CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0, 120.0, 600.0)
+# Seconds: a run or a model call takes from a fraction of a second to many minutes.
+_RUN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
+# Writes per commit: the writer takes at most store.sqlite_db.MAX_BATCH (256) at once.
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+RPCS = Counter("spindle_rpcs", "gRPC calls answered, by full method name and status code", ["method", "code"])
+RPC_SECONDS = Histogram(
+    "spindle_rpc_duration_seconds",
+    "Time from a call's arrival to its answer (for Listen, the stream's whole life), by method",
+    ["method"],
+    buckets=_CALL_BUCKETS,
+)
+RUNS_ENDED = Counter("spindle_runs_ended", "Runs that reached a terminal status, by that status", ["status"])
+RUN_SECONDS = Histogram(
+    "spindle_run_duration_seconds",
+    "Time from a run's creation to its terminal status",
+    buckets=_RUN_BUCKETS,
+)
+FIRST_EVENT_SECONDS = Histogram(
+    "spindle_run_time_to_first_event_seconds",
+    "Time from a run's creation to its first model output (text, tool call or reply) in the event log",
+    buckets=_RUN_BUCKETS,
+)
+LISTEN_STREAMS = Gauge("spindle_listen_streams", "Listen streams open now")
+MODEL_CALL_SECONDS = Histogram(
+    "spindle_model_call_duration_seconds",
+    "Time of one model call (request to end of its stream, retries included), by provider",
+    ["provider"],
+    buckets=_RUN_BUCKETS,
+)
+MODEL_ERRORS = Counter(
+    "spindle_model_call_errors", "Model calls that failed, by provider and error code", ["provider", "code"]
+)
+STORE_COMMIT_SECONDS = Histogram(
+    "spindle_store_commit_duration_seconds",
+    "Time of one batch transaction of the store's writer (BEGIN to COMMIT, fsync included)",
+    buckets=_CALL_BUCKETS,
+)
+STORE_BATCH_WRITES = Histogram(
+    "spindle_store_commit_batch_size", "Writes committed together in one transaction", buckets=_BATCH_BUCKETS
+)
+
+
+# ---- RPCs (api/interceptor.py) -----------------------------------------------------------------
+
+
+class _RpcMethod:
+    __slots__ = ("_codes", "_latency", "_method")
+
+    def __init__(self, method: str) -> None:
+        self._method = method
+        self._latency = RPC_SECONDS.labels(method)
+        self._codes: dict[str, Counter] = {}
+
+    def record(self, code: str, seconds: float) -> None:
+        counter = self._codes.get(code)
+        if counter is None:
+            counter = self._codes[code] = RPCS.labels(self._method, code)
+        counter.inc()
+        self._latency.observe(seconds)
+
+
+# Keyed by registered method names only (unknown methods never reach the interceptor's
+# recording), and codes are grpc's 17: the label sets stay bounded.
+_rpc_methods: dict[str, _RpcMethod] = {}
+
+
+def record_rpc(method: str, code: str, seconds: float) -> None:
+    recorder = _rpc_methods.get(method)
+    if recorder is None:
+        recorder = _rpc_methods[method] = _RpcMethod(method)
+    recorder.record(code, seconds)
+
+
+# ---- store (store/sqlite_db.py, on the writer thread) ------------------------------------------
+
+
+def record_commit(began: float, writes: int) -> None:
+    """One batch commit that started at `began` (time.perf_counter())."""
+    STORE_COMMIT_SECONDS.observe(time.perf_counter() - began)
+    STORE_BATCH_WRITES.observe(writes)
+
+
+# ---- model calls (models/*_backend.py) ---------------------------------------------------------
+
+
+class _NamedBackend(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+B = TypeVar("B", bound=_NamedBackend)
+StreamMethod = Callable[[B, ModelRequest], AsyncGenerator[ModelChunk, None]]
+
+
+def timed_model_call(stream: StreamMethod[B]) -> StreamMethod[B]:
+    """Decorates a backend's `stream`: its duration by provider, and its ModelError codes.
+    A call abandoned by its consumer (a cancelled run) is neither a success nor an error."""
+
+    async def timed(self: B, request: ModelRequest) -> AsyncGenerator[ModelChunk, None]:
+        began = time.perf_counter()
+        try:
+            async with aclosing(stream(self, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except ModelError as exc:
+            MODEL_ERRORS.labels(self.name, exc.code).inc()
+            MODEL_CALL_SECONDS.labels(self.name).observe(time.perf_counter() - began)
+            raise
+        MODEL_CALL_SECONDS.labels(self.name).observe(time.perf_counter() - began)
+
+    return timed
+
+
+# ---- runs (the store's events listener) --------------------------------------------------------
+
+_EventType = run_pb2.StreamEvent
+_FIRST_OUTPUT = frozenset(
+    {_EventType.PARTIAL_MESSAGE, _EventType.TOOL_CALL_DELTA, _EventType.TOOL_CALLS, _EventType.DONE}
+)
+_ENDED: dict[int, Counter] = {
+    status: RUNS_ENDED.labels(name)
+    for name, status in run_pb2.RunStatus.items()
+    if status in TERMINAL_STATUSES
+}
+# Runs followed at once; past it new runs go unmeasured (not unbounded memory) until some end.
+MAX_TRACKED_RUNS = 100_000
+
+
+def _seconds(stamp: Timestamp) -> float:
+    return stamp.seconds + stamp.nanos * 1e-9
+
+
+class RunObserver:
+    """Follows runs through the events every commit publishes (Store.add_events_listener).
+
+    A run's creation time comes from its STATUS events (they carry the run). Only runs whose
+    first event (index 0, written by Create) this process saw are timed to their first output:
+    a run taken over after a restart has had output before. Its terminal event gives the end
+    count and the duration. Events carry the time the store wrote them, so both figures are
+    what a client reading the log would measure.
+    """
+
+    def __init__(self) -> None:
+        self._created: dict[str, float] = {}  # run id -> creation time, until its end is seen
+        self._awaiting_output: set[str] = set()  # created here, no output event yet
+
+    def __call__(self, events: Sequence[run_pb2.StreamEvent]) -> None:
+        for event in events:
+            kind = event.type
+            if kind == _EventType.PARTIAL_MESSAGE or kind == _EventType.TOOL_CALL_DELTA:
+                if event.run_id in self._awaiting_output:
+                    self._first_output(event)
+                continue  # the bulk of events: one set lookup
+            if (
+                kind == _EventType.STATUS
+                and event.run_id not in self._created
+                and len(self._created) < MAX_TRACKED_RUNS
+            ):
+                self._created[event.run_id] = _seconds(event.status_change.run.created_at)
+                if event.index == 0:
+                    self._awaiting_output.add(event.run_id)
+            if kind in _FIRST_OUTPUT and event.run_id in self._awaiting_output:
+                self._first_output(event)
+            if is_terminal(event):
+                self._ended(event)
+
+    def _first_output(self, event: run_pb2.StreamEvent) -> None:
+        self._awaiting_output.discard(event.run_id)
+        created = self._created.get(event.run_id)
+        if created is not None:
+            FIRST_EVENT_SECONDS.observe(max(_seconds(event.created_at) - created, 0.0))
+
+    def _ended(self, event: run_pb2.StreamEvent) -> None:
+        _ENDED[event.status].inc()
+        self._awaiting_output.discard(event.run_id)
+        created = self._created.pop(event.run_id, None)
+        if created is not None:
+            RUN_SECONDS.observe(max(_seconds(event.created_at) - created, 0.0))
+
+
+# ---- runs active now (read from the database at each scrape) ---------------------------------
+
+_ACTIVE_NAMES = {status: name for name, status in run_pb2.RunStatus.items() if status in ACTIVE_STATUSES}
+_ACTIVE_HELP = "Runs not finished yet, by status (PENDING, IN_PROGRESS, TOOL_CALLS, CANCELLING)"
+
+
+class ActiveRuns:
+    """`spindle_runs_active{status}`, counted by the database when Prometheus scrapes.
+
+    Not kept from events: runs queued or waiting for tools before this process started would
+    be missed until they moved. A count over the status index is cheap, and scrapes are rare.
+    Runs on prometheus_client's HTTP thread, with a read-only connection of its own.
+    """
+
+    def __init__(self, database: Path) -> None:
+        self._uri = database.resolve().as_uri() + "?mode=ro"
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily("spindle_runs_active", _ACTIVE_HELP, labels=["status"])]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily("spindle_runs_active", _ACTIVE_HELP, labels=["status"])
+        try:
+            counts = self._count()
+        except sqlite3.Error:
+            return []  # no figure rather than a wrong one (the scrape still answers)
+        for status, name in _ACTIVE_NAMES.items():
+            family.add_metric([name], counts.get(status, 0))
+        return [family]
+
+    def _count(self) -> dict[int, int]:
+        with contextlib.closing(sqlite3.connect(self._uri, uri=True, timeout=1.0)) as connection:
+            marks = ",".join("?" * len(_ACTIVE_NAMES))
+            rows = connection.execute(
+                f"SELECT status, COUNT(*) FROM runs WHERE status IN ({marks}) GROUP BY status",
+                tuple(_ACTIVE_NAMES),
+            )
+            return {status: count for status, count in rows}
+
+
+# ---- the endpoint ------------------------------------------------------------------------------
+
+
+class MetricsEndpoint:
+    """prometheus_client's HTTP server (a thread of its own) on HOST:PORT; port 0 picks one."""
+
+    def __init__(self, host: str, port: int, database: Path) -> None:
+        # "[::1]" is how the gRPC flag spells an IPv6 address; a socket wants it bare.
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._active = ActiveRuns(database)
+        REGISTRY.register(self._active)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host.strip("[]"))
+        except BaseException:
+            REGISTRY.unregister(self._active)
+            raise
+        self.port: int = self._server.server_port
+
+    def close(self) -> None:
+        """Blocks until the serving thread is gone (up to its half-second poll interval)."""
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        REGISTRY.unregister(self._active)
