@@ -28,7 +28,7 @@ async def queued_run(store: SqliteStore, thread_id: str = "thread_1", run_id: st
 
 async def test_a_superseded_lease_cannot_write(store: SqliteStore) -> None:
     await queued_run(store)
-    (first,) = await store.claim_runs("owner-a", 0.01, 10, transitions.start(clock.now(), 3600))
+    (first,) = await store.claim_runs("owner-a", 0.01, 10, transitions.start(clock.now(), 3600, 3))
     await asyncio.sleep(0.05)  # the lease runs out: owner-a is presumed dead
     second = await store.reclaim_run("run_1", "owner-b", 30, transitions.recover(clock.now(), 3))
     assert second is not None and second.epoch == first.epoch + 1
@@ -43,7 +43,7 @@ async def test_a_superseded_lease_cannot_write(store: SqliteStore) -> None:
 
 async def test_concurrent_writes_share_commits_and_keep_indexes_gap_free(store: SqliteStore) -> None:
     await queued_run(store)
-    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 3))
     batches_before = store.db.batches
     await asyncio.gather(
         *(

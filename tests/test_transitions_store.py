@@ -39,7 +39,7 @@ async def queued_run(
 async def paused_run(store: SqliteStore, tool_deadline: float) -> tuple[run_pb2.Run, run_pb2.RunStep]:
     """A run waiting for the result of one tool call, with the given tool deadline."""
     await queued_run(store)
-    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 3))
     call = common_pb2.ToolCall(id="call_1")
     call.function.name = "f"
     step = _step(claim.run, run_pb2.RunStep.TOOL_CALLS, run_pb2.RunStep.IN_PROGRESS, clock.now())
@@ -105,7 +105,7 @@ async def test_tool_rounds_do_not_use_up_the_attempts(store: SqliteStore) -> Non
     submit = transitions.submit_tool_results(clock.now(), {"call_1": "ok"}, step, clock.now() + 3600)
     await store.mutate_run(run.id, submit)
     # Claimed again for its second turn, with a lease that has already run out (owner died).
-    (claim,) = await store.claim_runs("owner", -1, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await store.claim_runs("owner", -1, 10, transitions.start(clock.now(), 3600, 3))
     assert claim.run.attempt == 1  # first attempt at this turn: not a retry
     recovered = await store.reclaim_run(run.id, "other", 30, transitions.recover(clock.now(), 2))
     assert recovered is not None
@@ -114,15 +114,31 @@ async def test_tool_rounds_do_not_use_up_the_attempts(store: SqliteStore) -> Non
 
 async def test_a_requeued_run_counts_the_interrupted_attempt(store: SqliteStore) -> None:
     await queued_run(store)
-    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 3))
     await store.mutate_run("run_1", transitions.requeue(clock.now(), "stop"), epoch=claim.epoch)
-    (again,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600))
+    (again,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 3))
     assert again.run.attempt == 2
+
+
+async def test_a_run_requeued_max_attempts_times_fails_at_its_next_claim(store: SqliteStore) -> None:
+    await queued_run(store)
+    for attempt in (1, 2):
+        (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 2))
+        assert claim.run.status == run_pb2.IN_PROGRESS and claim.run.attempt == attempt
+        await store.mutate_run("run_1", transitions.requeue(clock.now(), "stop"), epoch=claim.epoch)
+    # Two tries were interrupted by shutdowns: the claim counts them and gives up.
+    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 2))
+    assert claim.run.status == run_pb2.FAILED
+    assert claim.run.last_error.code == "server_error"
+    assert "interrupted 2 times" in claim.run.last_error.message
+    log = await store.read_events("run_1", 0, 100)
+    assert [e.index for e in log if events.is_terminal(e)] == [len(log) - 1]
+    assert await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 2)) == []
 
 
 async def test_shutdown_requeue_of_a_cancelling_run_ends_it_cancelled(store: SqliteStore) -> None:
     await queued_run(store)
-    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 3))
     await store.mutate_run("run_1", transitions.request_cancel(clock.now(), None))
     result = await store.mutate_run("run_1", transitions.requeue(clock.now(), "stop"), epoch=claim.epoch)
     assert result.run.status == run_pb2.CANCELLED
@@ -184,7 +200,7 @@ async def second_round(store: SqliteStore) -> tuple[run_pb2.Run, run_pb2.RunStep
     stale_copy.CopyFrom(first_step)
     submit = transitions.submit_tool_results(clock.now(), {"call_1": "ok"}, first_step, clock.now() + 3600)
     await store.mutate_run(run.id, submit)
-    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 3))
     call = common_pb2.ToolCall(id="call_2")
     call.function.name = "f"
     second_step = _step(claim.run, run_pb2.RunStep.TOOL_CALLS, run_pb2.RunStep.IN_PROGRESS, clock.now())

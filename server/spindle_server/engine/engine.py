@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import socket
@@ -36,7 +37,11 @@ class Engine:
         self._store = store
         self._executor = TurnExecutor(store, models, config)
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Why a run's task is being stopped from outside. Recorded before the task is told, and
+        # read by the task itself: a task cancelled before its first step never runs its
+        # coroutine, so a bare task.cancel() could skip the run's final write.
         self._cancel_reasons: dict[str, str] = {}
+        self._started: set[str] = set()  # runs whose task has entered its body
         self._wakeup = asyncio.Event()
         self._stop_event = asyncio.Event()
         self._stopping = False
@@ -61,11 +66,17 @@ class Engine:
         self._wakeup.set()
 
     def cancel_local(self, run_id: str, reason: str = CANCEL_BY_USER) -> bool:
+        """Stop this process's task of a run. A task not yet started only learns the reason (it
+        reads it first thing); a started one is cancelled, once: its final write is shielded, and
+        a second cancel would only make the task end before that write does."""
         task = self._tasks.get(run_id)
         if task is None or task.done():
             return False
+        if run_id in self._cancel_reasons:
+            return True  # already being stopped
         self._cancel_reasons[run_id] = reason
-        task.cancel()
+        if run_id in self._started:
+            task.cancel()
         return True
 
     async def stop(self, grace: float) -> None:
@@ -102,12 +113,15 @@ class Engine:
                         self.owner,
                         self.config.lease_seconds,
                         min(free, 32),
-                        transitions.start(clock.now(), self.config.run_timeout),
+                        transitions.start(clock.now(), self.config.run_timeout, self.config.max_attempts),
                     )
                 except Exception:
                     log.exception("claim_failed")
             for claim in claimed:
-                self._spawn(claim)
+                if claim.run.status == run_pb2.IN_PROGRESS:
+                    self._spawn(claim)
+                else:  # claimed only to be ended: its attempts were used up
+                    log.info("run_not_started", run_id=claim.run.id, error=claim.run.last_error.message)
             if len(claimed) == 0 or len(self._tasks) >= self.config.max_concurrent_runs:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), self.config.idle_poll_interval)
@@ -116,9 +130,20 @@ class Engine:
         run_id = claim.run.id
         task = asyncio.create_task(self._run(claim), name=f"run-{run_id}")
         self._tasks[run_id] = task
+        # A done callback runs however the task ends, even cancelled before its first step.
+        task.add_done_callback(functools.partial(self._forget, run_id))
+
+    def _forget(self, run_id: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(run_id) is task:
+            del self._tasks[run_id]
+            self._cancel_reasons.pop(run_id, None)
+            self._started.discard(run_id)
+        self._wakeup.set()  # a slot is free
 
     async def _run(self, claim: ClaimedRun) -> None:
         run_id = claim.run.id
+        # No await before execute() enters its try: from here on a cancel lands where it is handled.
+        self._started.add(run_id)
         renewer = asyncio.create_task(self._renew_lease(claim))
         try:
             await self._executor.execute(claim, self._cancel_reasons)
@@ -128,10 +153,6 @@ class Engine:
             log.exception("run_task_failed", run_id=run_id)
         finally:
             renewer.cancel()
-            if self._tasks.get(run_id) is asyncio.current_task():
-                self._tasks.pop(run_id, None)
-                self._cancel_reasons.pop(run_id, None)
-            self._wakeup.set()  # a slot is free
 
     async def _renew_lease(self, claim: ClaimedRun) -> None:
         interval = self.config.lease_seconds / 3

@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator
 import structlog
 
 from spindle.v1 import common_pb2, message_pb2, run_pb2
-from spindle_server import clock, ids
+from spindle_server import clock, faults, ids
 from spindle_server.engine import events, transitions
 from spindle_server.engine.config import EngineConfig
 from spindle_server.engine.prompt import PromptBudgetExceededError, build_request, completion_budget
@@ -34,9 +34,16 @@ class TurnExecutor:
         self._config = config
 
     async def execute(self, claimed: ClaimedRun, cancel_reason: dict[str, str]) -> None:
+        """Run one turn. `cancel_reason` (run id -> why) is set by whoever stops the task; it is
+        read here too, so a stop that came before the task ever ran still ends the run."""
         run = claimed.run
         bound = log.bind(run_id=run.id, epoch=claimed.epoch)
         try:
+            if run.id in cancel_reason:
+                raise asyncio.CancelledError  # stopped before this task began: handled below
+            if faults.ENABLED:
+                await faults.reached("engine.before_run_body")
+            await self._check_still_in_progress(run)
             await self._execute(claimed)
         except asyncio.CancelledError:
             reason = cancel_reason.get(run.id, CANCEL_SHUTDOWN)
@@ -62,6 +69,13 @@ class TurnExecutor:
                 claimed,
                 transitions.fail(clock.now(), "server_error", f"internal error: {type(exc).__name__}"),
             )
+
+    async def _check_still_in_progress(self, run: run_pb2.Run) -> None:
+        """A cancel that committed after the claim but before this task existed found no task
+        to stop: the run's status says so. Later cancels reach the task itself."""
+        _, current = await self._store.get_run_any_project(run.id)
+        if current.status != run_pb2.IN_PROGRESS:
+            raise transitions.RunNotInProgressError(current)
 
     async def _final_write(self, claimed: ClaimedRun, mutation: RunMutation) -> None:
         # Shielded: the end of a run must be written even while the server is being stopped.

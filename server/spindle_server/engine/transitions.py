@@ -46,19 +46,22 @@ def run_deadline(run: run_pb2.Run, run_timeout: float) -> float:
     return clock.seconds_of(run.created_at) + run_timeout
 
 
-def start(now: float, run_timeout: float) -> RunMutation:
-    """PENDING -> IN_PROGRESS, when the engine claims the run."""
+def start(now: float, run_timeout: float, max_attempts: int) -> RunMutation:
+    """PENDING -> IN_PROGRESS, when the engine claims the run; FAILED if a re-queued run has
+    had its `max_attempts` already (each shutdown that re-queued it counted one)."""
 
     def mutate(run: run_pb2.Run) -> RunChange:
         if run.status != run_pb2.PENDING:
             raise _wrong_state(run, "start")
+        # `attempt` numbers the tries at the current model call: a run resumed after its tool
+        # results starts a new call, not a retry (requeue and recover count the retries), so
+        # many tool rounds do not use up max_attempts.
+        if run.attempt > max_attempts:
+            return _out_of_attempts(run, now, run.attempt - 1)
         deadline = run_deadline(run, run_timeout)
         run.status = run_pb2.IN_PROGRESS
         if not run.HasField("started_at"):
             _stamp(run.started_at, now)
-        # `attempt` numbers the tries at the current model call: a run resumed after its tool
-        # results starts a new call, not a retry (requeue and recover count the retries), so
-        # many tool rounds do not use up max_attempts.
         run.attempt = max(run.attempt, 1)
         _stamp(run.expires_at, deadline)
         return RunChange(run, [events.status_change(run)], deadline=deadline)
@@ -75,13 +78,17 @@ def recover(now: float, max_attempts: int) -> RunMutation:
         if run.status != run_pb2.IN_PROGRESS:
             raise _wrong_state(run, "recover")
         if run.attempt >= max_attempts:
-            message = f"the run was interrupted {run.attempt} times (server restarts); giving up"
-            return _failed(run, now, "server_error", message)
+            return _out_of_attempts(run, now, run.attempt)
         run.attempt += 1
         reason = f"recovered after its executor stopped; model call retried (attempt {run.attempt})"
         return RunChange(run, [events.status_change(run, reason, discard_partial=True)])
 
     return mutate
+
+
+def _out_of_attempts(run: run_pb2.Run, now: float, interrupted: int) -> RunChange:
+    message = f"the run was interrupted {interrupted} times (server restarts); giving up"
+    return _failed(run, now, "server_error", message)
 
 
 def stream(batch: Sequence[run_pb2.StreamEvent]) -> RunMutation:
