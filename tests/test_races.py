@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import random
 import threading
-import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 
 from spindle.v1 import common_pb2, message_pb2, run_pb2
+from support.faults import Holds
+from support.invariants import History, assert_invariants
+from support.server import ServerProcess
 from support.stubs import TERMINAL, Stubs
+
+MakeServer = Callable[..., ServerProcess]
 
 EventType = run_pb2.StreamEvent
 
@@ -24,40 +29,58 @@ def terminal_events(events: list[run_pb2.StreamEvent]) -> list[int]:
     ]
 
 
-def test_cancel_races_completion(stubs: Stubs) -> None:
-    rng = random.Random(7)
-    assistant = stubs.assistant(name="racer")
-    threads = [stubs.thread(f"/sleep 0.02 reply number {i} " + "w " * 5) for i in range(40)]
-    delays = [rng.random() * 0.04 for _ in threads]
-    outcomes: dict[str, run_pb2.Run] = {}
-    runs: list[run_pb2.Run] = []
+def _replies(stubs: Stubs, run: run_pb2.Run) -> list[message_pb2.Message]:
+    listed = stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=run.thread_id), timeout=10)
+    return [m for m in listed.messages if m.role == message_pb2.ASSISTANT]
 
-    def create_then_cancel(index: int) -> None:
-        run = stubs.run(assistant.id, threads[index].id)
-        runs.append(run)
-        time.sleep(delays[index])  # lands before, during or after the 20 ms reply
-        outcomes[run.id] = stubs.runs.Cancel(run_pb2.CancelRunRequest(run_id=run.id), timeout=10)
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(create_then_cancel, range(len(threads))))
-    seen = set()
-    for run in runs:
+def _race_server(make_server: MakeServer, holds: Holds, point: str) -> Stubs:
+    return Stubs.connect(make_server(env=holds.env(point)).address)
+
+
+def test_cancel_wins_when_it_lands_before_the_completion_write(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    """The whole reply has streamed and the executor is about to write COMPLETED: a Cancel now
+    ends the run CANCELLED, the completion is never written, and no reply joins the thread."""
+    holds = Holds(tmp_path / "holds")
+    stubs = _race_server(make_server, holds, "engine.before_turn_end_write")
+    try:
+        history = History()
+        run = stubs.start("the whole reply streams first")
+        holds.wait_reached("engine.before_turn_end_write")
+        answer = stubs.runs.Cancel(run_pb2.CancelRunRequest(run_id=run.id), timeout=10)
+        assert answer.status == run_pb2.CANCELLING  # the executor was still on it
+        holds.release("engine.before_turn_end_write")  # would let the write go, were it not stopped
         final = stubs.wait(run.id)
-        seen.add(final.status)
-        assert final.status in (run_pb2.COMPLETED, run_pb2.CANCELLED)
-        assert outcomes[run.id].status in (run_pb2.COMPLETED, run_pb2.CANCELLED, run_pb2.CANCELLING)
-        if outcomes[run.id].status == run_pb2.COMPLETED:
-            assert final.status == run_pb2.COMPLETED  # cancelling a finished run changes nothing
+        assert final.status == run_pb2.CANCELLED
+        assert _replies(stubs, final) == []
         events = stubs.events(run.id)
-        assert [e.index for e in events] == list(range(len(events)))
         assert terminal_events(events) == [len(events) - 1]
-        replies = [
-            m
-            for m in stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=run.thread_id)).messages
-            if m.role == message_pb2.ASSISTANT
-        ]
-        assert len(replies) == (1 if final.status == run_pb2.COMPLETED else 0)
-    assert seen == {run_pb2.CANCELLED, run_pb2.COMPLETED}  # both sides of the race were run
+        assert not [e for e in events if e.type == EventType.DONE]
+        assert_invariants(stubs, [run.id], history)
+    finally:
+        stubs.close()
+
+
+def test_completion_wins_when_it_commits_before_the_cancel(make_server: MakeServer, tmp_path: Path) -> None:
+    """COMPLETED has committed but the executor's task is still alive: a Cancel now changes
+    nothing, answers the completed run, and the reply stays."""
+    holds = Holds(tmp_path / "holds")
+    stubs = _race_server(make_server, holds, "engine.after_turn_end_write")
+    try:
+        history = History()
+        run = stubs.start("done before the cancel")
+        holds.wait_reached("engine.after_turn_end_write")
+        answer = stubs.runs.Cancel(run_pb2.CancelRunRequest(run_id=run.id), timeout=10)
+        assert answer.status == run_pb2.COMPLETED
+        holds.release("engine.after_turn_end_write")
+        final = stubs.wait(run.id)
+        assert final.status == run_pb2.COMPLETED
+        assert len(_replies(stubs, final)) == 1
+        assert_invariants(stubs, [run.id], history)
+    finally:
+        stubs.close()
 
 
 def _tool_run(stubs: Stubs) -> tuple[run_pb2.Run, list[common_pb2.ToolResult]]:

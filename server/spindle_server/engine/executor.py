@@ -192,7 +192,7 @@ class TurnExecutor:
                 now + self._config.tool_timeout, transitions.run_deadline(run, self._config.run_timeout)
             )
             mutation = transitions.pause_for_tools(now, calls, step, usage, pending, tool_deadline)
-            await self._write(run, epoch, mutation)
+            await self._write_turn_end(run, epoch, mutation)
             return
 
         # The reply is everything the model said in this run: before its tool calls, and now.
@@ -205,7 +205,7 @@ class TurnExecutor:
         else:
             reply = _reply(run, full_text, now)
             mutation = transitions.complete(now, reply, _message_step(run, reply, now, usage), usage, pending)
-        await self._write(run, epoch, mutation)
+        await self._write_turn_end(run, epoch, mutation)
 
     async def _round_texts(self, run: run_pb2.Run, steps: list[run_pb2.RunStep]) -> list[str]:
         """What the model said before each tool-call round of this run so far, as listeners saw it."""
@@ -217,6 +217,14 @@ class TurnExecutor:
             streamed.extend(batch)
             if len(batch) < 1000:
                 return _round_texts(streamed)
+
+    async def _write_turn_end(self, run: run_pb2.Run, epoch: int, mutation: RunMutation) -> None:
+        """The write that ends a model turn (completed, incomplete, paused for tools)."""
+        if faults.ENABLED:
+            await faults.reached("engine.before_turn_end_write")
+        await self._write(run, epoch, mutation)
+        if faults.ENABLED:
+            await faults.reached("engine.after_turn_end_write")
 
     async def _write(self, run: run_pb2.Run, epoch: int, mutation: RunMutation) -> None:
         await self._store.mutate_run(run.id, mutation, epoch=epoch)

@@ -1,0 +1,100 @@
+"""A real server held (fault point `engine.before_run_body`) between a run's claim and its
+task's body, while a Cancel or a SIGTERM arrives; and a run that every shutdown interrupts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from spindle.v1 import run_pb2
+from support.faults import Holds
+from support.invariants import assert_invariants
+from support.server import ServerProcess
+from support.stubs import Stubs
+
+MakeServer = Callable[..., ServerProcess]
+BODY = "engine.before_run_body"
+REQUEUED = "server shutting down; run re-queued"
+
+
+def test_cancel_before_the_run_body_ends_the_run_and_frees_its_slot(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    holds = Holds(tmp_path / "holds")
+    server = make_server("--max-concurrent-runs", "1", env=holds.env(BODY))
+    stubs = Stubs.connect(server.address)
+    try:
+        assistant = stubs.assistant(name="held")
+        first = stubs.start("never streamed", assistant)
+        holds.wait_reached(BODY)  # claimed: IN_PROGRESS, its task not yet in its body
+        assert stubs.runs.Cancel(run_pb2.CancelRunRequest(run_id=first.id), timeout=10).status in (
+            run_pb2.CANCELLING,
+            run_pb2.CANCELLED,
+        )
+        assert stubs.wait(first.id, timeout=30).status == run_pb2.CANCELLED
+        # The only slot is free again: the next run is claimed and completes.
+        holds.release(BODY, 2)
+        second = stubs.start("the next one", assistant)
+        assert stubs.wait(second.id, timeout=30).status == run_pb2.COMPLETED
+        assert_invariants(stubs, [first.id, second.id])
+    finally:
+        stubs.close()
+
+
+def test_shutdown_before_the_run_body_requeues_the_run(make_server: MakeServer, tmp_path: Path) -> None:
+    database = tmp_path / "spindle.db"
+    holds = Holds(tmp_path / "holds")
+    server = make_server("--grace-period", "0.2", database=database, env=holds.env(BODY))
+    stubs = Stubs.connect(server.address)
+    run = stubs.start("handed to the next start")
+    holds.wait_reached(BODY)
+    stubs.close()
+    assert server.stop() == 0  # the held task outlives the grace period and is stopped
+    server = make_server(database=database)
+    stubs = Stubs.connect(server.address)
+    try:
+        done = stubs.wait(run.id, timeout=30)
+        assert done.status == run_pb2.COMPLETED
+        assert done.attempt == 2
+        finals = assert_invariants(stubs, [run.id])
+        # Re-queued by the stopping server (not recovered from a lost executor at the next start).
+        reasons = [e.status_change.reason for e in finals[run.id].events if e.status == run_pb2.PENDING]
+        assert REQUEUED in reasons
+    finally:
+        stubs.close()
+
+
+def test_a_run_interrupted_by_every_shutdown_fails_after_max_attempts(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    database = tmp_path / "spindle.db"
+    max_attempts = 3
+    run_id = ""
+    for start in range(max_attempts):
+        holds = Holds(tmp_path / f"holds{start}")  # a fresh process counts arrivals from 1
+        server = make_server(
+            "--max-attempts",
+            str(max_attempts),
+            "--grace-period",
+            "0.2",
+            database=database,
+            env=holds.env(BODY),
+        )
+        if not run_id:
+            with_stubs = Stubs.connect(server.address)
+            run_id = with_stubs.start("interrupted every time").id
+            with_stubs.close()
+        holds.wait_reached(BODY)  # this start's attempt is under way
+        assert server.stop() == 0
+    server = make_server("--max-attempts", str(max_attempts), database=database)
+    stubs = Stubs.connect(server.address)
+    try:
+        failed = stubs.wait(run_id, timeout=30)
+        assert failed.status == run_pb2.FAILED, run_pb2.RunStatus.Name(failed.status)
+        assert failed.last_error.code == "server_error"
+        assert f"interrupted {max_attempts} times" in failed.last_error.message
+        finals = assert_invariants(stubs, [run_id])
+        requeues = [e for e in finals[run_id].events if e.status_change.reason == REQUEUED]
+        assert len(requeues) == max_attempts
+    finally:
+        stubs.close()
