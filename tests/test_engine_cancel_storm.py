@@ -14,7 +14,7 @@ from support.stubs import Stubs
 
 MakeServer = Callable[..., ServerProcess]
 RUNS = 200
-SLOTS = 16
+SLOTS = 64
 TIMEOUT = 60.0  # per call: a failure bound only
 SETTLE_BOUND = 100.0  # for all 200 runs together; also a failure bound (the runs take seconds)
 
