@@ -46,7 +46,7 @@ async def paused_run(store: SqliteStore, tool_deadline: float) -> tuple[run_pb2.
     step.tool_calls.tool_calls.append(call)
     paused = await store.mutate_run(
         "run_1",
-        transitions.pause_for_tools(clock.now(), [call], step, None, [], tool_deadline),
+        transitions.pause_for_tools(clock.now(), [call], step, None, [], tool_deadline, "Let me see. "),
         epoch=claim.epoch,
     )
     return paused.run, step
@@ -95,6 +95,19 @@ async def test_tool_results_after_the_tool_deadline_are_refused(store: SqliteSto
         await store.mutate_run(run.id, submit)
     assert refused.value.reason == "RUN_EXPIRED"
     assert (await store.get_run(PROJECT, run.id)).status == run_pb2.TOOL_CALLS  # the sweeper ends it
+
+
+# ---- what the model said before its tool calls is kept beside the step ------------------------
+
+
+async def test_a_pause_keeps_the_text_said_before_the_calls_and_a_thread_delete_drops_it(
+    store: SqliteStore,
+) -> None:
+    run, step = await paused_run(store, clock.now() + 600)
+    assert await store.tool_round_texts(run.id) == {step.id: "Let me see. "}
+    await store.mutate_run(run.id, transitions.request_cancel(clock.now(), step))
+    await store.delete_thread(PROJECT, run.thread_id)
+    assert await store.tool_round_texts(run.id) == {}
 
 
 # ---- attempts count interruptions, not tool rounds -------------------------------------------

@@ -191,7 +191,7 @@ class TurnExecutor:
             tool_deadline = min(
                 now + self._config.tool_timeout, transitions.run_deadline(run, self._config.run_timeout)
             )
-            mutation = transitions.pause_for_tools(now, calls, step, usage, pending, tool_deadline)
+            mutation = transitions.pause_for_tools(now, calls, step, usage, pending, tool_deadline, text)
             await self._write_turn_end(run, epoch, mutation)
             return
 
@@ -208,9 +208,20 @@ class TurnExecutor:
         await self._write_turn_end(run, epoch, mutation)
 
     async def _round_texts(self, run: run_pb2.Run, steps: list[run_pb2.RunStep]) -> list[str]:
-        """What the model said before each tool-call round of this run so far, as listeners saw it."""
-        if not any(step.type == run_pb2.RunStep.TOOL_CALLS for step in steps):
+        """What the model said before each answered tool-call round of this run, as listeners
+        saw it: kept beside each TOOL_CALLS step when the run paused, so a round costs one small
+        read, not a reread of the whole log."""
+        answered = [
+            step
+            for step in steps
+            if step.type == run_pb2.RunStep.TOOL_CALLS and step.status == run_pb2.RunStep.COMPLETED
+        ]
+        if not answered:
             return []
+        said = await self._store.tool_round_texts(run.id)
+        if all(step.id in said for step in answered):
+            return [said[step.id] for step in answered]
+        # Paused by a server that did not keep the texts yet: rebuild them from the log once.
         streamed: list[run_pb2.StreamEvent] = []
         while True:
             batch = await self._store.read_events(run.id, len(streamed), 1000)

@@ -109,8 +109,12 @@ def pause_for_tools(
     turn_usage: common_pb2.Usage | None,
     pending: Sequence[run_pb2.StreamEvent],
     tool_deadline: float,
+    said: str = "",
 ) -> RunMutation:
-    """IN_PROGRESS -> TOOL_CALLS: the run waits for the caller's results."""
+    """IN_PROGRESS -> TOOL_CALLS: the run waits for the caller's results.
+
+    said: the text this turn streamed before its calls, kept beside the step for the prompt of
+    the next turns (rereading the log for it would cost every round the whole run so far)."""
 
     def mutate(run: run_pb2.Run) -> RunChange:
         if run.status != run_pb2.IN_PROGRESS:
@@ -126,6 +130,7 @@ def pause_for_tools(
             steps=[step],
             deadline=tool_deadline,
             release_lease=True,
+            step_texts={step.id: said},
         )
 
     return mutate

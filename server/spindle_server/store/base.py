@@ -66,6 +66,9 @@ class RunChange:
     steps: list[run_pb2.RunStep] = field(default_factory=list)  # inserted or replaced by id
     deadline: float | None = None  # new value of the expiry column (epoch seconds); None: keep
     release_lease: bool = False  # the engine lets go of the run (TOOL_CALLS, terminal)
+    # Internal, never shown to clients: step id -> what the model said in the turn that made
+    # that TOOL_CALLS step, kept for the prompts of later turns (see Store.tool_round_texts).
+    step_texts: dict[str, str] = field(default_factory=dict)
 
 
 # Receives a copy of the current run; returns the change, or raises to abort the transaction.
@@ -232,6 +235,9 @@ class Store(Protocol):
     async def list_steps(self, project: str, run_id: str, query: PageQuery) -> Page[run_pb2.RunStep]: ...
     async def run_steps(self, run_id: str) -> list[run_pb2.RunStep]: ...
     async def read_events(self, run_id: str, start: int, limit: int) -> list[run_pb2.StreamEvent]: ...
+    async def tool_round_texts(self, run_id: str) -> dict[str, str]:
+        """The run's RunChange.step_texts so far (step id -> text), without reading its log."""
+        ...
 
     # Engine
     async def claim_runs(

@@ -88,6 +88,12 @@ CREATE TABLE IF NOT EXISTS run_steps (
   body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS run_steps_run ON run_steps(run_id, seq);
+CREATE TABLE IF NOT EXISTS step_texts (
+  run_id TEXT NOT NULL,
+  step_id TEXT NOT NULL,
+  said TEXT NOT NULL,
+  PRIMARY KEY (run_id, step_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS run_events (
   run_id TEXT NOT NULL,
   idx INTEGER NOT NULL,
@@ -369,6 +375,7 @@ class SqliteStore:
             for run_id in run_ids:
                 conn.execute("DELETE FROM run_events WHERE run_id = ?", (run_id,))
                 conn.execute("DELETE FROM run_steps WHERE run_id = ?", (run_id,))
+                conn.execute("DELETE FROM step_texts WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE thread_id = ?", (thread_id,))
             conn.execute("DELETE FROM messages WHERE thread_id = ?", (thread_id,))
             conn.execute("DELETE FROM threads WHERE id = ?", (thread_id,))
@@ -555,6 +562,13 @@ class SqliteStore:
             return [row[0] for row in rows]
 
         return [_parse(run_pb2.StreamEvent, body) for body in await self.db.read(read)]
+
+    async def tool_round_texts(self, run_id: str) -> dict[str, str]:
+        def read(conn: sqlite3.Connection) -> dict[str, str]:
+            rows = conn.execute("SELECT step_id, said FROM step_texts WHERE run_id = ?", (run_id,))
+            return {row[0]: row[1] for row in rows}
+
+        return await self.db.read(read)
 
     # ---- engine ------------------------------------------------------------------------
 
@@ -811,6 +825,12 @@ def _mutate_run(
             " ON CONFLICT(id) DO UPDATE SET body = excluded.body",
             (step.id, row_project, run_id, step.SerializeToString()),
         )
+    for step_id, said in change.step_texts.items():
+        conn.execute(
+            "INSERT INTO step_texts(run_id, step_id, said) VALUES (?, ?, ?)"
+            " ON CONFLICT(run_id, step_id) DO UPDATE SET said = excluded.said",
+            (run_id, step_id, said),
+        )
     stored = _append_events(conn, run_id, next_index, change.events)
     assignments = "status = ?, body = ?, next_event_idx = ?"
     args: list[Any] = [run.status, run.SerializeToString(), next_index + len(stored)]
@@ -824,7 +844,7 @@ def _mutate_run(
 
 
 def _no_op(change: RunChange, body: bytes) -> bool:
-    if change.events or change.messages or change.steps or change.deadline is not None:
+    if change.events or change.messages or change.steps or change.step_texts or change.deadline is not None:
         return False
     if change.release_lease:
         return False
