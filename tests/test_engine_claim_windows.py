@@ -98,3 +98,25 @@ def test_a_run_interrupted_by_every_shutdown_fails_after_max_attempts(
         assert len(requeues) == max_attempts
     finally:
         stubs.close()
+
+
+def test_expiry_while_the_executor_is_about_to_complete_wins(make_server: MakeServer, tmp_path: Path) -> None:
+    """The run's deadline passes while its executor is held just before writing COMPLETED: the
+    sweeper's EXPIRED stands and the late completion is not written. (The run timeout only has
+    to outlast the claim, which the API wakes at once.)"""
+    point = "engine.before_turn_end_write"
+    holds = Holds(tmp_path / "holds")
+    server = make_server("--run-timeout", "5", env=holds.env(point))
+    stubs = Stubs.connect(server.address)
+    try:
+        assistant = stubs.assistant(name="late")
+        late = stubs.start("finished too late", assistant)
+        holds.wait_reached(point)
+        expired = stubs.wait(late.id, timeout=30)
+        assert expired.status == run_pb2.EXPIRED, run_pb2.RunStatus.Name(expired.status)
+        holds.release(point)  # the executor, if it were still there, would write COMPLETED now
+        finals = assert_invariants(stubs, [late.id])
+        assert finals[late.id].run.status == run_pb2.EXPIRED
+        assert finals[late.id].replies == []
+    finally:
+        stubs.close()
