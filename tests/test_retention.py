@@ -65,6 +65,7 @@ def rows_of_run(database: Path, run_id: str) -> dict[str, int]:
             ("runs", "id"),
             ("run_events", "run_id"),
             ("run_steps", "run_id"),
+            ("step_texts", "run_id"),
             ("runs_finished", "run_id"),
         )
     }
@@ -83,6 +84,7 @@ def test_finished_runs_are_deleted_after_the_retention(make_server: Callable[...
         "runs": 1,
         "run_events": len(stubs.events(finished.id)),
         "run_steps": 2,  # the tool calls, then the reply
+        "step_texts": 1,  # what the model said before its tool calls
         "runs_finished": 1,
     }
     # A run that is still waiting for tool results is never deleted, however old it gets.
@@ -101,7 +103,7 @@ def test_finished_runs_are_deleted_after_the_retention(make_server: Callable[...
         info, _ = error_details(gone.value)
         assert info is not None and info.reason == "RUN_NOT_FOUND"
     assert rows_of_run(server.database, finished.id) == dict.fromkeys(
-        ("runs", "run_events", "run_steps", "runs_finished"), 0
+        ("runs", "run_events", "run_steps", "step_texts", "runs_finished"), 0
     )
     # The reply stays on the thread (messages belong to the thread), naming the run it came from.
     messages = stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=thread.id), timeout=10).messages

@@ -654,6 +654,7 @@ class SqliteStore:
             for run_id in run_ids:
                 conn.execute("DELETE FROM run_events WHERE run_id = ?", (run_id,))
                 conn.execute("DELETE FROM run_steps WHERE run_id = ?", (run_id,))
+                conn.execute("DELETE FROM step_texts WHERE run_id = ?", (run_id,))
                 conn.execute(f"DELETE FROM runs WHERE id = ? AND status IN ({_TERMINAL})", (run_id,))
                 conn.execute("DELETE FROM runs_finished WHERE run_id = ?", (run_id,))
             return len(run_ids)
