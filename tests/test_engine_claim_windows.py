@@ -106,7 +106,7 @@ def test_expiry_while_the_executor_is_about_to_complete_wins(make_server: MakeSe
     to outlast the claim, which the API wakes at once.)"""
     point = "engine.before_turn_end_write"
     holds = Holds(tmp_path / "holds")
-    server = make_server("--run-timeout", "5", env=holds.env(point))
+    server = make_server("--run-timeout", "10", env=holds.env(point))
     stubs = Stubs.connect(server.address)
     try:
         assistant = stubs.assistant(name="late")
