@@ -5,6 +5,9 @@ waiting in one transaction (each under its own SAVEPOINT, so one failing write d
 the others), commits once with synchronous=FULL, and only then answers the callers: many
 concurrent writes cost one fsync. Readers use their own connections; WAL lets them read while
 the writer writes.
+
+Every SQLite failure leaves here as an UnavailableError whose reason says why (busy, full,
+other): callers answer UNAVAILABLE, never INTERNAL, and nothing of the failed call is committed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, TypeVar
 import structlog
 
 from spindle_server import metrics
-from spindle_server.store.errors import UnavailableError
+from spindle_server.store.errors import STORAGE_BUSY, STORAGE_FULL, STORAGE_UNAVAILABLE, UnavailableError
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -39,6 +42,30 @@ JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
 # A TRUNCATE checkpoint waits at most this long for the writer or readers, then gives up.
 CHECKPOINT_BUSY_MS = 100
 _STOP = object()
+
+# Primary result codes (the low byte of an extended code).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_FULL = 5, 6, 13
+
+
+def _primary_code(exc: sqlite3.Error) -> int:
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return _primary_code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+def unavailable(exc: sqlite3.Error, what: str) -> UnavailableError:
+    """The UnavailableError for an SQLite failure, with the reason a caller can act on."""
+    code = _primary_code(exc)
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        reason = STORAGE_BUSY
+        cause = "the database is locked by another process"
+    elif code == _SQLITE_FULL:
+        reason, cause = STORAGE_FULL, "the disk is full"
+    else:
+        reason, cause = STORAGE_UNAVAILABLE, "storage error"
+    return UnavailableError(f"database {what} failed: {cause} ({exc})", reason)
 
 
 @dataclass(slots=True)
@@ -57,6 +84,7 @@ class SqliteDatabase:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sqlite-read")
         self._local = threading.local()
+        self._inline: sqlite3.Connection | None = None
         self._reader_connections: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
         self._lock_file: Any = None
@@ -120,9 +148,10 @@ class SqliteDatabase:
 
         return await asyncio.to_thread(run)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        connection.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+        timeout = self._busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
+        connection.execute(f"PRAGMA busy_timeout={timeout}")
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA foreign_keys=ON")
         return connection
@@ -140,30 +169,44 @@ class SqliteDatabase:
         return await future
 
     async def read(self, fn: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T:
-        """Run `fn` on a reader connection. `inline` runs it on the event loop's own thread:
-        for lookups by key, which take a few microseconds (WAL readers never wait for the
-        writer), a hop to the reader pool costs more than the query; measured in
-        BENCHMARKS.md, Get goes from about half a bare call's rate to about two thirds."""
+        """Run `fn` on a reader connection. `inline` tries it first on the event loop's own
+        thread: for lookups by key, which take a few microseconds, a hop to the reader pool
+        costs more than the query (BENCHMARKS.md: Get goes from about half a bare call's rate
+        to about two thirds). That connection never waits for a lock (busy_timeout 0), since
+        waiting there would stall every call of the server: when the database is busy the
+        read goes to the pool, whose connections may wait."""
         if self._closing:
             raise UnavailableError("the database is closed")
         if inline:
-            return self._run_read(fn)
+            try:
+                return self._read_inline(fn)
+            except sqlite3.Error as exc:
+                if not _is_busy(exc):
+                    raise unavailable(exc, "read") from exc
+                log.info("sqlite_inline_read_busy", error=str(exc))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._run_read, fn)
+        return await loop.run_in_executor(self._readers, self._read_in_pool, fn)
 
-    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._connect()
-            connection.execute("PRAGMA query_only=ON")
-            self._local.connection = connection
-            with self._reader_lock:
-                self._reader_connections.append(connection)
-        connection.execute("BEGIN")
+    def _read_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._inline is None:
+            self._inline = self._reader(busy_timeout_ms=0)
+        return _in_read_transaction(self._inline, fn)
+
+    def _read_in_pool(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            return fn(connection)
-        finally:
-            connection.execute("COMMIT")
+            connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+            if connection is None:
+                connection = self._local.connection = self._reader()
+            return _in_read_transaction(connection, fn)
+        except sqlite3.Error as exc:
+            raise unavailable(exc, "read") from exc
+
+    def _reader(self, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
+        connection = self._connect(busy_timeout_ms)
+        connection.execute("PRAGMA query_only=ON")
+        with self._reader_lock:
+            self._reader_connections.append(connection)
+        return connection
 
     def _write_loop(self, connection: sqlite3.Connection) -> None:
         stopping = False
@@ -203,13 +246,15 @@ class SqliteDatabase:
                 except Exception as exc:  # the caller gets it; the rest of the batch goes on
                     connection.execute("ROLLBACK TO op")
                     connection.execute("RELEASE op")
+                    if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O: not a bug
+                        exc = unavailable(exc, "write")
                     outcomes.append((False, exc))
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             log.error("sqlite_commit_failed", error=str(exc), writes=len(batch))
-            failure = UnavailableError(f"database write failed: {exc}")
+            failure = unavailable(exc, "write")
             outcomes = [(False, failure)] * len(batch)
         self.batches += 1
         metrics.record_commit(began, len(batch))
@@ -232,3 +277,17 @@ class SqliteDatabase:
                 write.future.set_result(value)
             else:
                 write.future.set_exception(value)
+
+
+def _in_read_transaction(connection: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """`fn` in one read transaction (one snapshot); ended even if `fn` or BEGIN's read fails."""
+    connection.execute("BEGIN")
+    try:
+        return fn(connection)
+    finally:
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("COMMIT")
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
