@@ -226,11 +226,35 @@ class SqliteDatabase:
                 except queue.Empty:
                     break
             if batch:
-                self._commit_batch(connection, batch)
+                busy = self._commit_batch(connection, batch)
+                if busy is not None:
+                    stopping = self._fail_queued(busy) or stopping
         connection.close()
 
-    def _commit_batch(self, connection: sqlite3.Connection, batch: list[_Write]) -> None:
+    def _fail_queued(self, failure: UnavailableError) -> bool:
+        """Fails the writes queued while a lock held elsewhere was waited for: they would wait
+        as long again, so a write's wait stays one busy_timeout. True if _STOP was among them."""
+        failed: list[_Write] = []
+        stop = False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+            else:
+                assert isinstance(item, _Write)
+                failed.append(item)
+        if failed:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._deliver, failed, [(False, failure)] * len(failed))
+        return stop
+
+    def _commit_batch(self, connection: sqlite3.Connection, batch: list[_Write]) -> UnavailableError | None:
+        """Commits the batch and answers its callers; returns the failure if the database was busy."""
         outcomes: list[tuple[bool, Any]] = []
+        busy: UnavailableError | None = None
         began = time.perf_counter()
         try:
             if connection.in_transaction:
@@ -256,10 +280,12 @@ class SqliteDatabase:
             log.error("sqlite_commit_failed", error=str(exc), writes=len(batch))
             failure = unavailable(exc, "write")
             outcomes = [(False, failure)] * len(batch)
+            busy = failure if _is_busy(exc) else None
         self.batches += 1
         metrics.record_commit(began, len(batch))
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, batch, outcomes)
+        return busy
 
     @staticmethod
     def _deliver(batch: list[_Write], outcomes: list[tuple[bool, Any]]) -> None:
