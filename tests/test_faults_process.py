@@ -84,6 +84,28 @@ def test_kill_while_streaming(make_server: MakeServer) -> None:
         stubs.close()
 
 
+def test_kill_while_streaming_with_no_attempts_left(make_server: MakeServer) -> None:
+    server = make_server("--max-attempts", "1", env=fault_env(store__after_mutate___IN_PROGRESS="kill@3"))
+    stubs = Stubs.connect(server.address)
+    history = History()
+    run = stubs.start(f"/sleep 2 {WORDS}")
+    follower = Follower(history, run.id)
+    assert follower.follow(stubs) == grpc.StatusCode.UNAVAILABLE
+    died(server)
+    stubs.close()
+
+    stubs = restart_without_faults(server)
+    try:
+        assert follower.follow(stubs) == grpc.StatusCode.OK
+        finals = assert_invariants(stubs, [run.id], history)
+        failed = finals[run.id].run
+        assert failed.status == run_pb2.FAILED  # cleanly: a reason, one ERROR event, no reply
+        assert failed.last_error.code == "server_error" and "interrupted" in failed.last_error.message
+        assert finals[run.id].events[-1].type == run_pb2.StreamEvent.ERROR
+    finally:
+        stubs.close()
+
+
 def test_kill_while_waiting_for_tools(make_server: MakeServer) -> None:
     server = make_server(env=fault_env(store__after_mutate___TOOL_CALLS="kill"))
     stubs = Stubs.connect(server.address)
