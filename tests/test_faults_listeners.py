@@ -180,12 +180,12 @@ def test_listeners_that_do_not_read_keep_server_memory_bounded(make_server: Make
 def test_sigterm_during_live_streams(make_server: MakeServer) -> None:
     """Open Listens end with a retryable status when the server stops; after the restart each
     resumes from its last index + 1 and sees the rest: no gap, no duplicate. The runs (each
-    streams for at least 3 s, longer than the grace period) are handed back and finish."""
+    streams for at least 5 s, far longer than the grace period) are handed back and finish."""
     server = make_server("--grace-period", "0.5")
     stubs = Stubs.connect(server.address)
     history = History()
     assistant = stubs.assistant(name="echo")
-    runs = [stubs.start(f"/sleep 3 {WORDS}", assistant) for _ in range(4)]
+    runs = [stubs.start(f"/sleep 5 {WORDS}", assistant) for _ in range(4)]
     followers = [Follower(history, run.id) for run in runs for _ in range(2)]
     with concurrent.futures.ThreadPoolExecutor(len(followers)) as pool:
         following = [pool.submit(f.follow, stubs) for f in followers]

@@ -70,8 +70,6 @@ def test_kill_while_streaming(make_server: MakeServer) -> None:
     assert follower.follow(stubs) == grpc.StatusCode.UNAVAILABLE  # the server died under it
     died(server)
     stubs.close()
-    deltas_before = sum(e.type == run_pb2.StreamEvent.PARTIAL_MESSAGE for e in follower.seen.events)
-    assert deltas_before >= 1
 
     stubs = restart_without_faults(server)
     try:

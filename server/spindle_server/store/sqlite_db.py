@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
 import queue
 import sqlite3
 import threading
@@ -55,13 +56,28 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return _primary_code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED)
 
 
-def unavailable(exc: sqlite3.Error, what: str) -> UnavailableError:
+# Less free space than this where the database lives: an I/O error is taken for a full disk
+# (growing the WAL index on a full disk is SQLITE_IOERR_SHMSIZE, not SQLITE_FULL).
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _disk_nearly_full(path: Path | None) -> bool:
+    if path is None:
+        return False
+    try:
+        stat = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < _NEARLY_FULL_BYTES
+
+
+def unavailable(exc: sqlite3.Error, what: str, path: Path | None = None) -> UnavailableError:
     """The UnavailableError for an SQLite failure, with the reason a caller can act on."""
     code = _primary_code(exc)
     if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
         reason = STORAGE_BUSY
         cause = "the database is locked by another process"
-    elif code == _SQLITE_FULL:
+    elif code == _SQLITE_FULL or _disk_nearly_full(path):
         reason, cause = STORAGE_FULL, "the disk is full"
     else:
         reason, cause = STORAGE_UNAVAILABLE, "storage error"
@@ -182,7 +198,7 @@ class SqliteDatabase:
                 return self._read_inline(fn)
             except sqlite3.Error as exc:
                 if not _is_busy(exc):
-                    raise unavailable(exc, "read") from exc
+                    raise unavailable(exc, "read", self.path) from exc
                 log.info("sqlite_inline_read_busy", error=str(exc))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._read_in_pool, fn)
@@ -199,7 +215,7 @@ class SqliteDatabase:
                 connection = self._local.connection = self._reader()
             return _in_read_transaction(connection, fn)
         except sqlite3.Error as exc:
-            raise unavailable(exc, "read") from exc
+            raise unavailable(exc, "read", self.path) from exc
 
     def _reader(self, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
         connection = self._connect(busy_timeout_ms)
@@ -271,14 +287,14 @@ class SqliteDatabase:
                     connection.execute("ROLLBACK TO op")
                     connection.execute("RELEASE op")
                     if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O: not a bug
-                        exc = unavailable(exc, "write")
+                        exc = unavailable(exc, "write", self.path)
                     outcomes.append((False, exc))
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             log.error("sqlite_commit_failed", error=str(exc), writes=len(batch))
-            failure = unavailable(exc, "write")
+            failure = unavailable(exc, "write", self.path)
             outcomes = [(False, failure)] * len(batch)
             busy = failure if _is_busy(exc) else None
         self.batches += 1
