@@ -9,11 +9,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from spindle.v1 import run_pb2, run_pb2_grpc
 from support.faults import Holds
@@ -49,6 +51,18 @@ def ended_listens(server: ServerProcess, code: str) -> int:
     )
 
 
+def open_listens(server: ServerProcess) -> float:
+    """The server's own count of open Listen streams, scraped from its metrics endpoint."""
+    url = f"http://127.0.0.1:{server.serving['metrics_port']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "spindle_listen_streams":
+                return float(sample.value)
+    raise AssertionError("no spindle_listen_streams gauge")
+
+
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -59,7 +73,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) 
 
 def test_clients_that_vanish_mid_listen(make_server: MakeServer, tmp_path: Path) -> None:
     holds = Holds(tmp_path / "holds")
-    server = make_server(env=holds.env(DELTA))
+    server = make_server("--metrics-port", "0", env=holds.env(DELTA))
     for nth in range(4, 2000):
         holds.release(DELTA, nth)
     holds.release(DELTA, 1)
@@ -69,7 +83,7 @@ def test_clients_that_vanish_mid_listen(make_server: MakeServer, tmp_path: Path)
     run = stubs.start(f"/sleep 1 {WORDS}")
     holds.wait_reached(DELTA, 3)
 
-    # Three client processes listen, then die by SIGKILL mid-stream.
+    # Three client processes and two in-process channels listen...
     clients = [
         subprocess.Popen(
             [sys.executable, "-c", _LISTEN_SCRIPT, server.address, run.id], stdout=subprocess.PIPE, text=True
@@ -79,22 +93,25 @@ def test_clients_that_vanish_mid_listen(make_server: MakeServer, tmp_path: Path)
     for client in clients:
         assert client.stdout is not None
         assert client.stdout.readline().strip() == "0"  # it is streaming
+    channels = [grpc.insecure_channel(server.address) for _ in range(2)]
+    listens = [
+        run_pb2_grpc.RunServiceStub(channel).Listen(run_pb2.ListenRunRequest(run_id=run.id), timeout=300)
+        for channel in channels
+    ]
+    assert [next(listen).index for listen in listens] == [0, 0]
+    assert open_listens(server) == 5
+    # ...then the processes die by SIGKILL and the channels are closed under their streams.
     for client in clients:
         client.send_signal(signal.SIGKILL)
         client.wait(timeout=30)
         assert client.stdout is not None
         client.stdout.close()
-    # Two in-process clients whose channels are closed under their open Listen.
-    for _ in range(2):
-        channel = grpc.insecure_channel(server.address)
-        listen = run_pb2_grpc.RunServiceStub(channel).Listen(
-            run_pb2.ListenRunRequest(run_id=run.id), timeout=300
-        )
-        assert next(listen).index == 0
+    for channel in channels:
         channel.close()
 
     # Each vanished client's Listen ended on the server (its subscription released).
     wait_until(lambda: ended_listens(server, "CANCELLED") >= 5, "5 Listen calls ended CANCELLED")
+    wait_until(lambda: open_listens(server) == 0, "the open-stream count drops to 0")
     assert healthy(stubs)
 
     follower = Follower(history, run.id)
@@ -157,7 +174,7 @@ def stream_many(stubs: Stubs, address: str, history: History, runs: int, silent:
 
 
 def test_listeners_that_do_not_read_keep_server_memory_bounded(make_server: MakeServer) -> None:
-    server = make_server()
+    server = make_server("--metrics-port", "0")
     stubs = Stubs.connect(server.address)
     history = History()
     stream_many(stubs, server.address, history, runs=4, silent=0)  # warm-up: the allocator's pools, caches
@@ -173,6 +190,7 @@ def test_listeners_that_do_not_read_keep_server_memory_bounded(make_server: Make
     # Every silent listener's call ended on the server when its client gave up: none is left
     # blocked on a write it can never finish (a leaked subscription).
     wait_until(lambda: ended_listens(server, "CANCELLED") >= 4 * 64, "every silent Listen ended")
+    wait_until(lambda: open_listens(server) == 0, "the open-stream count drops to 0")
     assert healthy(stubs)
     stubs.close()
 
