@@ -152,7 +152,8 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, FencedError):
         return ApiError(grpc.StatusCode.ABORTED, "CONCURRENT_CHANGE", str(exc))
     if isinstance(exc, UnavailableError):
-        return ApiError(grpc.StatusCode.UNAVAILABLE, "STORAGE_UNAVAILABLE", str(exc))
+        # The reason says why (busy, full, other): the call changed nothing and may be retried.
+        return ApiError(grpc.StatusCode.UNAVAILABLE, exc.reason, str(exc))
     return ApiError(
         grpc.StatusCode.INTERNAL, "INTERNAL", f"internal error ({type(exc).__name__}); this is a bug"
     )

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# Why the database could not serve a call (the ErrorInfo reason of its UNAVAILABLE).
+STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"  # closed, I/O error, anything else
+STORAGE_BUSY = "STORAGE_BUSY"  # another process holds a lock longer than busy_timeout
+STORAGE_FULL = "STORAGE_FULL"  # the disk (or the database's size limit) is full
+
 
 class StoreError(Exception):
     pass
@@ -39,4 +44,9 @@ class FencedError(StoreError):
 
 
 class UnavailableError(StoreError):
-    """The database could not be reached or the write could not be committed."""
+    """The database could not be reached or the write could not be committed (retryable:
+    nothing of the failed call was committed)."""
+
+    def __init__(self, message: str, reason: str = STORAGE_UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.reason = reason

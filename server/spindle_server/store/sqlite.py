@@ -526,7 +526,10 @@ class SqliteStore:
         def write(conn: sqlite3.Connection) -> MutationResult:
             return _mutate_run(conn, run_id, mutate, epoch=epoch, project=project)
 
-        return await self._write(write, record, _run_answer, self._publish)
+        result = await self._write(write, record, _run_answer, self._publish)
+        if faults.ENABLED:  # committed: a kill here leaves the run exactly in this status
+            await faults.reached(f"store.after_mutate:{run_pb2.RunStatus.Name(result.run.status)}")
+        return result
 
     async def run_steps(self, run_id: str) -> list[run_pb2.RunStep]:
         def read(conn: sqlite3.Connection) -> list[bytes]:
@@ -575,6 +578,9 @@ class SqliteStore:
     async def claim_runs(
         self, owner: str, lease_seconds: float, limit: int, mutate: RunMutation
     ) -> list[ClaimedRun]:
+        if faults.ENABLED:  # held here, queued runs stay PENDING
+            await faults.reached("store.claim")
+
         def write(conn: sqlite3.Connection) -> list[tuple[ClaimedRun, MutationResult]]:
             ids = [
                 row[0]

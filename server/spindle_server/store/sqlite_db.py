@@ -5,6 +5,9 @@ waiting in one transaction (each under its own SAVEPOINT, so one failing write d
 the others), commits once with synchronous=FULL, and only then answers the callers: many
 concurrent writes cost one fsync. Readers use their own connections; WAL lets them read while
 the writer writes.
+
+Every SQLite failure leaves here as an UnavailableError whose reason says why (busy, full,
+other): callers answer UNAVAILABLE, never INTERNAL, and nothing of the failed call is committed.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
 import queue
 import sqlite3
 import threading
@@ -25,7 +29,7 @@ from typing import Any, TypeVar
 import structlog
 
 from spindle_server import metrics
-from spindle_server.store.errors import UnavailableError
+from spindle_server.store.errors import STORAGE_BUSY, STORAGE_FULL, STORAGE_UNAVAILABLE, UnavailableError
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -39,6 +43,45 @@ JOURNAL_SIZE_LIMIT_BYTES = 4 * 1024 * 1024
 # A TRUNCATE checkpoint waits at most this long for the writer or readers, then gives up.
 CHECKPOINT_BUSY_MS = 100
 _STOP = object()
+
+# Primary result codes (the low byte of an extended code).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_FULL = 5, 6, 13
+
+
+def _primary_code(exc: sqlite3.Error) -> int:
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    return _primary_code(exc) in (_SQLITE_BUSY, _SQLITE_LOCKED)
+
+
+# Less free space than this where the database lives: an I/O error is taken for a full disk
+# (growing the WAL index on a full disk is SQLITE_IOERR_SHMSIZE, not SQLITE_FULL).
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _disk_nearly_full(path: Path | None) -> bool:
+    if path is None:
+        return False
+    try:
+        stat = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize < _NEARLY_FULL_BYTES
+
+
+def unavailable(exc: sqlite3.Error, what: str, path: Path | None = None) -> UnavailableError:
+    """The UnavailableError for an SQLite failure, with the reason a caller can act on."""
+    code = _primary_code(exc)
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+        reason = STORAGE_BUSY
+        cause = "the database is locked by another process"
+    elif code == _SQLITE_FULL or _disk_nearly_full(path):
+        reason, cause = STORAGE_FULL, "the disk is full"
+    else:
+        reason, cause = STORAGE_UNAVAILABLE, "storage error"
+    return UnavailableError(f"database {what} failed: {cause} ({exc})", reason)
 
 
 @dataclass(slots=True)
@@ -57,6 +100,7 @@ class SqliteDatabase:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sqlite-read")
         self._local = threading.local()
+        self._inline: sqlite3.Connection | None = None
         self._reader_connections: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
         self._lock_file: Any = None
@@ -120,9 +164,10 @@ class SqliteDatabase:
 
         return await asyncio.to_thread(run)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        connection.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+        timeout = self._busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
+        connection.execute(f"PRAGMA busy_timeout={timeout}")
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA foreign_keys=ON")
         return connection
@@ -140,30 +185,44 @@ class SqliteDatabase:
         return await future
 
     async def read(self, fn: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T:
-        """Run `fn` on a reader connection. `inline` runs it on the event loop's own thread:
-        for lookups by key, which take a few microseconds (WAL readers never wait for the
-        writer), a hop to the reader pool costs more than the query; measured in
-        BENCHMARKS.md, Get goes from about half a bare call's rate to about two thirds."""
+        """Run `fn` on a reader connection. `inline` tries it first on the event loop's own
+        thread: for lookups by key, which take a few microseconds, a hop to the reader pool
+        costs more than the query (BENCHMARKS.md: Get goes from about half a bare call's rate
+        to about two thirds). That connection never waits for a lock (busy_timeout 0), since
+        waiting there would stall every call of the server: when the database is busy the
+        read goes to the pool, whose connections may wait."""
         if self._closing:
             raise UnavailableError("the database is closed")
         if inline:
-            return self._run_read(fn)
+            try:
+                return self._read_inline(fn)
+            except sqlite3.Error as exc:
+                if not _is_busy(exc):
+                    raise unavailable(exc, "read", self.path) from exc
+                log.info("sqlite_inline_read_busy", error=str(exc))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._run_read, fn)
+        return await loop.run_in_executor(self._readers, self._read_in_pool, fn)
 
-    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = self._connect()
-            connection.execute("PRAGMA query_only=ON")
-            self._local.connection = connection
-            with self._reader_lock:
-                self._reader_connections.append(connection)
-        connection.execute("BEGIN")
+    def _read_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._inline is None:
+            self._inline = self._reader(busy_timeout_ms=0)
+        return _in_read_transaction(self._inline, fn)
+
+    def _read_in_pool(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
-            return fn(connection)
-        finally:
-            connection.execute("COMMIT")
+            connection: sqlite3.Connection | None = getattr(self._local, "connection", None)
+            if connection is None:
+                connection = self._local.connection = self._reader()
+            return _in_read_transaction(connection, fn)
+        except sqlite3.Error as exc:
+            raise unavailable(exc, "read", self.path) from exc
+
+    def _reader(self, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
+        connection = self._connect(busy_timeout_ms)
+        connection.execute("PRAGMA query_only=ON")
+        with self._reader_lock:
+            self._reader_connections.append(connection)
+        return connection
 
     def _write_loop(self, connection: sqlite3.Connection) -> None:
         stopping = False
@@ -183,11 +242,35 @@ class SqliteDatabase:
                 except queue.Empty:
                     break
             if batch:
-                self._commit_batch(connection, batch)
+                busy = self._commit_batch(connection, batch)
+                if busy is not None:
+                    stopping = self._fail_queued(busy) or stopping
         connection.close()
 
-    def _commit_batch(self, connection: sqlite3.Connection, batch: list[_Write]) -> None:
+    def _fail_queued(self, failure: UnavailableError) -> bool:
+        """Fails the writes queued while a lock held elsewhere was waited for: they would wait
+        as long again, so a write's wait stays one busy_timeout. True if _STOP was among them."""
+        failed: list[_Write] = []
+        stop = False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                stop = True
+            else:
+                assert isinstance(item, _Write)
+                failed.append(item)
+        if failed:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._deliver, failed, [(False, failure)] * len(failed))
+        return stop
+
+    def _commit_batch(self, connection: sqlite3.Connection, batch: list[_Write]) -> UnavailableError | None:
+        """Commits the batch and answers its callers; returns the failure if the database was busy."""
         outcomes: list[tuple[bool, Any]] = []
+        busy: UnavailableError | None = None
         began = time.perf_counter()
         try:
             if connection.in_transaction:
@@ -203,18 +286,22 @@ class SqliteDatabase:
                 except Exception as exc:  # the caller gets it; the rest of the batch goes on
                     connection.execute("ROLLBACK TO op")
                     connection.execute("RELEASE op")
+                    if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O: not a bug
+                        exc = unavailable(exc, "write", self.path)
                     outcomes.append((False, exc))
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
                 connection.execute("ROLLBACK")
             log.error("sqlite_commit_failed", error=str(exc), writes=len(batch))
-            failure = UnavailableError(f"database write failed: {exc}")
+            failure = unavailable(exc, "write", self.path)
             outcomes = [(False, failure)] * len(batch)
+            busy = failure if _is_busy(exc) else None
         self.batches += 1
         metrics.record_commit(began, len(batch))
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, batch, outcomes)
+        return busy
 
     @staticmethod
     def _deliver(batch: list[_Write], outcomes: list[tuple[bool, Any]]) -> None:
@@ -232,3 +319,17 @@ class SqliteDatabase:
                 write.future.set_result(value)
             else:
                 write.future.set_exception(value)
+
+
+def _in_read_transaction(connection: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """`fn` in one read transaction (one snapshot); ended even if `fn` or BEGIN's read fails."""
+    connection.execute("BEGIN")
+    try:
+        return fn(connection)
+    finally:
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("COMMIT")
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
