@@ -1,0 +1,119 @@
+"""PostgreSQL schema as numbered migrations, applied at start by every replica.
+
+Each replica applies what is missing in one transaction under a transaction-level advisory
+lock: replicas that start together queue on the lock, and the ones after the first find every
+version recorded and apply nothing. DDL is transactional in PostgreSQL, so a replica that dies
+half-way leaves no partial version behind. Add a migration by appending to MIGRATIONS; never
+edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from spindle.v1 import run_pb2
+from spindle_server import clock
+from spindle_server.store.base import ACTIVE_STATUSES
+
+# Any constant that no other component of the database uses for an advisory lock.
+MIGRATION_LOCK_KEY = 0x5370696E646C65  # "Spindle"
+
+ACTIVE = ",".join(str(s) for s in sorted(ACTIVE_STATUSES))
+ONE_ACTIVE_RUN_INDEX = "runs_one_active_per_thread"
+
+_V1 = f"""
+CREATE TABLE assistants (
+  seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  body BYTEA NOT NULL
+);
+CREATE INDEX assistants_project ON assistants(project, seq);
+CREATE TABLE threads (
+  seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  body BYTEA NOT NULL
+);
+CREATE INDEX threads_project ON threads(project, seq);
+CREATE TABLE messages (
+  seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  thread_id TEXT NOT NULL,
+  run_id TEXT NOT NULL DEFAULT '',
+  body BYTEA NOT NULL
+);
+CREATE INDEX messages_thread ON messages(thread_id, seq);
+CREATE TABLE runs (
+  seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  thread_id TEXT NOT NULL,
+  assistant_id TEXT NOT NULL,
+  status INTEGER NOT NULL,
+  labels JSONB NOT NULL DEFAULT '{{}}',
+  body BYTEA NOT NULL,
+  deadline DOUBLE PRECISION NOT NULL,
+  lease_owner TEXT NOT NULL DEFAULT '',
+  lease_epoch BIGINT NOT NULL DEFAULT 0,
+  lease_expires DOUBLE PRECISION NOT NULL DEFAULT 0,
+  next_event_idx BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX runs_project ON runs(project, seq);
+CREATE INDEX runs_thread ON runs(thread_id, seq);
+CREATE INDEX runs_pending ON runs(seq) WHERE status = {run_pb2.PENDING};
+CREATE INDEX runs_active_deadline ON runs(deadline) WHERE status IN ({ACTIVE});
+CREATE INDEX runs_leased ON runs(lease_expires)
+  WHERE status IN ({run_pb2.IN_PROGRESS}, {run_pb2.CANCELLING});
+CREATE UNIQUE INDEX {ONE_ACTIVE_RUN_INDEX} ON runs(thread_id) WHERE status IN ({ACTIVE});
+CREATE TABLE run_steps (
+  seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  run_id TEXT NOT NULL,
+  body BYTEA NOT NULL
+);
+CREATE INDEX run_steps_run ON run_steps(run_id, seq);
+CREATE TABLE run_events (
+  run_id TEXT NOT NULL,
+  idx BIGINT NOT NULL,
+  body BYTEA NOT NULL,
+  PRIMARY KEY (run_id, idx)
+);
+-- response is NULL only inside the transaction that claimed the key (never committed so).
+CREATE TABLE idempotency (
+  project TEXT NOT NULL,
+  key TEXT NOT NULL,
+  fingerprint TEXT NOT NULL,
+  response BYTEA,
+  created_at DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (project, key)
+);
+CREATE INDEX idempotency_created ON idempotency(created_at);
+"""
+
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1),)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply the missing migrations; returns the versions this call applied."""
+    applied: list[int] = []
+    async with conn.transaction():
+        # Before anything else, even CREATE TABLE IF NOT EXISTS: two of those racing can
+        # fail on the catalog's unique index.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+        )
+        done = {row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, script in MIGRATIONS:
+            if version in done:
+                continue
+            await conn.execute(script)
+            await conn.execute(
+                "INSERT INTO schema_migrations(version, applied_at) VALUES ($1, $2)", version, clock.now()
+            )
+            applied.append(version)
+    return applied
