@@ -460,6 +460,7 @@ async def test_a_lost_listen_connection_is_reopened_and_catches_up(
     monkeypatch.setattr(faults, "ENABLED", True)
     hold = faults._parse(holds.env("pg.listen_connect")[faults.ENV])
     monkeypatch.setattr(faults, "_ACTIONS", hold)
+    monkeypatch.setattr(faults, "_counts", {})
     raw = await asyncpg.connect(database)
     try:
         await raw.execute("SELECT pg_terminate_backend($1)", b.fanout.server_pid())

@@ -16,9 +16,9 @@ taken (its own transaction rolls back and it reads the answer).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
 
@@ -131,6 +131,17 @@ class DueRuns:
 
 
 EventsListener = Callable[[Sequence[run_pb2.StreamEvent]], None]
+
+
+@runtime_checkable
+class WatchesRuns(Protocol):
+    """A store shared by several processes (PostgreSQL) also delivers, to the events listeners,
+    the events other processes commit. Reading them costs a query per commit, so it reads only
+    the runs this process watches: `watched()` returns the ids of the runs with local listeners
+    (e.g. the EventHub's feeds; membership is tested per hint, so make `in` cheap). None: all.
+    A single-process store (SQLite) has no such method: every commit is its own."""
+
+    def watch_runs(self, watched: Callable[[], Collection[str]] | None) -> None: ...
 
 
 class Store(Protocol):
