@@ -16,6 +16,8 @@ import pytest
 
 # The store-level tests of the SQLite store, run here against PostgreSQL: pytest collects them
 # in this module, where the `store` fixture below is a PostgresStore.
+import test_limits as limits_tests
+import test_retention as retention_tests
 import test_store_sqlite as sqlite_tests
 import test_transitions_store as transition_tests
 
@@ -23,7 +25,7 @@ from spindle.v1 import message_pb2, run_pb2, thread_pb2
 from spindle_server import clock, faults
 from spindle_server.engine import events, transitions
 from spindle_server.store.base import PageQuery, RequestKey, RequestReplayed, RunFilter, RunMutation
-from spindle_server.store.errors import FencedError, StateError, UnavailableError
+from spindle_server.store.errors import FencedError, QuotaError, StateError, UnavailableError
 from spindle_server.store.postgres import PostgresStore
 from support import postgres
 from support.faults import Holds
@@ -49,6 +51,8 @@ SHARED_TESTS = [
     transition_tests.test_runs_are_found_by_any_valid_label_key,
     transition_tests.test_a_cancel_with_a_stale_tool_step_leaves_the_answered_step_alone,
     transition_tests.test_an_expiry_with_a_stale_tool_step_leaves_the_answered_step_alone,
+    retention_tests.test_expired_runs_are_deleted_in_bounded_batches,
+    limits_tests.test_active_runs_limit_in_the_store,
 ]
 for _test in SHARED_TESTS:
     globals()[_test.__name__] = _test
@@ -314,14 +318,62 @@ async def test_one_request_id_from_two_replicas_is_applied_once(
     assert [e.status for e in logged].count(run_pb2.CANCELLED) == 1
 
 
+async def test_the_active_runs_limit_holds_under_concurrent_inserts_from_two_replicas(
+    replicas: Callable[..., Awaitable[PostgresStore]],
+) -> None:
+    a = await replicas(pool_max=6)
+    b = await replicas(pool_max=6)
+    for i in range(10):
+        await a.insert_thread(PROJECT, thread_pb2.Thread(id=f"thread_{i}"), [])
+    inserts = [
+        (a if i % 2 else b).insert_run(
+            PROJECT,
+            run_pb2.Run(id=f"run_{i}", thread_id=f"thread_{i}", status=run_pb2.PENDING),
+            [],
+            clock.now() + 60,
+            [],
+            max_active_runs=3,
+        )
+        for i in range(10)
+    ]
+    results = await asyncio.gather(*inserts, return_exceptions=True)
+    assert len([r for r in results if not isinstance(r, BaseException)]) == 3, results
+    assert all(isinstance(r, QuotaError) for r in results if isinstance(r, BaseException))
+    active = await a.list_runs(PROJECT, RunFilter(statuses=frozenset({run_pb2.PENDING})), PageQuery(limit=20))
+    assert len(active.items) == 3
+
+
+async def test_retention_sweeps_on_two_replicas_delete_each_run_once(
+    replicas: Callable[..., Awaitable[PostgresStore]],
+) -> None:
+    a = await replicas(pool_max=4)
+    b = await replicas(pool_max=4)
+    for i in range(20):
+        await queued_run(a, f"thread_{i}", f"run_{i}")
+        await a.mutate_run(f"run_{i}", transitions.request_cancel(clock.now(), None))
+    after = clock.now() + 1
+
+    async def sweep(replica: PostgresStore) -> int:
+        total = 0
+        while deleted := await replica.delete_expired_runs(after, 3):
+            total += deleted
+        return total
+
+    counts = await asyncio.gather(sweep(a), sweep(b), sweep(a), sweep(b))
+    assert sum(counts) == 20
+    assert (await a.list_runs(PROJECT, RunFilter(), PageQuery(limit=50))).items == []
+
+
 async def test_migrations_applied_by_three_replicas_at_once(database: str) -> None:
     stores = [PostgresStore(database, pool_min=1, pool_max=2) for _ in range(3)]
     try:
         await asyncio.gather(*(s.start() for s in stores))
-        assert sorted(v for s in stores for v in s.migrations_applied) == [1]  # once, by one of them
+        # Each version once, by one of them.
+        assert sorted(v for s in stores for v in s.migrations_applied) == [1, 2]
         raw = await asyncpg.connect(database)
         try:
-            assert [r[0] for r in await raw.fetch("SELECT version FROM schema_migrations")] == [1]
+            versions = await raw.fetch("SELECT version FROM schema_migrations ORDER BY version")
+            assert [r[0] for r in versions] == [1, 2]
         finally:
             await raw.close()
         await queued_run(stores[2])
@@ -430,6 +482,21 @@ async def test_events_committed_on_one_replica_reach_listeners_on_another(
     # A published its own commits once, though its own NOTIFYs came back to it too.
     await on_a.wait_for("run_1", last)
     assert on_a.indexes("run_1") == list(range(last + 1))
+
+
+async def test_local_only_listeners_hear_only_this_replicas_commits(
+    replicas: Callable[..., Awaitable[PostgresStore]],
+) -> None:
+    a = await replicas()
+    b = await replicas()
+    on_b = Collected(b, {"run_1", "run_2"})
+    local_on_b: list[run_pb2.StreamEvent] = []
+    b.add_events_listener(local_on_b.extend, local_only=True)
+    await queued_run(a, "thread_1", "run_1")
+    await queued_run(b, "thread_2", "run_2")
+    await on_b.wait_for("run_1", 0)
+    await on_b.wait_for("run_2", 0)
+    assert [(e.run_id, e.index) for e in local_on_b] == [("run_2", 0)]
 
 
 async def test_unwatched_runs_are_not_read(replicas: Callable[..., Awaitable[PostgresStore]]) -> None:

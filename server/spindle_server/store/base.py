@@ -143,6 +143,10 @@ class WatchesRuns(Protocol):
 
     def watch_runs(self, watched: Callable[[], Collection[str]] | None) -> None: ...
 
+    def add_events_listener(self, listener: EventsListener, *, local_only: bool = False) -> None:
+        """`local_only`: only events this process commits (per-process metrics)."""
+        ...
+
 
 class Store(Protocol):
     async def start(self) -> None: ...

@@ -13,12 +13,13 @@ import asyncpg
 
 from spindle.v1 import run_pb2
 from spindle_server import clock
-from spindle_server.store.base import ACTIVE_STATUSES
+from spindle_server.store.base import ACTIVE_STATUSES, TERMINAL_STATUSES
 
 # Any constant that no other component of the database uses for an advisory lock.
 MIGRATION_LOCK_KEY = 0x5370696E646C65  # "Spindle"
 
 ACTIVE = ",".join(str(s) for s in sorted(ACTIVE_STATUSES))
+TERMINAL = ",".join(str(s) for s in sorted(TERMINAL_STATUSES))
 ONE_ACTIVE_RUN_INDEX = "runs_one_active_per_thread"
 
 _V1 = f"""
@@ -93,7 +94,17 @@ CREATE TABLE idempotency (
 CREATE INDEX idempotency_created ON idempotency(created_at);
 """
 
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1),)
+# Retention and limits: when each run reached a terminal status (set by the write that ends it,
+# with the same clock as every other stored time; runs that had ended before this version count
+# as ended now), and the active runs of a project, counted by quota checks.
+_V2 = f"""
+ALTER TABLE runs ADD COLUMN finished_at DOUBLE PRECISION;
+UPDATE runs SET finished_at = EXTRACT(EPOCH FROM clock_timestamp()) WHERE status IN ({TERMINAL});
+CREATE INDEX runs_finished_at ON runs(finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX runs_active_per_project ON runs(project) WHERE status IN ({ACTIVE});
+"""
+
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2))
 
 
 async def migrate(conn: asyncpg.Connection) -> list[int]:

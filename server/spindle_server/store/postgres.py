@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
+import structlog
 from asyncpg import Connection as Conn
 from google.protobuf.message import Message as ProtoMessage
 
 from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
-from spindle_server import clock, faults
+from spindle_server import clock, faults, metrics
 from spindle_server.store import pg_schema
 from spindle_server.store.base import (
+    TERMINAL_STATUSES,
     ClaimedRun,
     DueRuns,
     EventsListener,
@@ -44,13 +47,21 @@ from spindle_server.store.base import (
     RunFilter,
     RunMutation,
 )
-from spindle_server.store.errors import FencedError, NotFoundError, StateError, UnavailableError
+from spindle_server.store.errors import (
+    FencedError,
+    NotFoundError,
+    QuotaError,
+    StateError,
+    UnavailableError,
+)
 from spindle_server.store.pg_fanout import CHANNEL, EventFanout, hint
 
+log = structlog.get_logger(__name__)
 M = TypeVar("M", bound=ProtoMessage)
 T = TypeVar("T")
 
 _ACTIVE = pg_schema.ACTIVE
+_TERMINAL = pg_schema.TERMINAL
 _LEASED = f"{run_pb2.IN_PROGRESS}, {run_pb2.CANCELLING}"
 
 # Failures that say "not now" rather than "wrong": the connection, the server, or a transaction
@@ -96,6 +107,7 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self.fanout = EventFanout(dsn, self.read_events, self._next_event_index)
         self.migrations_applied: list[int] = []
+        self._local_listeners: list[EventsListener] = []
 
     async def start(self) -> None:
         try:
@@ -119,8 +131,13 @@ class PostgresStore:
             with contextlib.suppress(Exception):
                 await pool.close()
 
-    def add_events_listener(self, listener: EventsListener) -> None:
-        self.fanout.add_listener(listener)
+    def add_events_listener(self, listener: EventsListener, *, local_only: bool = False) -> None:
+        """`local_only`: only the events this replica commits (e.g. metrics, which every replica
+        counts for its own commits); otherwise also those other replicas commit (Listen)."""
+        if local_only:
+            self._local_listeners.append(listener)
+        else:
+            self.fanout.add_listener(listener)
 
     def watch_runs(self, watched: Callable[[], Collection[str]] | None) -> None:
         """Only runs in `watched()` (those with local listeners) are read on another replica's
@@ -129,6 +146,11 @@ class PostgresStore:
 
     def _publish(self, result: MutationResult | None) -> None:
         if result is not None and result.events:
+            for listener in self._local_listeners:
+                try:
+                    listener(result.events)
+                except Exception:
+                    log.exception("events_listener_failed")
             self.fanout.publish(result.events)
 
     # ---- plumbing ----------------------------------------------------------------------
@@ -159,6 +181,7 @@ class PostgresStore:
         answer: Callable[[Any], bytes] | None = None,
     ) -> Any:
         """`fn` in one transaction, with `record`'s answer (`answer(result)`) when given."""
+        began = time.perf_counter()
         async with self._connection() as conn, conn.transaction():
             if record is not None:
                 await _claim_request(conn, record)
@@ -173,6 +196,7 @@ class PostgresStore:
                 )
                 if faults.ENABLED:
                     await faults.reached(f"idempotency.in_transaction:{record.method}")
+        metrics.record_commit(began, 1)
         if record is not None:
             record.recorded = True
         return result
@@ -380,10 +404,13 @@ class PostgresStore:
         events: Sequence[run_pb2.StreamEvent],
         *,
         record: RequestKey | None = None,
+        max_active_runs: int | None = None,
     ) -> MutationResult:
         async def write(conn: Conn) -> MutationResult:
             await _lock_thread(conn, project, run.thread_id)
             await _require_no_active_run(conn, run.thread_id, "start another run")
+            if max_active_runs is not None:
+                await _require_run_quota(conn, project, max_active_runs)
             await _insert_messages(conn, project, messages)
             stored = _number_events(run.id, 0, events)
             await conn.execute(
@@ -587,6 +614,32 @@ class PostgresStore:
         # restart, which the engine does not have (a new process is a new owner).
         return 0
 
+    # ---- retention ---------------------------------------------------------------------
+
+    async def delete_expired_runs(self, before: float, limit: int) -> int:
+        async def write(conn: Conn) -> int:
+            # SKIP LOCKED: sweepers on several replicas take disjoint batches.
+            rows = await conn.fetch(
+                f"SELECT id FROM runs WHERE finished_at < $1 AND status IN ({_TERMINAL})"
+                " ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+                before,
+                limit,
+            )
+            run_ids = [row["id"] for row in rows]
+            if run_ids:
+                await conn.execute("DELETE FROM run_events WHERE run_id = ANY($1::text[])", run_ids)
+                await conn.execute("DELETE FROM run_steps WHERE run_id = ANY($1::text[])", run_ids)
+                await conn.execute("DELETE FROM runs WHERE id = ANY($1::text[])", run_ids)
+            return len(run_ids)
+
+        deleted: int = await self._write(write)
+        return deleted
+
+    async def checkpoint_wal(self) -> bool:
+        # PostgreSQL checkpoints and recycles its WAL by itself (checkpoint_timeout,
+        # max_wal_size); there is nothing for a client to fold back.
+        return True
+
     # ---- idempotency -------------------------------------------------------------------
 
     async def get_request(self, project: str, key: str) -> IdempotencyRecord | None:
@@ -686,6 +739,24 @@ async def _require_no_active_run(conn: Conn, thread_id: str, action: str) -> Non
         raise _thread_busy(thread_id, active, action)
 
 
+async def _require_run_quota(conn: Conn, project: str, limit: int) -> None:
+    # Replicas insert concurrently: two creates in different threads could each count one free
+    # slot. A per-project transaction lock makes the count-then-insert serial per project.
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"spindle-quota:{project}")
+    active = await conn.fetchval(
+        f"SELECT COUNT(*) FROM (SELECT 1 FROM runs WHERE project = $1 AND status IN ({_ACTIVE}) LIMIT $2) a",
+        project,
+        limit,
+    )
+    if active >= limit:
+        raise QuotaError(
+            "ACTIVE_RUNS_LIMIT",
+            f"projects/{project}",
+            f"{active} runs are active; at most {limit} are allowed at once",
+            limit,
+        )
+
+
 async def _insert_messages(conn: Conn, project: str, messages: Sequence[message_pb2.Message]) -> None:
     if messages:
         await conn.executemany(
@@ -770,6 +841,9 @@ async def _mutate_run(
         assignments += f", deadline = ${len(args)}"
     if change.release_lease:
         assignments += ", lease_owner = '', lease_expires = 0"
+    if run.status in TERMINAL_STATUSES:
+        args.append(clock.now())
+        assignments += f", finished_at = COALESCE(finished_at, ${len(args)})"
     await conn.execute(f"UPDATE runs SET {assignments} WHERE id = $1", *args)
     return MutationResult(run, stored)
 
