@@ -206,6 +206,46 @@ async def test_a_replica_whose_lease_was_taken_over_writes_nothing(
     assert [e.message_delta.text for e in logged if e.type == run_pb2.StreamEvent.PARTIAL_MESSAGE] == ["ok"]
 
 
+async def backend_waiting_for_a_lock(raw: asyncpg.Connection) -> int:
+    """The pid of the (one) other backend of this database that waits for a lock."""
+    for _ in range(int(BOUND / 0.01)):
+        waiting = await raw.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        if waiting is not None:
+            return int(waiting)
+        await asyncio.sleep(0.01)
+    raise AssertionError("no write ever waited for the lock")
+
+
+async def test_a_write_waiting_on_the_row_while_the_lease_is_taken_over_is_fenced(
+    replicas: Callable[..., Awaitable[PostgresStore]], database: str
+) -> None:
+    """The epoch is compared under the row lock, against the row as committed when the lock is
+    granted: a takeover that commits while the owner's write waits fences that write."""
+    a = await replicas()
+    await queued_run(a)
+    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600))
+    before = await a.read_events("run_1", 0, 100)
+    raw = await asyncpg.connect(database)
+    try:
+        async with raw.transaction():  # the takeover, as another replica's reclaim does it
+            await raw.execute("SELECT 1 FROM runs WHERE id = 'run_1' FOR UPDATE")
+            late = asyncio.create_task(
+                a.mutate_run("run_1", transitions.stream([events.message_delta("late")]), epoch=claim.epoch)
+            )
+            await backend_waiting_for_a_lock(raw)
+            await raw.execute(
+                "UPDATE runs SET lease_owner = 'b', lease_epoch = lease_epoch + 1 WHERE id = 'run_1'"
+            )
+        with pytest.raises(FencedError):
+            await asyncio.wait_for(late, BOUND)
+    finally:
+        await raw.close()
+    assert await a.read_events("run_1", 0, 100) == before
+
+
 async def test_release_all_leases_leaves_other_replicas_leases_alone(
     replicas: Callable[..., Awaitable[PostgresStore]],
 ) -> None:
@@ -407,16 +447,7 @@ async def test_a_connection_lost_mid_write_is_unavailable_not_internal(
             # A's write waits on the run's row lock held here; its backend is then killed.
             await raw.execute("SELECT 1 FROM runs WHERE id = 'run_1' FOR UPDATE")
             write = asyncio.create_task(a.mutate_run("run_1", transitions.request_cancel(clock.now(), None)))
-            waiting = None
-            for _ in range(int(BOUND / 0.01)):
-                waiting = await raw.fetchval(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-                )
-                if waiting is not None:
-                    break
-                await asyncio.sleep(0.01)
-            assert waiting is not None, "the write never waited for the row lock"
+            waiting = await backend_waiting_for_a_lock(raw)
             await raw.execute("SELECT pg_terminate_backend($1)", waiting)
             with pytest.raises(UnavailableError):
                 await asyncio.wait_for(write, BOUND)
