@@ -16,6 +16,7 @@ import pytest
 
 # The store-level tests of the SQLite store, run here against PostgreSQL: pytest collects them
 # in this module, where the `store` fixture below is a PostgresStore.
+import test_api_edges as api_edge_tests
 import test_limits as limits_tests
 import test_retention as retention_tests
 import test_store_sqlite as sqlite_tests
@@ -44,7 +45,9 @@ SHARED_TESTS = [
     sqlite_tests.test_pages_follow_the_cursor,
     transition_tests.test_expire_refuses_a_run_whose_deadline_moved,
     transition_tests.test_tool_results_after_the_tool_deadline_are_refused,
+    transition_tests.test_a_pause_keeps_the_text_said_before_the_calls_and_a_thread_delete_drops_it,
     transition_tests.test_tool_rounds_do_not_use_up_the_attempts,
+    transition_tests.test_a_run_requeued_max_attempts_times_fails_at_its_next_claim,
     transition_tests.test_a_requeued_run_counts_the_interrupted_attempt,
     transition_tests.test_shutdown_requeue_of_a_cancelling_run_ends_it_cancelled,
     transition_tests.test_cancelling_a_finished_run_leaves_it_untouched,
@@ -53,6 +56,7 @@ SHARED_TESTS = [
     transition_tests.test_an_expiry_with_a_stale_tool_step_leaves_the_answered_step_alone,
     retention_tests.test_expired_runs_are_deleted_in_bounded_batches,
     limits_tests.test_active_runs_limit_in_the_store,
+    api_edge_tests.test_a_caller_that_goes_away_does_not_let_a_retry_act_twice,
 ]
 for _test in SHARED_TESTS:
     globals()[_test.__name__] = _test
@@ -147,12 +151,12 @@ async def test_a_run_locked_by_one_replica_is_skipped_by_the_other(
         async with holder.transaction():
             await holder.execute("SELECT 1 FROM runs WHERE id = 'run_1' FOR UPDATE")
             claimed = await asyncio.wait_for(
-                b.claim_runs("b", 30, 10, transitions.start(clock.now(), 3600)), BOUND
+                b.claim_runs("b", 30, 10, transitions.start(clock.now(), 3600, 3)), BOUND
             )
             assert [c.run.id for c in claimed] == ["run_2"]
     finally:
         await holder.close()
-    (later,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600))
+    (later,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600, 3))
     assert later.run.id == "run_1" and later.epoch == 1
 
 
@@ -167,7 +171,7 @@ async def test_concurrent_claims_from_two_replicas_never_share_a_run(
 
     async def drain(replica: PostgresStore, owner: str) -> list[str]:
         taken: list[str] = []
-        while claims := await replica.claim_runs(owner, 30, 2, transitions.start(clock.now(), 3600)):
+        while claims := await replica.claim_runs(owner, 30, 2, transitions.start(clock.now(), 3600, 3)):
             taken.extend(c.run.id for c in claims)
         return taken
 
@@ -185,7 +189,7 @@ async def test_a_replica_whose_lease_was_taken_over_writes_nothing(
     b = await replicas()
     await queued_run(a)
     # A claims with a lease that has already run out: B may take the run over at once.
-    (stale,) = await a.claim_runs("a", -1, 10, transitions.start(clock.now(), 3600))
+    (stale,) = await a.claim_runs("a", -1, 10, transitions.start(clock.now(), 3600, 3))
     assert (await b.due_runs(clock.now(), 10)).orphaned == ["run_1"]
     taken = await b.reclaim_run("run_1", "b", 30, transitions.recover(clock.now(), 3))
     assert taken is not None and taken.epoch == stale.epoch + 1
@@ -226,7 +230,7 @@ async def test_a_write_waiting_on_the_row_while_the_lease_is_taken_over_is_fence
     granted: a takeover that commits while the owner's write waits fences that write."""
     a = await replicas()
     await queued_run(a)
-    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600, 3))
     before = await a.read_events("run_1", 0, 100)
     raw = await asyncpg.connect(database)
     try:
@@ -251,7 +255,7 @@ async def test_release_all_leases_leaves_other_replicas_leases_alone(
 ) -> None:
     a = await replicas()
     await queued_run(a)
-    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600, 3))
     b = await replicas()
     assert await b.release_all_leases() == 0
     assert (await b.due_runs(clock.now(), 10)).orphaned == []
@@ -267,7 +271,7 @@ async def test_concurrent_appends_from_two_replicas_keep_indexes_gap_free(
     a = await replicas(pool_max=8)
     b = await replicas(pool_max=8)
     await queued_run(a)
-    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600, 3))
     writes = [
         (a if i % 2 else b).mutate_run(
             "run_1",
@@ -409,11 +413,11 @@ async def test_migrations_applied_by_three_replicas_at_once(database: str) -> No
     try:
         await asyncio.gather(*(s.start() for s in stores))
         # Each version once, by one of them.
-        assert sorted(v for s in stores for v in s.migrations_applied) == [1, 2]
+        assert sorted(v for s in stores for v in s.migrations_applied) == [1, 2, 3]
         raw = await asyncpg.connect(database)
         try:
             versions = await raw.fetch("SELECT version FROM schema_migrations ORDER BY version")
-            assert [r[0] for r in versions] == [1, 2]
+            assert [r[0] for r in versions] == [1, 2, 3]
         finally:
             await raw.close()
         await queued_run(stores[2])
@@ -434,6 +438,16 @@ async def test_an_unreachable_database_is_unavailable(pg_server: str) -> None:
     unreachable = PostgresStore(f"postgresql://postgres@127.0.0.1:{port}/postgres", pool_min=1, pool_max=1)
     with pytest.raises(UnavailableError):
         await unreachable.start()
+
+
+async def test_calls_after_close_are_unavailable(database: str) -> None:
+    closed = PostgresStore(database, pool_min=1, pool_max=1)
+    await closed.start()
+    await closed.close()
+    with pytest.raises(UnavailableError):
+        await closed.get_thread(PROJECT, "thread_1")
+    with pytest.raises(UnavailableError):
+        await closed.insert_thread(PROJECT, thread_pb2.Thread(id="thread_1"), [])
 
 
 async def test_a_connection_lost_mid_write_is_unavailable_not_internal(
@@ -499,7 +513,7 @@ async def test_events_committed_on_one_replica_reach_listeners_on_another(
     on_a = Collected(a, {"run_1"})
     on_b = Collected(b, {"run_1"})
     await queued_run(a)
-    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600, 3))
     await stream_deltas(a, claim.epoch, [str(i) for i in range(40)])
     done = await a.mutate_run(
         "run_1", transitions.fail(clock.now(), "MODEL_ERROR", "boom"), epoch=claim.epoch
@@ -550,7 +564,7 @@ async def test_a_lost_listen_connection_is_reopened_and_catches_up(
     b = await replicas()
     on_b = Collected(b, {"run_1"})
     await queued_run(a)
-    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600))
+    (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600, 3))
     await stream_deltas(a, claim.epoch, ["before"])
     await on_b.wait_for("run_1", 2)
     # Hold B's reconnect, so that what A commits next is never NOTIFYed to B.

@@ -104,7 +104,17 @@ CREATE INDEX runs_finished_at ON runs(finished_at) WHERE finished_at IS NOT NULL
 CREATE INDEX runs_active_per_project ON runs(project) WHERE status IN ({ACTIVE});
 """
 
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2))
+# What the model said in the turn that made each TOOL_CALLS step (RunChange.step_texts).
+_V3 = """
+CREATE TABLE step_texts (
+  run_id TEXT NOT NULL,
+  step_id TEXT NOT NULL,
+  said TEXT NOT NULL,
+  PRIMARY KEY (run_id, step_id)
+);
+"""
+
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2), (3, _V3))
 
 
 async def migrate(conn: asyncpg.Connection) -> list[int]:

@@ -353,6 +353,9 @@ class PostgresStore:
             await conn.execute(
                 "DELETE FROM run_steps WHERE run_id IN (SELECT id FROM runs WHERE thread_id = $1)", thread_id
             )
+            await conn.execute(
+                "DELETE FROM step_texts WHERE run_id IN (SELECT id FROM runs WHERE thread_id = $1)", thread_id
+            )
             await conn.execute("DELETE FROM runs WHERE thread_id = $1", thread_id)
             await conn.execute("DELETE FROM messages WHERE thread_id = $1", thread_id)
             await conn.execute("DELETE FROM threads WHERE id = $1", thread_id)
@@ -498,6 +501,8 @@ class PostgresStore:
 
         result: MutationResult = await self._write(write, record, _run_answer)
         self._publish(result)
+        if faults.ENABLED:  # committed: a kill here leaves the run exactly in this status
+            await faults.reached(f"store.after_mutate:{run_pb2.RunStatus.Name(result.run.status)}")
         return result
 
     async def list_steps(self, project: str, run_id: str, query: PageQuery) -> Page[run_pb2.RunStep]:
@@ -521,6 +526,12 @@ class PostgresStore:
         )
         return [_parse(run_pb2.StreamEvent, row["body"]) for row in rows]
 
+    async def tool_round_texts(self, run_id: str) -> dict[str, str]:
+        rows = await self._read(
+            lambda c: c.fetch("SELECT step_id, said FROM step_texts WHERE run_id = $1", run_id)
+        )
+        return {row["step_id"]: row["said"] for row in rows}
+
     async def _next_event_index(self, run_id: str) -> int:
         value = await self._read(
             lambda c: c.fetchval("SELECT next_event_idx FROM runs WHERE id = $1", run_id)
@@ -532,6 +543,9 @@ class PostgresStore:
     async def claim_runs(
         self, owner: str, lease_seconds: float, limit: int, mutate: RunMutation
     ) -> list[ClaimedRun]:
+        if faults.ENABLED:  # held here, queued runs stay PENDING
+            await faults.reached("store.claim")
+
         async def write(conn: Conn) -> list[tuple[ClaimedRun, MutationResult]]:
             # SKIP LOCKED: a run another replica is claiming right now is not waited for, and
             # not taken twice; this replica takes the next ones.
@@ -629,6 +643,7 @@ class PostgresStore:
             if run_ids:
                 await conn.execute("DELETE FROM run_events WHERE run_id = ANY($1::text[])", run_ids)
                 await conn.execute("DELETE FROM run_steps WHERE run_id = ANY($1::text[])", run_ids)
+                await conn.execute("DELETE FROM step_texts WHERE run_id = ANY($1::text[])", run_ids)
                 await conn.execute("DELETE FROM runs WHERE id = ANY($1::text[])", run_ids)
             return len(run_ids)
 
@@ -832,6 +847,14 @@ async def _mutate_run(
             run_id,
             step.SerializeToString(),
         )
+    for step_id, said in change.step_texts.items():
+        await conn.execute(
+            "INSERT INTO step_texts(run_id, step_id, said) VALUES ($1, $2, $3)"
+            " ON CONFLICT (run_id, step_id) DO UPDATE SET said = excluded.said",
+            run_id,
+            step_id,
+            said,
+        )
     stored = _number_events(run_id, next_index, change.events)
     await _insert_events(conn, run_id, stored)
     args: list[Any] = [run_id, run.status, run.SerializeToString(), next_index + len(stored)]
@@ -849,7 +872,7 @@ async def _mutate_run(
 
 
 def _no_op(change: RunChange, body: bytes) -> bool:
-    if change.events or change.messages or change.steps or change.deadline is not None:
+    if change.events or change.messages or change.steps or change.step_texts or change.deadline is not None:
         return False
     if change.release_lease:
         return False
