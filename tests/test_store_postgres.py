@@ -408,6 +408,43 @@ async def test_retention_sweeps_on_two_replicas_delete_each_run_once(
     assert (await a.list_runs(PROJECT, RunFilter(), PageQuery(limit=50))).items == []
 
 
+def hold_at(monkeypatch: pytest.MonkeyPatch, holds: Holds, point: str) -> None:
+    """Turn on one fault-point hold in this process (the store runs in the test's own loop)."""
+    monkeypatch.setattr(faults, "ENABLED", True)
+    monkeypatch.setattr(faults, "_ACTIONS", faults._parse(holds.env(point)[faults.ENV]))
+    monkeypatch.setattr(faults, "_counts", {})
+
+
+async def test_a_twin_on_another_replica_waits_for_the_first_and_gets_its_answer(
+    replicas: Callable[..., Awaitable[PostgresStore]],
+    database: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a = await replicas()
+    b = await replicas()
+    await a.insert_thread(PROJECT, thread_pb2.Thread(id="thread_1"), [])
+    holds = Holds(tmp_path)
+    hold_at(monkeypatch, holds, "idempotency.in_transaction")
+    first = message_pb2.Message(id="msg_1", thread_id="thread_1")
+    on_a = asyncio.create_task(a.insert_message(PROJECT, first, record=key("r1", "messages.create")))
+    await asyncio.to_thread(holds.wait_reached, "idempotency.in_transaction")  # key taken, not committed
+    twin = message_pb2.Message(id="msg_2", thread_id="thread_1")
+    on_b = asyncio.create_task(b.insert_message(PROJECT, twin, record=key("r1", "messages.create")))
+    raw = await asyncpg.connect(database)
+    try:
+        await backend_waiting_for_a_lock(raw)  # B's claim of the key waits for A's transaction
+    finally:
+        await raw.close()
+    holds.release("idempotency.in_transaction")
+    await asyncio.wait_for(on_a, BOUND)
+    with pytest.raises(RequestReplayed) as replayed:
+        await asyncio.wait_for(on_b, BOUND)
+    assert replayed.value.record.response == first.SerializeToString()
+    page = await b.list_messages(PROJECT, "thread_1", PageQuery(limit=10))
+    assert [m.id for m in page.items] == ["msg_1"]
+
+
 async def test_migrations_applied_by_three_replicas_at_once(database: str) -> None:
     stores = [PostgresStore(database, pool_min=1, pool_max=2) for _ in range(3)]
     try:
@@ -569,10 +606,7 @@ async def test_a_lost_listen_connection_is_reopened_and_catches_up(
     await on_b.wait_for("run_1", 2)
     # Hold B's reconnect, so that what A commits next is never NOTIFYed to B.
     holds = Holds(tmp_path)
-    monkeypatch.setattr(faults, "ENABLED", True)
-    hold = faults._parse(holds.env("pg.listen_connect")[faults.ENV])
-    monkeypatch.setattr(faults, "_ACTIONS", hold)
-    monkeypatch.setattr(faults, "_counts", {})
+    hold_at(monkeypatch, holds, "pg.listen_connect")
     raw = await asyncpg.connect(database)
     try:
         await raw.execute("SELECT pg_terminate_backend($1)", b.fanout.server_pid())
