@@ -9,6 +9,7 @@ Everything is driven with grpc.aio from one process, over a few connections.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import statistics
 import time
@@ -268,6 +269,12 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else 0.0
@@ -279,6 +286,12 @@ class Figures:
     rss_start_kib: int
     rss_warm_kib: int
     rss_end_kib: int
+    server_cpu_seconds: float  # over the waves after the warm-up
+
+    @property
+    def server_cpu_ms_per_run(self) -> float:
+        runs = sum(len(w.run_ids) for w in self.measured)
+        return 1000 * self.server_cpu_seconds / runs if runs else 0.0
 
     @property
     def measured(self) -> list[Wave]:
@@ -311,12 +324,12 @@ async def drive(
         await driver.setup()
         start = rss_kib(pid)
         done = [await driver.wave(0)]
-        warm = rss_kib(pid)
+        warm, cpu = rss_kib(pid), cpu_seconds(pid)
         for number in range(1, waves):
             if driver.gave_up:
                 break  # a run got stuck: no use loading more (the caller sees fewer waves)
             done.append(await driver.wave(number))
-        return Figures(done, start, warm, rss_kib(pid))
+        return Figures(done, start, warm, rss_kib(pid), cpu_seconds(pid) - cpu)
     finally:
         await driver.close()
 
@@ -332,17 +345,20 @@ def run_benchmark(shape: Shape | None = None, waves: int = WAVES) -> Figures:
 
 
 METHOD = """\
-One server (SQLite, builtin model) and one grpc.aio client process on 127.0.0.1, {connections}
-connections. {waves} waves, one after the other, each of {runs} runs started at once (a thread
-with one message, then the run): half reply with {words} words, {tools:.0%} call a tool (one or two
-parallel calls) and get their results back (a quarter of them sent twice with one request_id),
-{cancels:.0%} are cancelled at a random point (right after Create, or after 1-8 events). Each run
-has {listeners} listeners: two Listen from index 0 at once, the rest join after a random number of
+One server (SQLite, builtin model, default flags: at most 64 runs executing at once) and one
+grpc.aio client process on 127.0.0.1, {connections} connections, on the same cores. {waves} waves,
+one after the other, each of {runs} runs started at once (a thread with one message, then the
+run): {tools:.0%} call a tool (one or two parallel calls) and get their results back (a quarter
+of them sent twice with one request_id), the others reply with 3-40 words; independently,
+{cancels:.0%} are cancelled at a random point (right after Create, or after 1-8 events; those
+without a tool stream over 0.05-0.5 s so the cancel can land mid-stream). Each run has
+{listeners} listeners: two Listen from index 0 at once, the rest join after a random number of
 events from a random index. Latency is from Create to the moment the first listener saw the
-terminal event, tool rounds included. Figures are the median of the waves after the first (the
-warm-up). There is no bare-gRPC baseline for this shape: read it against the whole-run figure of
-the RPC speed section. The same shape, smaller, is `tests/test_load.py`, which checks every
-invariant over what the listeners saw and that memory stays flat. Source: `bench/load.py`.
+terminal event, tool rounds and the queue for an execution slot included. Figures are the
+median of the waves after the first (the warm-up). There is no bare-gRPC baseline for this
+shape; server CPU per run says what it costs. The same shape in four waves is
+`tests/test_load.py`, which checks every invariant over what the listeners saw and that memory
+stays flat. Source: `bench/load.py`.
 """
 
 
@@ -356,6 +372,8 @@ def markdown(figures: Figures, shape: Shape) -> str:
         f"| events/s delivered to listeners (median of waves) | {figures.events_per_second:,.0f} |",
         f"| create -> terminal p50 (ms) | {figures.latency_ms(0.50):,.0f} |",
         f"| create -> terminal p99 (ms) | {figures.latency_ms(0.99):,.0f} |",
+        f"| server CPU per run, its calls and listeners included (ms) "
+        f"| {figures.server_cpu_ms_per_run:.1f} |",
         f"| server RSS at start (MiB) | {figures.rss_start_kib / 1024:.1f} |",
         f"| server RSS after the warm-up wave (MiB) | {figures.rss_warm_kib / 1024:.1f} |",
         f"| server RSS at the end (MiB) | {figures.rss_end_kib / 1024:.1f} |",
@@ -368,7 +386,6 @@ def section(figures: Figures, shape: Shape, machine: str, when: str, elapsed: fl
         connections=CONNECTIONS,
         waves=len(figures.waves),
         runs=shape.runs_per_wave,
-        words="3-40",
         tools=shape.tool_share,
         cancels=shape.cancel_share,
         listeners=shape.listeners,
@@ -376,7 +393,13 @@ def section(figures: Figures, shape: Shape, machine: str, when: str, elapsed: fl
     return (
         f"## Load: waves of concurrent runs with several listeners each\n\n{method}\n"
         f"{markdown(figures, shape)}\n\n"
-        f"Measured {when} on {machine}; the whole benchmark took {elapsed:.0f} s.\n"
+        f"Measured {when} on {machine}; the whole benchmark took {elapsed:.0f} s.\n\n"
+        f"Reading it: the server spends {figures.server_cpu_ms_per_run:.0f} ms of CPU per run (its "
+        "calls, its turns and every event to every listener), so one core carries about "
+        f"{1000 / max(figures.server_cpu_ms_per_run, 0.001):.0f} runs/s of this shape; the client "
+        f"shares the cores. After the warm-up, RSS moved "
+        f"{(figures.rss_end_kib - figures.rss_warm_kib) / 1024:+.1f} MiB over "
+        f"{len(figures.measured) * shape.runs_per_wave} more runs.\n"
     )
 
 
