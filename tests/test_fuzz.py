@@ -167,6 +167,8 @@ def _seed(target: Target) -> None:
         stubs.start("/sleep 3600 to cancel", shaped),
         stubs.start('/tool get_weather {"city": "Paris"}', tools),
         stubs.start('/tool get_weather {"city": "Paris"}\n/tool lookup {"q": "x"}', tools),
+        # More waiting for tools: fuzzed Cancels and SubmitToolResults end some of them early.
+        *(stubs.start(f'/tool lookup {{"q": {n}}}', tools) for n in range(4)),
     ]
     for run in runs:
         target.remember(run.id)
