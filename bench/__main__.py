@@ -1,4 +1,6 @@
-"""`python -m bench` (or `make bench`): run the benchmarks and update their section of BENCHMARKS.md."""
+"""`python -m bench` (or `make bench`): run the benchmarks and update their sections of
+BENCHMARKS.md. `python -m bench NAME...` runs only those (wait-latency, rpc-speed,
+listen-fanout, load)."""
 
 from __future__ import annotations
 
@@ -6,43 +8,64 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import fanout, rpc, wait_latency
+from bench import fanout, load, rpc, wait_latency
 from bench._report import fanout_section, rpc_section, update_section, wait_latency_section
 from bench._server import BenchServer
 
 ROOT = Path(__file__).resolve().parent.parent
+MACHINE = f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
-def main() -> int:
-    started = time.monotonic()
+def _wait_latency(when: str, started: float) -> str:
     with BenchServer() as server:
         print(f"wait latency: {wait_latency.SAMPLES} runs per method on {server.address}", flush=True)
         rows = wait_latency.measure(server.address)
-    machine = f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
-    when = datetime.now(UTC).strftime("%Y-%m-%d")
-    section = wait_latency_section(rows, machine, when, time.monotonic() - started)
-    update_section(ROOT / "BENCHMARKS.md", "wait-latency", section)
-    sys.stdout.write(section)
+    return wait_latency_section(rows, MACHINE, when, time.monotonic() - started)
 
-    started = time.monotonic()
+
+def _rpc_speed(when: str, started: float) -> str:
     print("rpc speed against a bare grpc.aio echo server", flush=True)
-    rows_rpc = rpc.run_benchmark()
-    section = rpc_section(rpc.markdown(rows_rpc), machine, when, time.monotonic() - started)
-    update_section(ROOT / "BENCHMARKS.md", "rpc-speed", section)
-    sys.stdout.write(section)
+    rows = rpc.run_benchmark()
+    return rpc_section(rpc.markdown(rows), MACHINE, when, time.monotonic() - started)
 
-    started = time.monotonic()
+
+def _listen_fanout(when: str, started: float) -> str:
     print("listen fan-out against a bare grpc.aio stream", flush=True)
-    section = fanout_section(
-        fanout.markdown(fanout.run_benchmark()), machine, when, time.monotonic() - started
-    )
-    update_section(ROOT / "BENCHMARKS.md", "listen-fanout", section)
-    sys.stdout.write(section)
+    table = fanout.markdown(fanout.run_benchmark())
+    return fanout_section(table, MACHINE, when, time.monotonic() - started)
+
+
+def _load(when: str, started: float) -> str:
+    shape = load.Shape()
+    print(f"load: {load.WAVES} waves of {shape.runs_per_wave} concurrent runs", flush=True)
+    figures = load.run_benchmark(shape)
+    return load.section(figures, shape, MACHINE, when, time.monotonic() - started)
+
+
+BENCHMARKS: dict[str, Callable[[str, float], str]] = {
+    "wait-latency": _wait_latency,
+    "rpc-speed": _rpc_speed,
+    "listen-fanout": _listen_fanout,
+    "load": _load,
+}
+
+
+def main(names: list[str]) -> int:
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    when = datetime.now(UTC).strftime("%Y-%m-%d")
+    for name in names or list(BENCHMARKS):
+        section = BENCHMARKS[name](when, time.monotonic())
+        update_section(ROOT / "BENCHMARKS.md", name, section)
+        sys.stdout.write(section)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

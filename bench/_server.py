@@ -45,6 +45,11 @@ class ServedProcess:
     ) -> None:
         self._stop()
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
+
     def _stop(self) -> None:
         if self._process is None:
             return
