@@ -47,6 +47,17 @@ class NginxProcess:
     def access_log(self) -> Path:
         return self.directory / "access.log"
 
+    def logged(self, needle: str, count: int, timeout: float = 20.0) -> int:
+        """Lines of the access log with ``needle`` once there are ``count`` (nginx writes a line
+        after the call has ended, so possibly after the client has its answer)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.access_log.read_text(errors="replace") if self.access_log.exists() else ""
+            found = sum(needle in line for line in text.splitlines())
+            if found >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
     def error_log(self) -> str:
         path = self.directory / "error.log"
         return path.read_text(errors="replace") if path.exists() else ""
