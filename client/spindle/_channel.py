@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from spindle._encode import request_id as new_request_id
+from spindle._targets import ROUND_ROBIN, ChannelTarget, channel_target, join
 from spindle.retry import DEFAULT_RETRY, RetryPolicy
 
 DEFAULT_TARGET = "localhost:50051"
@@ -26,13 +27,15 @@ _CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_reconnect_backoff_ms", 5000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 )
+# Options by which a caller picks the load-balancing policy themselves.
+_POLICY_OPTIONS = frozenset({"grpc.service_config", "grpc.lb_policy_name"})
 
 
 @dataclass(frozen=True)
 class Settings:
     """Everything a client needs to reach the server; shared by ``Client`` and ``AsyncClient``."""
 
-    target: str
+    target: str  # as the user gave it; several addresses joined with commas
     api_key: str | None = None
     tls: bool = False
     root_certificates: bytes | None = None
@@ -46,7 +49,7 @@ class Settings:
     @classmethod
     def resolve(
         cls,
-        target: str | None,
+        target: str | Sequence[str] | None,
         api_key: str | None,
         *,
         tls: bool | None,
@@ -66,7 +69,7 @@ class Settings:
         if client_cert is not None and tls is False:
             raise ValueError("a client certificate needs TLS")
         return cls(
-            target=target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
+            target=join(target) if target else os.environ.get(TARGET_ENV) or DEFAULT_TARGET,
             api_key=api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None,
             tls=bool(root_certificates or client_cert) if tls is None else tls,
             root_certificates=root_certificates,
@@ -78,9 +81,20 @@ class Settings:
             interceptors=tuple(interceptors),
         )
 
-    def options(self) -> list[tuple[str, Any]]:
+    def channel(self) -> tuple[str, list[tuple[str, Any]]]:
+        """The grpc target and channel options: ``round_robin`` over several addresses or a
+        resolver's (unless the caller's options choose a policy); the caller's options win."""
+        target = channel_target(self.target)
+        return target.uri, self.options(target)
+
+    def options(self, target: ChannelTarget | None = None) -> list[tuple[str, Any]]:
         given = {name for name, _ in self.channel_options}
-        return [*self.channel_options, *(o for o in _CHANNEL_OPTIONS if o[0] not in given)]
+        ours = list(_CHANNEL_OPTIONS)
+        if target is not None and target.balanced and not given & _POLICY_OPTIONS:
+            ours.append(("grpc.service_config", ROUND_ROBIN))
+        if target is not None and target.authority:
+            ours.append(("grpc.default_authority", target.authority))
+        return [*self.channel_options, *(o for o in ours if o[0] not in given)]
 
     def metadata(self, request_id: str | None = None) -> tuple[tuple[str, str], ...]:
         """Per-call metadata: the API key as a bearer token and the request id (a new one if not
@@ -102,10 +116,11 @@ def _credentials(settings: Settings) -> grpc.ChannelCredentials:
 
 def sync_channel(settings: Settings) -> grpc.Channel:
     """A ``grpc`` channel (TLS if asked), with the settings' interceptors."""
+    target, options = settings.channel()
     if settings.tls:
-        channel = grpc.secure_channel(settings.target, _credentials(settings), options=settings.options())
+        channel = grpc.secure_channel(target, _credentials(settings), options=options)
     else:
-        channel = grpc.insecure_channel(settings.target, options=settings.options())
+        channel = grpc.insecure_channel(target, options=options)
     if settings.interceptors:
         return grpc.intercept_channel(channel, *settings.interceptors)
     return channel
@@ -114,8 +129,9 @@ def sync_channel(settings: Settings) -> grpc.Channel:
 def async_channel(settings: Settings) -> grpc.aio.Channel:
     """A ``grpc.aio`` channel (TLS if asked), with the settings' interceptors."""
     interceptors = list(settings.interceptors) or None
+    target, options = settings.channel()
     if settings.tls:
         return grpc.aio.secure_channel(
-            settings.target, _credentials(settings), options=settings.options(), interceptors=interceptors
+            target, _credentials(settings), options=options, interceptors=interceptors
         )
-    return grpc.aio.insecure_channel(settings.target, options=settings.options(), interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

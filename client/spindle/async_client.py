@@ -27,7 +27,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         *,
         api_key: str | None = None,
         tls: bool | None = None,
@@ -61,7 +61,7 @@ class AsyncClient:
 
     @property
     def target(self) -> str:
-        """The server's address."""
+        """The server's address (several joined with commas), as given."""
         return self.settings.target
 
     async def close(self) -> None:

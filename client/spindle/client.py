@@ -18,7 +18,10 @@ class Client:
     """A connection to a Spindle server: one channel, reused by every call.
 
     Args:
-        target: ``host:port`` (default: ``$SPINDLE_TARGET``, else ``localhost:50051``).
+        target: ``host:port`` (default: ``$SPINDLE_TARGET``, else ``localhost:50051``). Several
+            replicas: a list of addresses or ``"h1:p1,h2:p2"`` (names in it are looked up once),
+            or ``"dns:///name:port"`` for every address of a name; calls are spread over them with
+            gRPC's ``round_robin`` and a replica that is down is skipped.
         api_key: sent as ``authorization: Bearer KEY`` (default: ``$SPINDLE_API_KEY``).
         tls: use TLS (default: only when ``root_certificates`` is given).
         root_certificates: PEM roots to trust for TLS (default: the system's).
@@ -38,7 +41,7 @@ class Client:
 
     def __init__(
         self,
-        target: str | None = None,
+        target: str | Sequence[str] | None = None,
         *,
         api_key: str | None = None,
         tls: bool | None = None,
@@ -72,7 +75,7 @@ class Client:
 
     @property
     def target(self) -> str:
-        """The server's address."""
+        """The server's address (several joined with commas), as given."""
         return self.settings.target
 
     def close(self) -> None:

@@ -23,7 +23,10 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument(
         "--target",
         default=default(None),
-        help=f"server address host:port (env {TARGET_ENV}, default {DEFAULT_TARGET})",
+        help=(
+            f"server address host:port (env {TARGET_ENV}, default {DEFAULT_TARGET}); several replicas:"
+            " h1:p1,h2:p2,... or dns:///name:port, calls spread round-robin"
+        ),
     )
     parser.add_argument("--api-key", default=default(None), help=f"API key (env {API_KEY_ENV})")
     parser.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS")

@@ -1,0 +1,62 @@
+"""Several real servers side by side, and which of them answered which calls (their access logs).
+
+Each replica gets its database from ``database(index)``: a SQLite file of its own today; when
+replicas can share one database, the same tests run them on it by passing a different function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from support.server import ServerProcess
+
+# Every call is in the access log at debug level (errors and slow calls also at info).
+DEBUG_LOG = ("--log-level", "debug")
+
+
+def own_sqlite(directory: Path) -> Callable[[int], Path]:
+    """A SQLite file per replica, in ``directory``."""
+    return lambda index: directory / f"replica{index}.db"
+
+
+@contextlib.contextmanager
+def replicas(
+    database: Callable[[int], Path],
+    count: int = 3,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[list[ServerProcess]]:
+    """Start ``count`` servers (access log at debug level); all are killed on the way out."""
+    started = [ServerProcess(database(index), [*DEBUG_LOG, *extra_args], env) for index in range(count)]
+    try:
+        with ThreadPoolExecutor(max_workers=count) as pool:  # side by side: each takes a while
+            for future in [pool.submit(process.start) for process in started]:
+                future.result()
+        yield started
+    finally:
+        for process in started:
+            process.kill()
+
+
+def calls(server: ServerProcess, method: str) -> int:
+    """How many calls of ``method`` (e.g. "/spindle.v1.AssistantService/Create") it logged."""
+    return sum(
+        1 for event in server.log_events() if event.get("event") == "rpc" and event.get("method") == method
+    )
+
+
+def calls_per_replica(
+    servers: Sequence[ServerProcess], method: str, total: int, timeout: float = 20.0
+) -> list[int]:
+    """Each server's count of ``method`` once they add up to at least ``total``: a server logs a
+    call before answering it, but its log reaches us through a pipe some time later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = [calls(server, method) for server in servers]
+        if sum(counts) >= total or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.02)
