@@ -22,6 +22,8 @@ from fake_openai import (
     ErrorReply,
     FakeOpenAI,
     StreamReply,
+    completion,
+    empty_stream,
     error_reply,
     finish_chunk,
     role_chunk,
@@ -385,6 +387,103 @@ def test_tool_choice_reaches_the_request(
     finished(api, start(api, "hi", assistant=assistant, tool_choice=choice))
 
     assert fake.requests[0].body["tool_choice"] == sent
+
+
+@pytest.mark.parametrize(
+    ("choice", "first_sent"),
+    [
+        (
+            common_pb2.ToolChoice(function_name="get_weather"),
+            {"type": "function", "function": {"name": "get_weather"}},
+        ),
+        (common_pb2.ToolChoice(mode=common_pb2.ToolChoice.REQUIRED), "required"),
+    ],
+    ids=["function", "required"],
+)
+def test_a_forcing_tool_choice_binds_only_the_first_turn(
+    api: Stubs, fake: FakeOpenAI, choice: common_pb2.ToolChoice, first_sent: object
+) -> None:
+    """Sent again with the results, it would make the model call the tool forever."""
+    fake.enqueue(
+        tool_calls_stream([("call_1", "get_weather", ['{"city": "Oslo"}'])]),
+        tool_calls_stream([("call_2", "get_weather", ['{"city": "Bergen"}'])]),
+        text_stream("Cold in both."),
+    )
+    assistant = make_assistant(api, tools=[weather_tool()])
+
+    run_id = start(api, "Oslo, then Bergen?", assistant=assistant, tool_choice=choice)
+    assert finished(api, run_id).status == run_pb2.TOOL_CALLS
+    submit(api, run_id, {"call_1": "-5C"})
+    assert finished(api, run_id).status == run_pb2.TOOL_CALLS
+    submit(api, run_id, {"call_2": "-2C"})
+    done = finished(api, run_id)
+
+    assert done.status == run_pb2.COMPLETED and reply_text(done) == "Cold in both."
+    assert [body["tool_choice"] for body in bodies(fake)] == [first_sent, "auto", "auto"]
+    assert done.tool_choice == choice  # the run still says what was asked
+
+
+def test_none_binds_every_turn(api: Stubs, fake: FakeOpenAI) -> None:
+    fake.enqueue(tool_calls_stream([("call_1", "get_weather", ["{}"])]), text_stream("ok"))
+    assistant = make_assistant(api, tools=[weather_tool()])
+    none = common_pb2.ToolChoice(mode=common_pb2.ToolChoice.NONE)
+
+    run_id = start(api, "hi", assistant=assistant, tool_choice=none)
+    assert finished(api, run_id).status == run_pb2.TOOL_CALLS  # a provider that ignored it
+    submit(api, run_id, {"call_1": "x"})
+    assert finished(api, run_id).status == run_pb2.COMPLETED
+
+    assert [body["tool_choice"] for body in bodies(fake)] == ["none", "none"]
+
+
+def test_an_empty_stream_is_asked_again_without_streaming(api: Stubs, fake: FakeOpenAI) -> None:
+    fake.enqueue(empty_stream(), completion("Sunny.", usage=(30, 2)))
+    assistant = make_assistant(api, tools=[weather_tool()])
+
+    run_id = start(api, "Weather?", assistant=assistant)
+    done = finished(api, run_id)
+
+    assert done.status == run_pb2.COMPLETED, done.last_error
+    assert reply_text(done) == "Sunny." and streamed_text(api.events(run_id)) == "Sunny."
+    assert usage_of(done) == (30, 2, 32)
+    first, second = bodies(fake)
+    assert (first["stream"], second["stream"]) == (True, False)
+    assert second["messages"] == first["messages"] and second["tools"] == first["tools"]
+
+
+def test_a_tool_call_from_the_unstreamed_retry_pauses_the_run(api: Stubs, fake: FakeOpenAI) -> None:
+    fake.enqueue(
+        empty_stream(done=False),
+        completion(
+            None, tool_calls=[("call_9", "get_weather", '{"city": "Rome"}')], finish_reason="tool_calls"
+        ),
+    )
+    assistant = make_assistant(api, tools=[weather_tool()])
+
+    paused = finished(api, start(api, "Rome?", assistant=assistant))
+
+    assert paused.status == run_pb2.TOOL_CALLS
+    [call] = paused.required_tool_calls
+    assert (call.id, call.function.name, call.function.arguments) == (
+        "call_9",
+        "get_weather",
+        '{"city": "Rome"}',
+    )
+    api.runs.Cancel(run_pb2.CancelRunRequest(run_id=paused.id))
+
+
+def test_an_answer_empty_twice_fails_the_run_with_empty_response(api: Stubs, fake: FakeOpenAI) -> None:
+    fake.enqueue(empty_stream(), completion(""))
+    assistant = make_assistant(api, tools=[weather_tool()])
+
+    run_id = start(api, "Weather?", assistant=assistant)
+    done = finished(api, run_id)
+
+    assert done.status == run_pb2.FAILED
+    assert done.last_error.code == "empty_response"
+    assert "empty answer" in done.last_error.message and "fake" in done.last_error.message
+    assert not done.HasField("reply")
+    assert len(fake.requests) == 2
 
 
 def weather_schema() -> common_pb2.JsonSchema:

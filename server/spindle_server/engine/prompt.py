@@ -84,7 +84,7 @@ def build_request(
         model=provider_model,
         messages=(*system, *history, *rounds),
         tools=tools,
-        tool_choice=_tool_choice(run.tool_choice),
+        tool_choice=_tool_choice(run.tool_choice, first_turn=not rounds),
         parallel_tool_calls=run.parallel_tool_calls,
         temperature=run.temperature if run.HasField("temperature") else None,
         top_p=run.top_p if run.HasField("top_p") else None,
@@ -128,13 +128,20 @@ def _function_spec(tool: common_pb2.Tool) -> FunctionSpec:
     return FunctionSpec(function.name, function.description, parameters, function.strict)
 
 
-def _tool_choice(choice: common_pb2.ToolChoice) -> str:
+def _tool_choice(choice: common_pb2.ToolChoice, *, first_turn: bool) -> str:
+    """The run's choice on its first model turn; afterwards a forcing choice turns `auto`.
+
+    A named function or `required` forces a tool call on every turn it is sent with, so sent
+    again after the results it would call again forever; like OpenAI's runs (and its Agents
+    SDK's reset_tool_choice), it binds the first turn only. `none` binds every turn.
+    """
     if choice.WhichOneof("choice") == "function_name":
-        return choice.function_name
-    return {
+        return choice.function_name if first_turn else "auto"
+    mode = {
         common_pb2.ToolChoice.NONE: "none",
         common_pb2.ToolChoice.REQUIRED: "required",
     }.get(choice.mode, "auto")
+    return "auto" if mode == "required" and not first_turn else mode
 
 
 def _response_format(response_format: common_pb2.ResponseFormat) -> dict[str, Any] | None:
