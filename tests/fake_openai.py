@@ -2,8 +2,9 @@
 
 Tests queue replies (`enqueue`), point a client at `base_url`, and then assert on what the
 server received (`requests`). Streams are real SSE over HTTP/1.1 chunked encoding, with chunks
-shaped exactly as OpenAI sends them (see the builders at the bottom). Only streaming
-`POST /v1/chat/completions` is served; anything else gets a 404 or 400 with OpenAI's error body.
+shaped exactly as OpenAI sends them (see the builders at the bottom). Only
+`POST /v1/chat/completions` is served: a `StreamReply` answers a request with stream=true, a
+`CompletionReply` one without; anything else gets a 404 or 400 with OpenAI's error body.
 
     with FakeOpenAI() as fake:
         fake.enqueue(text_stream("Hel", "lo"))
@@ -38,13 +39,15 @@ class StreamReply:
 
     stall_after: send that many chunks, then hold the connection open without writing
     until the client closes it. drop_after: send that many chunks, then close the socket
-    without finishing the chunked body. Otherwise the stream ends with `data: [DONE]`.
+    without finishing the chunked body. Otherwise the stream ends with `data: [DONE]` (unless
+    `done` is false: then the body just ends, as llama.cpp's server may end it).
     chunk_delay: seconds to wait before each chunk after the first (a model that streams slowly).
     """
 
     chunks: Sequence[Mapping[str, Any] | str]
     stall_after: int | None = None
     drop_after: int | None = None
+    done: bool = True
     chunk_delay: float = 0.0
     headers: Mapping[str, str] = field(default_factory=dict)
 
@@ -59,11 +62,18 @@ class ErrorReply:
 
 
 @dataclass(frozen=True)
+class CompletionReply:
+    """A 200 `chat.completion` JSON body, the answer to a request without streaming."""
+
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class Disconnect:
     """Close the connection without sending any response."""
 
 
-Reply = StreamReply | ErrorReply | Disconnect
+Reply = StreamReply | CompletionReply | ErrorReply | Disconnect
 
 
 @dataclass
@@ -173,26 +183,30 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {name.lower(): value for name, value in self.headers.items()}
         recorded = RecordedRequest("POST", self.path, headers, body)
         reply = self.server.fake._record(recorded)
-        if not body.get("stream"):
-            self._send_error(
-                ErrorReply(400, error_body("the fake serves stream=true only", "invalid_request_error"))
-            )
-        elif reply is None:
+        if reply is None:
             self._send_error(ErrorReply(500, error_body("no scripted reply queued", "server_error")))
         elif isinstance(reply, Disconnect):
             self.close_connection = True
         elif isinstance(reply, ErrorReply):
             self._send_error(reply)
+        elif isinstance(reply, StreamReply) != bool(body.get("stream")):
+            mismatch = f"the fake has a {type(reply).__name__} queued but got stream={body.get('stream')}"
+            self._send_error(ErrorReply(400, error_body(mismatch, "invalid_request_error")))
+        elif isinstance(reply, CompletionReply):
+            self._send_json(200, reply.body, {"x-request-id": "req_fake"})
         else:
             self._send_stream(reply, recorded)
 
     def _send_error(self, reply: ErrorReply) -> None:
-        is_json = not isinstance(reply.body, str)
-        payload = (json.dumps(reply.body) if is_json else str(reply.body)).encode()
-        self.send_response(reply.status)
+        self._send_json(reply.status, reply.body, reply.headers)
+
+    def _send_json(self, status: int, body: Mapping[str, Any] | str, headers: Mapping[str, str]) -> None:
+        is_json = not isinstance(body, str)
+        payload = (json.dumps(body) if is_json else str(body)).encode()
+        self.send_response(status)
         self.send_header("content-type", "application/json" if is_json else "text/plain")
         self.send_header("content-length", str(len(payload)))
-        for name, value in reply.headers.items():
+        for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
@@ -216,7 +230,8 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.drop_after is not None:
             self.close_connection = True
             return
-        self._write_event("data: [DONE]")
+        if reply.done:
+            self._write_event("data: [DONE]")
         self._write_http_chunk(b"")  # end of the chunked body
 
     def _write_event(self, event: str) -> None:
@@ -331,6 +346,43 @@ def tool_calls_stream(
         chunks.append(tool_call_chunk(index, call_id=call_id, name=name))
         chunks.extend(tool_call_chunk(index, arguments=piece) for piece in argument_pieces)
     return StreamReply([*chunks, finish_chunk("tool_calls"), usage_chunk(*usage)])
+
+
+def empty_stream(*, done: bool = True) -> StreamReply:
+    """A 200 stream with no chunk at all: what llama.cpp's server may send for tools and `auto`."""
+    return StreamReply([], done=done)
+
+
+def completion(
+    content: str | None,
+    *,
+    tool_calls: Sequence[tuple[str, str, str]] = (),
+    finish_reason: str = "stop",
+    usage: tuple[int, int] = (12, 3),
+) -> CompletionReply:
+    """A whole `chat.completion`, as sent without streaming; tool calls as (id, name, arguments)."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+            for call_id, name, arguments in tool_calls
+        ]
+    prompt_tokens, completion_tokens = usage
+    return CompletionReply(
+        {
+            "id": CHUNK_ID,
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": MODEL,
+            "system_fingerprint": "fp_fake",
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+    )
 
 
 def error_body(

@@ -12,12 +12,15 @@ from typing import Any
 import pytest
 
 from fake_openai import (
+    CompletionReply,
     Disconnect,
     ErrorReply,
     FakeOpenAI,
     Reply,
     StreamReply,
+    completion,
     delta_chunk,
+    empty_stream,
     error_reply,
     finish_chunk,
     role_chunk,
@@ -269,6 +272,99 @@ async def test_a_malformed_chunk_is_a_server_error(fake: FakeOpenAI, backend: Op
 
     assert error.code == "server_error"
     assert "malformed" in error.message
+
+
+# --- Empty answers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "empty",
+    [
+        empty_stream(),
+        empty_stream(done=False),
+        StreamReply([role_chunk(), finish_chunk("stop")]),
+        StreamReply([role_chunk(), text_chunk(""), delta_chunk({}, finish_reason=None)]),
+    ],
+    ids=["no-chunk", "no-chunk-no-done", "role-and-stop", "empty-content-no-reason"],
+)
+async def test_an_empty_stream_is_asked_again_without_streaming(
+    fake: FakeOpenAI, backend: OpenAIBackend, empty: StreamReply
+) -> None:
+    fake.enqueue(empty, completion("Hello", usage=(12, 2)))
+
+    chunks = await collect(backend)
+
+    assert chunks == [TextDelta("Hello"), UsageReport(12, 2), Finish("stop")]
+    first, second = (request.body for request in fake.requests)
+    assert (first["stream"], second["stream"]) == (True, False) and "stream_options" not in second
+    ignored = ("stream", "stream_options")
+    assert {k: v for k, v in first.items() if k not in ignored} == {
+        k: v for k, v in second.items() if k not in ignored
+    }
+
+
+async def test_the_empty_streams_usage_is_added_to_the_retrys(
+    fake: FakeOpenAI, backend: OpenAIBackend
+) -> None:
+    fake.enqueue(
+        StreamReply([role_chunk(), finish_chunk("stop"), usage_chunk(10, 0)]), completion("Hi", usage=(10, 1))
+    )
+
+    chunks = await collect(backend)
+
+    assert chunks == [TextDelta("Hi"), UsageReport(20, 1), Finish("stop")]
+
+
+async def test_tool_calls_of_the_unstreamed_retry_are_chunks_with_their_ids(
+    fake: FakeOpenAI, backend: OpenAIBackend
+) -> None:
+    calls = [("call_a", "get_weather", '{"city": "Paris"}'), ("", "get_time", "{}")]
+    fake.enqueue(empty_stream(), completion(None, tool_calls=calls, finish_reason="tool_calls"))
+    tools = (FunctionSpec("get_weather"), FunctionSpec("get_time"))
+
+    chunks = await collect(backend, user_request(tools=tools))
+
+    assert chunks[0] == ToolCallDelta(0, "call_a", "get_weather", '{"city": "Paris"}')
+    second = chunks[1]
+    assert isinstance(second, ToolCallDelta) and second.id.startswith("call_")  # made up: none sent
+    assert (second.index, second.name, second.arguments) == (1, "get_time", "{}")
+    assert chunks[2:] == [UsageReport(12, 3), Finish("tool_calls")]
+
+
+@pytest.mark.parametrize("second", [completion(None), completion("")], ids=["null", "empty-string"])
+async def test_an_answer_empty_twice_is_an_empty_response_error(
+    fake: FakeOpenAI, backend: OpenAIBackend, second: CompletionReply
+) -> None:
+    fake.enqueue(empty_stream(), second)
+
+    error = await failure(backend)
+
+    assert error.code == "empty_response"
+    assert "acme" in error.message and "empty answer" in error.message
+    assert len(fake.requests) == 2
+
+
+async def test_a_failed_unstreamed_retry_is_the_providers_error(
+    fake: FakeOpenAI, backend: OpenAIBackend
+) -> None:
+    fake.enqueue(empty_stream(), error_reply(400, "bad tools", "invalid_request_error"))
+
+    error = await failure(backend)
+
+    assert error.code == "invalid_request" and "bad tools" in error.message
+
+
+@pytest.mark.parametrize("reason", ["length", "content_filter"])
+async def test_an_empty_answer_cut_short_is_not_retried(
+    fake: FakeOpenAI, backend: OpenAIBackend, reason: str
+) -> None:
+    """A reasoning model may spend max_tokens on hidden reasoning: empty, but explained."""
+    fake.enqueue(StreamReply([role_chunk(), finish_chunk(reason), usage_chunk(5, 16)]))
+
+    chunks = await collect(backend)
+
+    assert chunks[-1] == Finish("length" if reason == "length" else "content_filter")
+    assert len(fake.requests) == 1
 
 
 # --- Request mapping ------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 One `OpenAIBackend` serves one provider (OpenAI, vLLM, Ollama, llama.cpp's server, Yandex AI
 Studio's compatible API, ...), configured by a `ProviderConfig` that `parse_provider_spec` reads
 from a flag value such as `openai=https://api.openai.com/v1,timeout=60`. Calls go through the
-official `openai` package, always streamed.
+official `openai` package, streamed. A stream that brings an empty answer (no text, no tool
+call, not cut short) is asked once more without streaming; empty again, it is an
+`empty_response` error, never an empty reply.
 
 What a turn yields: `TextDelta` and `ToolCallDelta` as the provider streams them, then at most
 one `UsageReport` and exactly one `Finish`, last. Each tool call gets its own index; its id and
@@ -45,8 +47,10 @@ from openai import (
     Omit,
 )
 from openai.types.chat import (
+    ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCall,
     ChatCompletionMessageFunctionToolCallParam,
     ChatCompletionMessageParam,
     ChatCompletionToolChoiceOptionParam,
@@ -267,6 +271,11 @@ class OpenAIBackend:
                         started = True
                         yield chunk
                 return
+            except _EmptyAnswer as empty:
+                # Nothing was yielded: one more try, without streaming (see _EmptyAnswer).
+                for chunk in await self._complete_once(params, request.model, empty.usage):
+                    yield chunk
+                return
             except APIError as exc:
                 failure = _Failure.of(exc, self.config, request.model)
             delay = self._retry_delay(attempt, failure) if failure.transient and not started else None
@@ -290,8 +299,32 @@ class OpenAIBackend:
             while (chunk := await self._next_chunk(stream)) is not None:
                 for item in translator.feed(chunk):
                     yield item
+        if translator.is_empty:
+            raise _EmptyAnswer(translator.usage)
         for item in translator.finish():
             yield item
+
+    async def _complete_once(
+        self, params: dict[str, Any], model: str, earlier_usage: UsageReport | None
+    ) -> list[ModelChunk]:
+        """One call without streaming, as chunks; an answer empty again is an `empty_response`."""
+        single = {key: value for key, value in params.items() if key not in ("stream", "stream_options")}
+        try:
+            completion = await self._client.chat.completions.create(
+                **single, stream=False, extra_headers=self._headers
+            )
+        except APIError as exc:
+            raise _Failure.of(exc, self.config, model).error from None
+        translator = _ChunkTranslator()
+        chunks = translator.feed_completion(completion)
+        if translator.is_empty:
+            raise ModelError(
+                "empty_response",
+                f"{self.name} returned an empty answer (no text and no tool calls) for model {model!r},"
+                " streamed and again without streaming",
+            )
+        translator.usage = _sum_usage(earlier_usage, translator.usage)  # the empty try was billed too
+        return [*chunks, *translator.finish()]
 
     async def _next_chunk(self, stream: AsyncStream[ChatCompletionChunk]) -> ChatCompletionChunk | None:
         try:
@@ -399,33 +432,78 @@ def _plain_json(value: Any) -> Any:
 # --- Stream translation -------------------------------------------------------------------
 
 
+class _EmptyAnswer(Exception):
+    """A turn that ended with no text and no tool calls, and not cut short.
+
+    Never a real answer: llama.cpp's server, for one, may close a stream with tools and
+    tool_choice `auto` without sending a single chunk. Completing the run with an empty reply
+    would be a silent wrong result.
+    """
+
+    def __init__(self, usage: UsageReport | None) -> None:
+        super().__init__("empty answer")
+        self.usage = usage
+
+
+def _sum_usage(first: UsageReport | None, second: UsageReport | None) -> UsageReport | None:
+    if first is None or second is None:
+        return second or first
+    return UsageReport(
+        first.prompt_tokens + second.prompt_tokens, first.completion_tokens + second.completion_tokens
+    )
+
+
 class _ChunkTranslator:
     """Chat completion chunks in, ModelChunks out; usage and finish are held for the end."""
 
     def __init__(self) -> None:
         self._tool_calls = _ToolCallIndexer()
         self._finish_reason: str | None = None
-        self._usage: UsageReport | None = None
+        self.usage: UsageReport | None = None
+        self._said_anything = False
+
+    @property
+    def is_empty(self) -> bool:
+        """No text, no tool call, and no length or content-filter stop to explain it."""
+        cut_short = _finish_reason(self._finish_reason, called_tools=False) != "stop"
+        return not (self._said_anything or self._tool_calls.count or cut_short)
 
     def feed(self, chunk: ChatCompletionChunk) -> list[ModelChunk]:
         if chunk.usage is not None:  # some servers repeat it on every chunk; the last one counts
-            self._usage = UsageReport(chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)
+            self.usage = UsageReport(chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)
         out: list[ModelChunk] = []
         for choice in chunk.choices:
             if choice.index:
                 continue  # n=1 is requested; ignore anything else
             delta = choice.delta
-            if delta.content:
-                out.append(TextDelta(delta.content))
-            if delta.refusal:  # a structured-output refusal is the model's answer
-                out.append(TextDelta(delta.refusal))
+            out.extend(self._text(delta.content, delta.refusal))
             out.extend(self._tool_calls.piece(call) for call in delta.tool_calls or ())
             if choice.finish_reason:
                 self._finish_reason = choice.finish_reason
         return out
 
+    def feed_completion(self, completion: ChatCompletion) -> list[ModelChunk]:
+        """A whole (unstreamed) completion, as the chunks its stream would have given."""
+        if completion.usage is not None:
+            self.usage = UsageReport(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+        out: list[ModelChunk] = []
+        for choice in completion.choices[:1]:
+            message = choice.message
+            out.extend(self._text(message.content, message.refusal))
+            for call in message.tool_calls or ():
+                if isinstance(call, ChatCompletionMessageFunctionToolCall):
+                    out.append(self._tool_calls.whole(call.id, call.function.name, call.function.arguments))
+            self._finish_reason = choice.finish_reason
+        return out
+
+    def _text(self, content: str | None, refusal: str | None) -> list[ModelChunk]:
+        # A structured-output refusal is the model's answer too.
+        pieces: list[ModelChunk] = [TextDelta(text) for text in (content, refusal) if text]
+        self._said_anything = self._said_anything or bool(pieces)
+        return pieces
+
     def finish(self) -> list[ModelChunk]:
-        end: list[ModelChunk] = [] if self._usage is None else [self._usage]
+        end: list[ModelChunk] = [] if self.usage is None else [self.usage]
         end.append(Finish(_finish_reason(self._finish_reason, called_tools=self._tool_calls.count > 0)))
         return end
 
@@ -473,6 +551,11 @@ class _ToolCallIndexer:
         )
         slot.named = slot.named or bool(name)
         return delta
+
+    def whole(self, call_id: str, name: str, arguments: str) -> ToolCallDelta:
+        """A complete call (from an unstreamed completion) as one piece."""
+        self.count += 1
+        return ToolCallDelta(self.count - 1, call_id or "call_" + secrets.token_hex(12), name, arguments)
 
     def _slot_for(self, call: ChoiceDeltaToolCall) -> tuple[_CallSlot, bool]:
         provider_index: int | None = call.index
