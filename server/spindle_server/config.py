@@ -59,8 +59,42 @@ def parse_duration(text: str) -> float | None:
     return seconds or None
 
 
+def _env_name(name: str) -> str:
+    return f"SPINDLE_{name.upper().replace('-', '_')}"
+
+
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"SPINDLE_{name.upper().replace('-', '_')}", default)
+    return os.environ.get(_env_name(name), default)
+
+
+@dataclass(frozen=True, slots=True)
+class _BadEnvironmentValue:
+    """A flag's default from a SPINDLE_* variable that its type refused. Reported only if the
+    flag itself is not given (the flag wins), as a usage error rather than a traceback."""
+
+    variable: str
+    value: str
+    kind: str
+
+    def __str__(self) -> str:
+        return f"environment variable {self.variable}={self.value!r} is not a valid {self.kind}"
+
+
+_KIND_NAMES: dict[type, str] = {int: "integer", float: "number"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _env_switch(name: str) -> bool | _BadEnvironmentValue:
+    value = _env(name, "") or ""
+    if value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    return _BadEnvironmentValue(_env_name(name), value, f"switch ({', '.join(_TRUE + _FALSE[1:])})")
+
+
+def _refuse_bad_environment(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for value in vars(args).values():
+        if isinstance(value, _BadEnvironmentValue):
+            parser.exit(2, f"{parser.prog}: error: {value}\n")
 
 
 def is_local_host(host: str) -> bool:
@@ -82,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def option(flag: str, kind: type, default: object, help_text: str) -> None:
         env_value = _env(flag)
-        value = kind(env_value) if env_value is not None else default
+        value = default
+        if env_value is not None:
+            try:
+                value = kind(env_value)
+            except ValueError:
+                value = _BadEnvironmentValue(_env_name(flag), env_value, _KIND_NAMES.get(kind, kind.__name__))
         parser.add_argument(f"--{flag}", type=kind, default=value, help=help_text)
 
     option(
@@ -117,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-unauthenticated-remote",
         action="store_true",
-        default=(_env("allow_unauthenticated_remote", "") or "").lower() in ("1", "true", "yes"),
+        default=_env_switch("allow_unauthenticated_remote"),
         help="listen beyond localhost without API keys (anyone who reaches the port can use it)",
     )
     option("tls-cert", Path, None, "PEM certificate chain: serve TLS (with --tls-key)")
@@ -182,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _refuse_bad_environment(parser, args)
     api_keys: dict[str, str] = {}
     for item in args.api_key:
         key, sep, project = item.partition("=")
