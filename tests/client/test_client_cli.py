@@ -163,3 +163,52 @@ def test_listen_tells_how_the_run_ended_even_from_past_its_end(cli: Callable[...
     assert cli("listen", run_id).code == 1
     late = cli("listen", run_id, "--from", "999")  # nothing left to print; the run still FAILED
     assert late.out == "" and late.code == 1
+
+
+def _closed_pipe_run(server: ServerProcess, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The CLI with stdout into a pipe whose reader has already gone (`| head` that quit)."""
+    reader, writer = os.pipe()
+    os.close(reader)  # before the CLI writes: its first write meets EPIPE, every time
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "spindle.cli", "--target", server.address, *argv],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("assistants", "list"), ("--json", "assistants", "list"), ("chat", "hello pipe")],
+    ids=["list", "json-list", "chat"],
+)
+def test_a_closed_pipe_ends_the_cli_quietly(
+    cli: Callable[..., Outcome], server: ServerProcess, argv: tuple[str, ...]
+) -> None:
+    assert cli("assistants", "create", "--name", "piped").code == 0  # something to list
+
+    done = _closed_pipe_run(server, *argv)
+
+    assert done.returncode == 141, done.stderr  # 128 + SIGPIPE, as `yes | head` ends
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+    assert "Exception ignored" not in done.stderr  # nothing left to flush at exit either
+
+
+def test_chat_without_an_assistant_reuses_one(cli: Callable[..., Outcome]) -> None:
+    def chat_assistants() -> list[dict[str, Any]]:
+        listed = cli("--json", "assistants", "list", "--order", "asc").json()
+        return [a for a in listed if a["labels"].get("spindle-cli") == "chat"]
+
+    before = chat_assistants()
+    first = cli("chat", "first")
+    second = cli("--json", "chat", "second")
+
+    assert first.code == 0 and second.code == 0
+    after = chat_assistants()
+    assert len(after) == max(len(before), 1) and after[0]["name"] == "spindle-chat"
+    run_id = json.loads(second.out.splitlines()[0])["run_id"]
+    assert cli("--json", "runs", "get", run_id).json()["assistant_id"] == after[0]["id"]  # the oldest

@@ -46,6 +46,9 @@ def main(
         return _exit.USAGE
     try:
         return COMMANDS[args.command](client, args, out)
+    except BrokenPipeError:  # the reader went away (`spindle ... | head`): stop quietly
+        _exit.silence_closed_pipe(out.stdout, out.stderr)
+        return _exit.BROKEN_PIPE
     except RunTimeoutError as exc:
         out.note(f"timeout: {exc} (the run goes on)")
         return _exit.TIMEOUT

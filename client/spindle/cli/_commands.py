@@ -140,8 +140,26 @@ def listen(client: Client, args: argparse.Namespace, out: Output) -> int:
     return _exit.for_result(run.result)
 
 
+CHAT_ASSISTANT_NAME = "spindle-chat"
+CHAT_ASSISTANT_LABEL = ("spindle-cli", "chat")
+
+
+def chat_assistant(client: Client) -> str:
+    """The project's chat assistant for the CLI: the oldest one labelled for it, made once.
+
+    Assistants cannot be listed by label, so the listing is read oldest first (where the one
+    made on the first chat sits); two first chats at once may make two, and both then pick the
+    older.
+    """
+    key, value = CHAT_ASSISTANT_LABEL
+    for assistant in client.assistants.list(order="asc", page_size=100):
+        if assistant.labels.get(key) == value:
+            return assistant.id
+    return client.assistants.create(name=CHAT_ASSISTANT_NAME, labels={key: value}).id
+
+
 def chat(client: Client, args: argparse.Namespace, out: Output) -> int:
-    assistant_id = args.assistant or client.assistants.create(name="spindle-chat").id
+    assistant_id = args.assistant or chat_assistant(client)
     if args.thread:
         client.messages.create(args.thread, args.text)
         thread_id = args.thread

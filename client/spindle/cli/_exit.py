@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+from typing import TextIO
+
 from spindle.results import RunResult
 
 OK = 0
@@ -18,6 +23,8 @@ TOOL_CALLS = 5
 """The run is paused, waiting for tool results (``spindle submit``)."""
 INTERRUPTED = 130
 """Ctrl-C."""
+BROKEN_PIPE = 141
+"""Whoever read the output stopped reading (``| head``): 128 + SIGPIPE, as other tools end."""
 
 
 def for_result(result: RunResult) -> int:
@@ -29,3 +36,15 @@ def for_result(result: RunResult) -> int:
     if result.is_failed:
         return RUN_FAILED
     return TIMEOUT
+
+
+def silence_closed_pipe(*streams: TextIO) -> None:
+    """Point the streams' descriptors at /dev/null, as Python's docs advise for SIGPIPE: what
+    is still buffered then goes nowhere, instead of raising again when Python flushes at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for stream in streams:
+            with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+                os.dup2(devnull, stream.fileno())
+    finally:
+        os.close(devnull)

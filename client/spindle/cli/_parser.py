@@ -10,7 +10,8 @@ from spindle.cli import _exit
 EPILOG = f"""\
 exit codes: {_exit.OK} success (run COMPLETED), {_exit.RUN_FAILED} run failed/cancelled/incomplete/expired,
 {_exit.USAGE} usage error, {_exit.RPC_ERROR} call failed (unreachable, not found, invalid argument...),
-{_exit.TIMEOUT} timeout (the run goes on), {_exit.TOOL_CALLS} run waits for tool results (see `submit`).
+{_exit.TIMEOUT} timeout (the run goes on), {_exit.TOOL_CALLS} run waits for tool results (see `submit`),
+{_exit.BROKEN_PIPE} the output was closed early (`| head`).
 """
 
 
@@ -149,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     # chat and run-id commands
     chat = command(commands, "chat", "send a message and stream the reply to the terminal")
     chat.add_argument("text")
-    chat.add_argument("--assistant", default=None, help="default: a new assistant with the server's model")
+    chat.add_argument(
+        "--assistant",
+        default=None,
+        help="default: the project's spindle-chat assistant (label spindle-cli=chat), "
+        "made with the server's default model on the first chat",
+    )
     chat.add_argument("--thread", default=None, help="continue this thread (default: a new one)")
     _follow_timeout(chat)
     listen = command(commands, "listen", "print a run's events as they happen")
