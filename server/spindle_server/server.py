@@ -62,9 +62,16 @@ def build_models(config: ServerConfig) -> ModelRegistry:
     return ModelRegistry(backends, config.default_model)
 
 
+def grpc_receive_limit(max_message_bytes: int) -> int:
+    """grpc's own hard limit: above ours, so that a request a little too large reaches the
+    interceptor and gets MESSAGE_TOO_LARGE with details, yet bounded (grpc buffers a message
+    whole before anyone sees it); grpc refuses anything larger without details."""
+    return min(max_message_bytes + max(max_message_bytes // 2, 1 << 20), 2**31 - 1)
+
+
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", grpc_receive_limit(config.max_message_bytes)),
         ("grpc.max_send_message_length", config.max_message_bytes),
         # grpc's defaults (1000 pending, 3000 hard) refuse a burst of new Listen calls.
         ("grpc.server.max_pending_requests", 20_000),
@@ -98,7 +105,7 @@ class SpindleServer:
         self.hub = EventHub()
         self.engine = Engine(self.store, self.models, config.engine)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        self.interceptor = CallInterceptor(self.api_keys)
+        self.interceptor = CallInterceptor(self.api_keys, max_request_bytes=config.max_message_bytes)
         self._server: grpc.aio.Server | None = None
         self.retention = RetentionSweeper(self.store, config.retention) if config.retention else None
         self.port = 0

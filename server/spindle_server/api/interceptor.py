@@ -80,8 +80,12 @@ class ApiKeys:
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: ApiKeys) -> None:
+    """max_request_bytes: a larger request gets RESOURCE_EXHAUSTED with reason
+    MESSAGE_TOO_LARGE (grpc's own receive limit, set above it, would answer without details)."""
+
+    def __init__(self, keys: ApiKeys, *, max_request_bytes: int | None = None) -> None:
         self._keys = keys
+        self._max_request_bytes = max_request_bytes
 
     async def intercept_service(
         self,
@@ -95,7 +99,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         metadata = {
             key: value for key, value in (details.invocation_metadata or ()) if isinstance(value, str)
         }
-        deserializer = _tolerant(handler.request_deserializer)
+        deserializer = _tolerant(handler.request_deserializer, self._max_request_bytes)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(method, metadata, handler.unary_unary),
@@ -189,8 +193,20 @@ class _Undecodable:
         self.error = error
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+class _TooLarge:
+    """Stands in for a request over the size limit, which is then not decoded at all."""
+
+    __slots__ = ("limit", "size")
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None, max_bytes: int | None) -> Callable[[bytes], Any]:
     def deserialize(data: bytes) -> Any:
+        if max_bytes is not None and len(data) > max_bytes:
+            return _TooLarge(len(data), max_bytes)
         if deserializer is None:
             return data
         try:
@@ -202,6 +218,14 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 def _require_decoded(request: Any) -> None:
+    if isinstance(request, _TooLarge):
+        raise ApiError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "MESSAGE_TOO_LARGE",
+            f"the request is {request.size} bytes; the server accepts at most {request.limit}"
+            " (--max-message-bytes)",
+            metadata={"size_bytes": str(request.size), "limit_bytes": str(request.limit)},
+        )
     if isinstance(request, _Undecodable):
         raise ApiError(
             grpc.StatusCode.INVALID_ARGUMENT,
