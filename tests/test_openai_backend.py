@@ -354,6 +354,19 @@ async def test_a_failed_unstreamed_retry_is_the_providers_error(
     assert error.code == "invalid_request" and "bad tools" in error.message
 
 
+async def test_a_transient_failure_of_the_unstreamed_retry_is_retried_unstreamed(
+    fake: FakeOpenAI, backend: OpenAIBackend
+) -> None:
+    """llama.cpp's server closes the connection after a stream it ended empty: the pooled
+    connection the unstreamed call then reuses may be dead."""
+    fake.enqueue(empty_stream(), Disconnect(), completion("ok"))
+
+    chunks = await collect(backend)
+
+    assert chunks[0] == TextDelta("ok")
+    assert [request.body["stream"] for request in fake.requests] == [True, False, False]
+
+
 @pytest.mark.parametrize("reason", ["length", "content_filter"])
 async def test_an_empty_answer_cut_short_is_not_retried(
     fake: FakeOpenAI, backend: OpenAIBackend, reason: str

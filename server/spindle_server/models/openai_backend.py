@@ -263,16 +263,19 @@ class OpenAIBackend:
     @metrics.timed_model_call
     async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelChunk, None]:
         params = self._request_params(request)
+        empty: _EmptyAnswer | None = None  # once a streamed answer was empty, calls are unstreamed
         for attempt in range(self.config.max_retries + 1):
             started = False
             try:
-                async with aclosing(self._stream_once(params)) as chunks:
-                    async for chunk in chunks:
-                        started = True
-                        yield chunk
-                return
-            except _EmptyAnswer as empty:
-                # Nothing was yielded: one more try, without streaming (see _EmptyAnswer).
+                if empty is None:
+                    try:
+                        async with aclosing(self._stream_once(params)) as chunks:
+                            async for chunk in chunks:
+                                started = True
+                                yield chunk
+                        return
+                    except _EmptyAnswer as answer:
+                        empty = answer  # nothing was yielded: asked again at once (see _EmptyAnswer)
                 for chunk in await self._complete_once(params, request.model, empty.usage):
                     yield chunk
                 return
@@ -307,14 +310,12 @@ class OpenAIBackend:
     async def _complete_once(
         self, params: dict[str, Any], model: str, earlier_usage: UsageReport | None
     ) -> list[ModelChunk]:
-        """One call without streaming, as chunks; an answer empty again is an `empty_response`."""
+        """One call without streaming, as chunks; an answer empty again is an `empty_response`.
+        Its failures are APIErrors, retried like a stream's."""
         single = {key: value for key, value in params.items() if key not in ("stream", "stream_options")}
-        try:
-            completion = await self._client.chat.completions.create(
-                **single, stream=False, extra_headers=self._headers
-            )
-        except APIError as exc:
-            raise _Failure.of(exc, self.config, model).error from None
+        completion = await self._client.chat.completions.create(
+            **single, stream=False, extra_headers=self._headers
+        )
         translator = _ChunkTranslator()
         chunks = translator.feed_completion(completion)
         if translator.is_empty:
