@@ -486,7 +486,8 @@ class _ChunkTranslator:
     def feed_completion(self, completion: ChatCompletion) -> list[ModelChunk]:
         """A whole (unstreamed) completion, as the chunks its stream would have given."""
         if completion.usage is not None:
-            self.usage = UsageReport(completion.usage.prompt_tokens, completion.usage.completion_tokens)
+            usage = completion.usage
+            self.usage = UsageReport(usage.prompt_tokens or 0, usage.completion_tokens or 0)
         out: list[ModelChunk] = []
         for choice in completion.choices[:1]:
             message = choice.message
