@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from spindle.v1 import assistant_pb2, run_pb2
 from support.server import ServerProcess
@@ -29,11 +30,25 @@ def too_large(call: Callable[[], object]) -> grpc.RpcError:
     return error
 
 
+def quota_failure(error: grpc.RpcError) -> error_details_pb2.QuotaFailure | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                    quota = error_details_pb2.QuotaFailure()
+                    detail.Unpack(quota)
+                    return quota
+    return None
+
+
 def assert_message_too_large(error: grpc.RpcError, limit: int) -> None:
     info, _ = error_details(error)
     assert info is not None and info.reason == "MESSAGE_TOO_LARGE" and info.domain == "spindle.v1"
     assert info.metadata["limit_bytes"] == str(limit) and int(info.metadata["size_bytes"]) > limit
     assert f"at most {limit}" in error.details()
+    quota = quota_failure(error)
+    assert quota is not None and [v.subject for v in quota.violations] == ["request"]
+    assert str(limit) in quota.violations[0].description
 
 
 def test_a_unary_request_over_the_limit_names_the_reason(small: Stubs) -> None:

@@ -225,6 +225,7 @@ def _require_decoded(request: Any) -> None:
             f"the request is {request.size} bytes; the server accepts at most {request.limit}"
             " (--max-message-bytes)",
             metadata={"size_bytes": str(request.size), "limit_bytes": str(request.limit)},
+            quota_violations=[("request", f"at most {request.limit} bytes a request (--max-message-bytes)")],
         )
     if isinstance(request, _Undecodable):
         raise ApiError(
