@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import urllib.error
@@ -28,6 +29,8 @@ from openai.types.beta.threads.runs import ToolCall
 
 from fake_openai import FakeOpenAI, text_stream, tool_calls_stream
 from spindle.v1 import run_pb2
+from spindle_server.config import parse_config
+from support.certs import issue, make_ca, openssl_available
 from support.server import ServerProcess
 from support.stubs import Stubs
 
@@ -352,6 +355,57 @@ def test_api_keys_map_to_projects(make_server: Callable[..., ServerProcess]) -> 
     assert missing.value.code == 401 and json.load(missing.value)["error"]["code"] == "missing_api_key"
 
 
+@pytest.mark.skipif(not openssl_available(), reason="needs the openssl command")
+def test_tls_and_client_certificates_apply_to_the_openai_port(
+    make_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    ca = make_ca(tmp_path, "ca")
+    server_pair, client_pair = (
+        issue(ca, tmp_path, "server", server=True),
+        issue(ca, tmp_path, "client", server=False),
+    )
+    process = make_server(
+        *(
+            "--tls-cert",
+            str(server_pair.cert),
+            "--tls-key",
+            str(server_pair.key),
+            "--tls-client-ca",
+            str(ca.cert),
+        )
+    )
+    url = f"https://127.0.0.1:{process.serving['openai_port']}/v1"
+
+    def tls_client(with_certificate: bool) -> openai.OpenAI:
+        context = ssl.create_default_context(cafile=str(ca.cert))
+        if with_certificate:
+            context.load_cert_chain(str(client_pair.cert), str(client_pair.key))
+        http = openai.DefaultHttpxClient(verify=context)
+        return openai.OpenAI(api_key="unused", base_url=url, max_retries=0, timeout=30, http_client=http)
+
+    with tls_client(True) as trusted:
+        assert trusted.beta.threads.create().id.startswith("thread_")
+    with tls_client(False) as anonymous, pytest.raises(openai.APIConnectionError):
+        anonymous.beta.threads.create()
+
+
+def test_stopping_server_ends_open_streams_with_an_error(make_server: Callable[..., ServerProcess]) -> None:
+    process = make_server("--grace-period", "1")
+    with client_for(process) as client:
+        assistant = client.beta.assistants.create(model="builtin")
+        thread = client.beta.threads.create(messages=[{"role": "user", "content": FOREVER}])
+        with client.beta.threads.runs.stream(thread_id=thread.id, assistant_id=assistant.id) as stream:
+            seen = []
+            for event in stream:
+                seen.append(event.event)
+                if event.event == "thread.run.in_progress":
+                    break
+            assert process.stop() == 0  # the stream is still open: stop() returns once it is ended
+            with pytest.raises(openai.APIError, match="the server is stopping"):
+                seen.extend(event.event for event in stream)
+    assert seen[:3] == ["thread.run.created", "thread.run.queued", "thread.run.in_progress"]
+
+
 def test_openai_port_off_serves_no_http(make_server: Callable[..., ServerProcess]) -> None:
     process = make_server("--openai-port", "off")
     assert process.serving["openai_port"] is None
@@ -447,3 +501,77 @@ def test_provider_model_streams_a_tool_round_trip(provider_client: openai.OpenAI
     assert reply_text(client, thread.id, run.id) == "Oslo is cold"
     sent = fake.requests[-1].body
     assert sent["messages"][-1] == {"role": "tool", "tool_call_id": "call_fake_1", "content": "-3C"}
+
+
+def _post(client: openai.OpenAI, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        f"{client.base_url}{path}", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_malformed_bodies_are_400_with_the_field_never_500(client: openai.OpenAI) -> None:
+    assistant = client.beta.assistants.create(model="builtin")
+    thread = client.beta.threads.create()
+    run_path = f"threads/{thread.id}/runs"
+    deep = '{"a":' * 5000 + "{}" + "}" * 5000
+    function = f'{{"name": "f", "parameters": {deep}}}'
+    nested = f'{{"model": "builtin", "tools": [{{"type": "function", "function": {function}}}]}}'
+    cases: list[tuple[str, Any, str]] = [
+        ("assistants", {"model": "builtin", "tools": "x"}, "tools"),
+        ("assistants", {"model": "builtin", "tools": [1]}, "tools[0].type"),
+        ("assistants", {"model": "builtin", "metadata": {"a": 1}}, "metadata.a"),
+        ("assistants", {"model": 5}, "model"),
+        ("assistants", {"model": "builtin", "temperature": True}, "temperature"),
+        ("assistants", {"model": "builtin", "surprise": 1}, "surprise"),
+        ("assistants", {"model": "builtin", "response_format": 5}, "response_format"),
+        ("assistants", [1, 2], "body"),
+        ("threads", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ("threads", {"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+        (
+            "threads",
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0]",
+        ),
+        (run_path, {"assistant_id": assistant.id, "truncation_strategy": "x"}, "truncation_strategy"),
+        (run_path, {"assistant_id": assistant.id, "tool_choice": {"type": "function"}}, "tool_choice"),
+        (run_path, {"assistant_id": assistant.id, "additional_messages": "x"}, "additional_messages"),
+        (run_path, {"assistant_id": 5}, "assistant_id"),
+        (run_path, {}, "assistant_id"),
+        (run_path, {"assistant_id": assistant.id, "max_completion_tokens": -1}, "max_completion_tokens"),
+        ("assistants", nested, ""),
+    ]
+    for path, body, param in cases:
+        status, answer = _post(
+            client, path, body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        )
+        assert status == 400, (path, str(body)[:200], answer)
+        assert set(answer["error"]) == {"message", "type", "param", "code"}
+        if param:
+            assert answer["error"]["param"] == param, (body, answer)
+    for raw in (b"{not json", b"\xff\xfe", b"[" * 100_000):
+        status, answer = _post(client, "assistants", raw)
+        assert status == 400 and answer["error"]["param"] == "body", answer
+    status, answer = _post(
+        client, "assistants", json.dumps({"model": "builtin", "name": "x" * 9_000_000}).encode()
+    )
+    assert status == 400 and answer["error"]["code"] == "request_too_large"
+    # Nothing half-written: the thread has no run and no message.
+    assert client.beta.threads.runs.list(thread_id=thread.id).data == []
+    assert client.beta.threads.messages.list(thread_id=thread.id).data == []
+
+
+def test_openai_port_flag() -> None:
+    assert parse_config([]).openai_port == 50052  # --port 50051 + 1
+    assert parse_config(["--port", "7000"]).openai_port == 7001
+    assert parse_config(["--port", "0"]).openai_port == 0
+    assert parse_config(["--openai-port", "off"]).openai_port is None
+    chosen = parse_config(["--openai-port", "8080", "--openai-host", "0.0.0.0", "--api-key", "k=p"])
+    assert (chosen.openai_port, chosen.openai_host) == (8080, "0.0.0.0")
+    for wrong in ("nope", "70000"):
+        with pytest.raises(SystemExit):
+            parse_config(["--openai-port", wrong])

@@ -107,6 +107,7 @@ class SpindleServer:
         self._metrics: metrics.MetricsEndpoint | None = None
         self.metrics_port: int | None = None
         self._openai: OpenAIEndpoint | None = None
+        self._facade: OpenAIFacade | None = None
         self.openai_port: int | None = None
 
     async def start(self) -> int:
@@ -211,16 +212,17 @@ class SpindleServer:
         if self.config.openai_port is None:
             return
         host = self.config.openai_host or self.config.host
-        app = OpenAIFacade(servicers, self.api_keys).app()
+        self._facade = OpenAIFacade(servicers, self.api_keys, self.config.max_message_bytes)
         try:
             self._openai = OpenAIEndpoint(
-                app,
+                self._facade.app(),
                 host,
                 self.config.openai_port,
                 tls_cert=self.config.tls_cert,
                 tls_key=self.config.tls_key,
                 tls_client_ca=self.config.tls_client_ca,
-                graceful_seconds=self.config.grace_period + CALL_DRAIN_SECONDS,
+                # A backstop only: the streams are ended by close_streams() in stop().
+                graceful_seconds=self.config.grace_period + CALL_DRAIN_SECONDS + 5,
             )
         except OSError as exc:
             where = f"{host}:{self.config.openai_port}"
@@ -263,6 +265,8 @@ class SpindleServer:
         await self.engine.stop(self.config.grace_period)
         if stop_calls is not None:
             await stop_calls
+        if self._facade is not None:
+            self._facade.close_streams()  # as the gRPC calls still open have just been ended
         if self._openai is not None:
             await self._openai.stop()
         await idempotency.drain(CALL_DRAIN_SECONDS)

@@ -51,14 +51,26 @@ def _request_id(request: Request) -> str:
     return request.headers.get("idempotency-key", "")
 
 
-async def _json(request: Request) -> Any:
-    raw = await request.body()
+async def _json(request: Request, limit: int) -> Any:
+    """The body as JSON, read up to `limit` bytes (gRPC's --max-message-bytes): no more is held."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "REQUEST_TOO_LARGE",
+                f"the request body is larger than {limit} bytes",
+                violations=[("body", f"at most {limit} bytes are allowed")],
+            )
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         return {}
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise parse.bad("body", f"is not valid JSON: {exc}") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise parse.bad("body", f"is not valid JSON: {type(exc).__name__}") from exc
 
 
 def _sse(chunks: Any) -> StreamingResponse:
@@ -66,11 +78,16 @@ def _sse(chunks: Any) -> StreamingResponse:
 
 
 class OpenAIFacade:
-    def __init__(self, servicers: Servicers, keys: ApiKeys) -> None:
+    def __init__(self, servicers: Servicers, keys: ApiKeys, max_body_bytes: int) -> None:
         self._s = servicers
         self._keys = keys
+        self._max_body = max_body_bytes
         self._cursors = Cursors()
         self._events = RunEvents(servicers.runs)
+
+    def close_streams(self) -> None:
+        """Ends the open SSE streams (each with an error event and `done`): the server stops."""
+        self._events.closing.set()
 
     def app(self) -> Starlette:
         r = self._route
@@ -121,10 +138,13 @@ class OpenAIFacade:
 
         return Route(path, endpoint, methods=list(methods))
 
+    async def _json(self, request: Request) -> Any:
+        return await _json(request, self._max_body)
+
     # ---- assistants ---------------------------------------------------------------------------
 
     async def create_assistant(self, request: Request) -> Response:
-        proto = parse.create_assistant(await _json(request), _request_id(request))
+        proto = parse.create_assistant(await self._json(request), _request_id(request))
         return JSONResponse(render.assistant(await self._s.assistants.Create(proto, NO_CONTEXT)))
 
     async def _assistant(self, assistant_id: str) -> assistant_pb2.Assistant:
@@ -136,7 +156,7 @@ class OpenAIFacade:
 
     async def update_assistant(self, request: Request) -> Response:
         assistant_id = request.path_params["assistant_id"]
-        proto = parse.update_assistant(assistant_id, await _json(request), _request_id(request))
+        proto = parse.update_assistant(assistant_id, await self._json(request), _request_id(request))
         if "completion_options" in proto.update_mask.paths:
             # OpenAI changes temperature or top_p alone; Spindle replaces the option group, so
             # the half not given keeps its stored value.
@@ -167,7 +187,7 @@ class OpenAIFacade:
     # ---- threads and messages -----------------------------------------------------------------
 
     async def create_thread(self, request: Request) -> Response:
-        proto = parse.create_thread(await _json(request), _request_id(request))
+        proto = parse.create_thread(await self._json(request), _request_id(request))
         return JSONResponse(render.thread(await self._s.threads.Create(proto, NO_CONTEXT)))
 
     async def get_thread(self, request: Request) -> Response:
@@ -176,7 +196,7 @@ class OpenAIFacade:
 
     async def update_thread(self, request: Request) -> Response:
         thread_id = request.path_params["thread_id"]
-        proto = parse.update_thread(thread_id, await _json(request), _request_id(request))
+        proto = parse.update_thread(thread_id, await self._json(request), _request_id(request))
         if not proto.update_mask.paths:
             return await self.get_thread(request)
         return JSONResponse(render.thread(await self._s.threads.Update(proto, NO_CONTEXT)))
@@ -189,7 +209,7 @@ class OpenAIFacade:
 
     async def create_message(self, request: Request) -> Response:
         thread_id = request.path_params["thread_id"]
-        proto = parse.create_message(thread_id, await _json(request), _request_id(request))
+        proto = parse.create_message(thread_id, await self._json(request), _request_id(request))
         return JSONResponse(render.message(await self._s.messages.Create(proto, NO_CONTEXT)))
 
     async def get_message(self, request: Request) -> Response:
@@ -229,14 +249,14 @@ class OpenAIFacade:
 
     async def create_run(self, request: Request) -> Response:
         thread_id = request.path_params["thread_id"]
-        proto, body = parse.create_run(thread_id, await _json(request), _request_id(request))
+        proto, body = parse.create_run(thread_id, await self._json(request), _request_id(request))
         run = await self._s.runs.Create(proto, NO_CONTEXT)
         if body.flag("stream"):
             return _sse(self._events.stream(run, created=True))
         return JSONResponse(render.run(run))
 
     async def create_thread_and_run(self, request: Request) -> Response:
-        data = await _json(request)
+        data = await self._json(request)
         key = _request_id(request)
         if not isinstance(data, dict):
             raise parse.bad("body", "must be a JSON object")
@@ -262,7 +282,9 @@ class OpenAIFacade:
 
     async def update_run(self, request: Request) -> Response:
         await self._run(request)
-        proto = parse.update_run(request.path_params["run_id"], await _json(request), _request_id(request))
+        proto = parse.update_run(
+            request.path_params["run_id"], await self._json(request), _request_id(request)
+        )
         return JSONResponse(render.run(await self._s.runs.Update(proto, NO_CONTEXT)))
 
     async def cancel_run(self, request: Request) -> Response:
@@ -272,7 +294,7 @@ class OpenAIFacade:
 
     async def submit_tool_outputs(self, request: Request) -> Response:
         run = await self._run(request)
-        proto, stream = parse.submit_tool_outputs(run.id, await _json(request), _request_id(request))
+        proto, stream = parse.submit_tool_outputs(run.id, await self._json(request), _request_id(request))
         rounds = 0
         if stream:
             # The TOOL_CALLS events answered so far, this one included: the stream replays the

@@ -39,7 +39,7 @@ class Body:
 
     def __init__(self, data: Any, known: tuple[str, ...], where: str = "") -> None:
         if not isinstance(data, dict):
-            raise bad(where or "body", "must be a JSON object")
+            raise bad(where.rstrip(".") or "body", "must be a JSON object")
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise bad(f"{where}{unknown[0]}", "is not a recognized argument")
@@ -102,8 +102,8 @@ def _struct(param: str, value: Any) -> struct_pb2.Struct:
     result = struct_pb2.Struct()
     try:
         result.update(value)
-    except (ValueError, TypeError) as exc:
-        raise bad(param, f"is not valid JSON: {exc}") from exc
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise bad(param, f"is not a JSON object Spindle can hold: {type(exc).__name__}") from exc
     return result
 
 

@@ -8,6 +8,7 @@ stream, the step and message announced by *.created carry ids made up for the st
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -71,9 +72,37 @@ class _Turn:
         self.calls: dict[int, JSON] = {}
 
 
+class ServerClosing(Exception):
+    """The server stops: open streams end with an error event, as gRPC Listen calls end."""
+
+
+async def _until_closing(
+    events: AsyncGenerator[run_pb2.StreamEvent, None], closing: asyncio.Event
+) -> AsyncIterator[run_pb2.StreamEvent]:
+    stop = asyncio.ensure_future(closing.wait())
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(events))
+            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await following
+                raise ServerClosing
+            try:
+                event = following.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        stop.cancel()
+
+
 class RunEvents:
     def __init__(self, runs: RunServicer) -> None:
         self._runs = runs
+        # Set when the server stops, after the grace period that gRPC calls get too.
+        self.closing = asyncio.Event()
 
     async def _get(self, run_id: str) -> run_pb2.Run:
         return await self._runs.Get(
@@ -112,7 +141,7 @@ class RunEvents:
                 self._runs.Listen(request, cast(grpc.aio.ServicerContext, listen_context)),
             )
             async with contextlib.aclosing(listen) as events:
-                async for event in events:
+                async for event in _until_closing(events, self.closing):
                     if skipped < answered_rounds:
                         if event.type == run_pb2.StreamEvent.TOOL_CALLS:
                             skipped += 1
@@ -121,6 +150,11 @@ class RunEvents:
                         yield chunk
                     if run_events.is_terminal(event) or event.type == run_pb2.StreamEvent.TOOL_CALLS:
                         break
+        except ServerClosing:
+            body = {
+                "error": {"message": "the server is stopping", "type": "server_error", "code": "unavailable"}
+            }
+            yield sse("error", body)
         except Exception as exc:
             error = to_api_error(exc)
             body = {"error": {"message": error.message, "type": "server_error", "code": error.reason.lower()}}
