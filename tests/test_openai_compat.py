@@ -192,6 +192,18 @@ def test_stream_requires_action_answered_with_submit_tool_outputs_stream(client:
     assert "rain" in "".join(second.deltas)
     assert "".join(second.deltas) == reply_text(client, thread.id, run.id)
 
+    # The same submission again (a client's retry): nothing is submitted twice, and its stream
+    # replays the same continuation of the run.
+    again = Recorder()
+    with client.beta.threads.runs.submit_tool_outputs_stream(
+        thread_id=thread.id,
+        run_id=run.id,
+        tool_outputs=[{"tool_call_id": call.id, "output": "rain"}],
+        event_handler=again,
+    ) as s:
+        s.until_done()
+    assert again.names == second.names and again.deltas == second.deltas
+
 
 def test_create_thread_and_run_poll(client: openai.OpenAI) -> None:
     assistant = client.beta.assistants.create(model="builtin")
@@ -575,3 +587,44 @@ def test_openai_port_flag() -> None:
     for wrong in ("nope", "70000"):
         with pytest.raises(SystemExit):
             parse_config(["--openai-port", wrong])
+
+
+def test_provider_two_tool_rounds_each_streamed_after_its_submission(
+    provider_client: openai.OpenAI, fake: FakeOpenAI
+) -> None:
+    client = provider_client
+    fake.reset()
+    fake.enqueue(
+        tool_calls_stream([("call_round_1", "get_weather", ['{"city": "Oslo"}'])]),
+        tool_calls_stream([("call_round_2", "get_weather", ['{"city": "Rome"}'])]),
+        text_stream("Oslo cold, ", "Rome warm"),
+    )
+    assistant = client.beta.assistants.create(model="fake/gpt-test", tools=[WEATHER])  # type: ignore[list-item]
+    thread = client.beta.threads.create(messages=[{"role": "user", "content": "Oslo and Rome?"}])
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id)
+    assert run.required_action is not None
+    assert [c.id for c in run.required_action.submit_tool_outputs.tool_calls] == ["call_round_1"]
+    second = Recorder()
+    with client.beta.threads.runs.submit_tool_outputs_stream(
+        thread_id=thread.id,
+        run_id=run.id,
+        tool_outputs=[{"tool_call_id": "call_round_1", "output": "-3C"}],
+        event_handler=second,
+    ) as s:
+        s.until_done()
+    paused = second.current_run
+    assert paused is not None and paused.status == "requires_action" and paused.required_action is not None
+    assert [c.id for c in paused.required_action.submit_tool_outputs.tool_calls] == ["call_round_2"]
+    assert [c.id for c in second.tool_calls] == ["call_round_2"]  # round 1 was not replayed
+    third = Recorder()
+    with client.beta.threads.runs.submit_tool_outputs_stream(
+        thread_id=thread.id,
+        run_id=run.id,
+        tool_outputs=[{"tool_call_id": "call_round_2", "output": "24C"}],
+        event_handler=third,
+    ) as s:
+        s.until_done()
+    assert third.current_run is not None and third.current_run.status == "completed"
+    assert third.tool_calls == [] and "".join(third.deltas) == "Oslo cold, Rome warm"
+    steps = client.beta.threads.runs.steps.list(thread_id=thread.id, run_id=run.id, order="asc")
+    assert [step.type for step in steps] == ["tool_calls", "tool_calls", "message_creation"]

@@ -295,32 +295,35 @@ class OpenAIFacade:
     async def submit_tool_outputs(self, request: Request) -> Response:
         run = await self._run(request)
         proto, stream = parse.submit_tool_outputs(run.id, await self._json(request), _request_id(request))
-        rounds = 0
-        if stream:
-            # The TOOL_CALLS events answered so far, this one included: the stream replays the
-            # run's log from the start and continues after them. Counted before submitting,
-            # while no further round can have begun.
-            rounds = await self._tool_rounds(run.id)
         submitted = await self._s.runs.SubmitToolResults(proto, NO_CONTEXT)
         if not stream:
             return JSONResponse(render.run(submitted))
-        answered = await self._events.answered_step(
-            run.id, {item.tool_call_id for item in proto.tool_results}
-        )
+        # The stream replays the run's log and continues after the TOOL_CALLS event this
+        # submission answered: the how-manieth tool round that was is read from the steps (a
+        # repeated submission finds the same round, whatever the run did since).
+        answered_ids = {item.tool_call_id for item in proto.tool_results}
+        rounds, answered = 0, None
+        for item in await self._tool_steps(run.id):
+            rounds += 1
+            if {call.id for call in item.tool_calls.tool_calls} == answered_ids:
+                answered = item
+                break
         prelude = [_step_completed(answered)] if answered is not None else []
         return _sse(self._events.stream(submitted, created=False, answered_rounds=rounds, prelude=prelude))
 
-    async def _tool_rounds(self, run_id: str) -> int:
-        count, token = 0, ""
+    async def _tool_steps(self, run_id: str) -> list[run_pb2.RunStep]:
+        """The run's tool-call steps, oldest first."""
+        found: list[run_pb2.RunStep] = []
+        token = ""
         while True:
             proto = run_pb2.ListRunStepsRequest(
                 run_id=run_id, page_size=100, page_token=token, order=common_pb2.ASC
             )
             page = await self._s.runs.ListSteps(proto, NO_CONTEXT)
-            count += sum(1 for item in page.steps if item.type == run_pb2.RunStep.TOOL_CALLS)
+            found.extend(item for item in page.steps if item.type == run_pb2.RunStep.TOOL_CALLS)
             token = page.next_page_token
             if not token:
-                return count
+                return found
 
     async def list_runs(self, request: Request) -> Response:
         thread_id = request.path_params["thread_id"]

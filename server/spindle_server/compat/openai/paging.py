@@ -8,7 +8,7 @@ listing from its start.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeAlias, TypeVar
 
@@ -84,10 +84,10 @@ async def cursor_page(
     """One page of items and whether more follow."""
     limit, order = params.limit, params.order
     if params.before:
-        preceding: list[T] = []
+        preceding: deque[T] = deque(maxlen=limit + 1)  # the nearest ones, and one to tell has_more
         async for item in _walk(fetch, order):
             if id_of(item) == params.before:
-                return preceding[-limit:], len(preceding) > limit
+                return list(preceding)[-limit:], len(preceding) > limit
             preceding.append(item)
         raise bad("before", f"{params.before!r} is not in this list")
     token = ""

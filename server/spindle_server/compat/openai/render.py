@@ -5,12 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
-from openai.types.beta import Assistant, AssistantDeleted, Thread, ThreadDeleted
-from openai.types.beta.threads import Message, Run
-from openai.types.beta.threads.run import IncompleteDetails
-from openai.types.beta.threads.runs import RunStep
 
 from spindle.v1 import assistant_pb2, common_pb2, message_pb2, run_pb2, thread_pb2
+from spindle_server.compat.openai.sdk import BETA, checked
 from spindle_server.store.base import TERMINAL_STATUSES
 
 JSON = dict[str, Any]
@@ -115,11 +112,13 @@ def assistant(item: assistant_pb2.Assistant) -> JSON:
         "top_p": _opt(options, "top_p"),
         "response_format": response_format(item.response_format, item.HasField("response_format")),
     }
-    return Assistant.model_validate(body).model_dump(mode="json")
+    return checked(BETA, "Assistant", body)
 
 
 def assistant_deleted(assistant_id: str) -> JSON:
-    return AssistantDeleted(id=assistant_id, object="assistant.deleted", deleted=True).model_dump(mode="json")
+    return checked(
+        BETA, "AssistantDeleted", {"id": assistant_id, "object": "assistant.deleted", "deleted": True}
+    )
 
 
 def thread(item: thread_pb2.Thread) -> JSON:
@@ -130,11 +129,11 @@ def thread(item: thread_pb2.Thread) -> JSON:
         "metadata": dict(item.labels),
         "tool_resources": None,
     }
-    return Thread.model_validate(body).model_dump(mode="json")
+    return checked(BETA, "Thread", body)
 
 
 def thread_deleted(thread_id: str) -> JSON:
-    return ThreadDeleted(id=thread_id, object="thread.deleted", deleted=True).model_dump(mode="json")
+    return checked(BETA, "ThreadDeleted", {"id": thread_id, "object": "thread.deleted", "deleted": True})
 
 
 def text_content(text: str) -> JSON:
@@ -158,7 +157,7 @@ def message(item: message_pb2.Message, status: str = "completed") -> JSON:
         "incomplete_at": None,
         "incomplete_details": None,
     }
-    return Message.model_validate(body).model_dump(mode="json")
+    return checked(f"{BETA}.threads", "Message", body)
 
 
 def _run_error(error: common_pb2.Error) -> JSON:
@@ -210,13 +209,11 @@ def run(item: run_pb2.Run) -> JSON:
         "tool_choice": tool_choice(item.tool_choice),
         "parallel_tool_calls": item.parallel_tool_calls,
     }
-    model = Run.model_validate(body)
+    rendered = checked(f"{BETA}.threads", "Run", body)
     if reason:
-        # Built unchecked: content_filter is a reason Spindle has and OpenAI's run type does not.
-        model.incomplete_details = IncompleteDetails.model_construct(
-            reason=INCOMPLETE_REASONS.get(reason, reason)
-        )
-    return model.model_dump(mode="json")
+        # Set after the check: content_filter is a reason Spindle has and OpenAI's run type lacks.
+        rendered["incomplete_details"] = {"reason": INCOMPLETE_REASONS.get(reason, reason)}
+    return rendered
 
 
 def step_details(item: run_pb2.RunStep, with_outputs: bool = True) -> JSON:
@@ -255,7 +252,7 @@ def step(item: run_pb2.RunStep) -> JSON:
         "metadata": {},
         "usage": usage(item.usage) if finished and item.HasField("usage") else None,
     }
-    return RunStep.model_validate(body).model_dump(mode="json")
+    return checked(f"{BETA}.threads.runs", "RunStep", body)
 
 
 def page(data: list[JSON], has_more: bool) -> JSON:

@@ -15,14 +15,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, cast
 
 import grpc
-from openai.types.beta.threads import MessageDeltaEvent
-from openai.types.beta.threads.runs import RunStepDeltaEvent
 
 from spindle.v1 import common_pb2, message_pb2, run_pb2
 from spindle_server import clock, ids
 from spindle_server.api.errors import to_api_error
 from spindle_server.api.runs import RunServicer
 from spindle_server.compat.openai import render
+from spindle_server.compat.openai.sdk import BETA, checked
 from spindle_server.engine import events as run_events
 
 JSON = dict[str, Any]
@@ -168,10 +167,16 @@ class RunEvents:
         if kind == run_pb2.StreamEvent.STATUS:
             change = event.status_change
             turn.run = change.run
-            if change.discard_partial_message and turn.message_id:
-                # A retried turn: the text streamed so far is void.
+            if change.discard_partial_message:
+                # A retried turn: the text and tool calls streamed so far are void.
                 async for chunk in self._close_message(turn, "incomplete"):
                     yield chunk
+                if turn.tool_step_id:
+                    step = self._step_body(turn, turn.tool_step_id, {"type": "tool_calls", "tool_calls": []})
+                    step["status"] = "failed"
+                    yield sse("thread.run.step.failed", step)
+                    turn.tool_step_id = ""
+                    turn.calls = {}
             if event.status in TERMINAL_EVENT:
                 async for chunk in self._close_message(turn, "incomplete"):
                     yield chunk
@@ -190,7 +195,7 @@ class RunEvents:
                     "content": [{"index": 0, "type": "text", "text": {"value": event.message_delta.text}}]
                 },
             }
-            yield sse("thread.message.delta", MessageDeltaEvent.model_validate(delta).model_dump(mode="json"))
+            yield sse("thread.message.delta", checked(f"{BETA}.threads", "MessageDeltaEvent", delta))
         elif kind == run_pb2.StreamEvent.TOOL_CALL_DELTA:
             async for chunk in self._tool_delta(turn, event.tool_call_delta):
                 yield chunk
@@ -281,7 +286,7 @@ class RunEvents:
             "object": "thread.run.step.delta",
             "delta": {"step_details": {"type": "tool_calls", "tool_calls": calls}},
         }
-        return sse("thread.run.step.delta", RunStepDeltaEvent.model_validate(delta).model_dump(mode="json"))
+        return sse("thread.run.step.delta", checked(f"{BETA}.threads.runs", "RunStepDeltaEvent", delta))
 
     async def _tool_delta(self, turn: _Turn, delta: run_pb2.ToolCallDelta) -> AsyncIterator[bytes]:
         if not turn.tool_step_id:
@@ -330,15 +335,6 @@ class RunEvents:
             yield sse("thread.run.step.completed", render.step(stored))
         turn.message_id = turn.step_id = turn.text = ""
         yield sse("thread.run.completed", render.run(await self._get(turn.run.id)))
-
-    async def answered_step(self, run_id: str, tool_call_ids: set[str]) -> run_pb2.RunStep | None:
-        """The stored tool step whose calls a submission answered."""
-
-        def answered(item: run_pb2.RunStep) -> bool:
-            calls = {call.id for call in item.tool_calls.tool_calls}
-            return item.type == run_pb2.RunStep.TOOL_CALLS and calls == tool_call_ids
-
-        return await self._step(run_id, answered)
 
 
 def _message_step(message_id: str) -> run_pb2.RunStep:
