@@ -9,8 +9,10 @@ grpcurl: one engine, one store, one event log.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from openai.types.beta.threads.runs import ToolCall
 from fake_openai import FakeOpenAI, text_stream, tool_calls_stream
 from spindle.v1 import run_pb2
 from spindle_server.config import parse_config
+from spindle_server.server import SpindleServer, StartupError
 from support.certs import issue, make_ca, openssl_available
 from support.server import ServerProcess
 from support.stubs import Stubs
@@ -418,6 +421,24 @@ def test_stopping_server_ends_open_streams_with_an_error(make_server: Callable[.
     assert seen[:3] == ["thread.run.created", "thread.run.queued", "thread.run.in_progress"]
 
 
+async def test_a_taken_openai_port_fails_the_start_unless_auto_chose_it(tmp_path: Path) -> None:
+    """In this process: the same config with the port given (a startup error) or chosen by auto."""
+    base = parse_config(["--port", "0", "--database", str(tmp_path / "spindle.db")])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        given = SpindleServer(dataclasses.replace(base, openai_port=port, openai_port_auto=False))
+        with pytest.raises(StartupError, match=f"cannot serve the OpenAI API on 127.0.0.1:{port}"):
+            await given.start()
+        chosen = SpindleServer(dataclasses.replace(base, openai_port=port, openai_port_auto=True))
+        await chosen.start()
+        try:
+            assert chosen.openai_port is None and chosen.port > 0  # gRPC serves; the OpenAI API is off
+        finally:
+            await chosen.stop()
+
+
 def test_openai_port_off_serves_no_http(make_server: Callable[..., ServerProcess]) -> None:
     process = make_server("--openai-port", "off")
     assert process.serving["openai_port"] is None
@@ -582,6 +603,7 @@ def test_openai_port_flag() -> None:
     assert parse_config(["--port", "7000"]).openai_port == 7001
     assert parse_config(["--port", "0"]).openai_port == 0
     assert parse_config(["--openai-port", "off"]).openai_port is None
+    assert parse_config([]).openai_port_auto and not parse_config(["--openai-port", "50052"]).openai_port_auto
     chosen = parse_config(["--openai-port", "8080", "--openai-host", "0.0.0.0", "--api-key", "k=p"])
     assert (chosen.openai_port, chosen.openai_host) == (8080, "0.0.0.0")
     for wrong in ("nope", "70000"):

@@ -41,6 +41,8 @@ class ServerConfig:
     # OpenAI Assistants v2 REST + SSE (compat/openai): None: off; 0: any free port.
     openai_port: int | None = None
     openai_host: str | None = None  # None: the gRPC host
+    # Chosen by --openai-port auto: if that port is taken the API is off (a warning), not the start.
+    openai_port_auto: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
     retention: float | None = None  # seconds a finished run is kept; None: forever
@@ -184,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         str,
         "auto",
         "serve the OpenAI Assistants API (REST + SSE) on this port: auto is --port + 1 (50052), "
-        "or any free port when --port is 0; off disables it",
+        "or any free port when --port is 0 (if --port + 1 is taken: off, with a warning); "
+        "off disables it",
     )
     option("openai-host", str, None, "address of the OpenAI Assistants API (default: --host)")
     return parser
@@ -291,6 +294,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         metrics_host=args.metrics_host,
         openai_port=openai,
         openai_host=args.openai_host,
+        openai_port_auto=args.openai_port == "auto",
         engine=EngineConfig(
             max_concurrent_runs=args.max_concurrent_runs,
             tool_timeout=args.tool_timeout,

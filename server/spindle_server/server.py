@@ -226,6 +226,11 @@ class SpindleServer:
             )
         except OSError as exc:
             where = f"{host}:{self.config.openai_port}"
+            if self.config.openai_port_auto:
+                # Only the default chose this port: the gRPC API still starts, and says why not.
+                log.warning("openai_api_off", address=where, error=str(exc), advice="give --openai-port")
+                self._facade = None
+                return
             raise StartupError(f"cannot serve the OpenAI API on {where}: {exc}") from exc
         self.openai_port = self._openai.port
 
