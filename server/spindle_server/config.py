@@ -38,6 +38,11 @@ class ServerConfig:
     log_format: str = "auto"  # auto | json | console
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     metrics_host: str | None = None  # None: the gRPC host
+    # OpenAI Assistants v2 REST + SSE (compat/openai): None: off; 0: any free port.
+    openai_port: int | None = None
+    openai_host: str | None = None  # None: the gRPC host
+    # Chosen by --openai-port auto: if that port is taken the API is off (a warning), not the start.
+    openai_port_auto: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
     limits: Limits = field(default_factory=Limits)
     retention: float | None = None  # seconds a finished run is kept; None: forever
@@ -215,7 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
         "serve Prometheus metrics over HTTP on this port (unset: off; 0: any free port, printed at start)",
     )
     option("metrics-host", str, None, "address of the metrics endpoint (default: --host); it has no auth")
+    option(
+        "openai-port",
+        str,
+        "auto",
+        "serve the OpenAI Assistants API (REST + SSE) on this port: auto is --port + 1 (50052), "
+        "or any free port when --port is 0 (if --port + 1 is taken: off, with a warning); "
+        "off disables it",
+    )
+    option("openai-host", str, None, "address of the OpenAI Assistants API (default: --host)")
     return parser
+
+
+def openai_port(value: str, grpc_port: int) -> int | None:
+    """--openai-port: auto (the gRPC port + 1, any free port with --port 0), off, or a port."""
+    if value == "off":
+        return None
+    if value == "auto":
+        return grpc_port + 1 if grpc_port else 0
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return port
 
 
 def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
@@ -280,6 +306,10 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         parser.error("--metrics-port must be between 0 and 65535")
+    try:
+        openai = openai_port(args.openai_port, args.port)
+    except ValueError as exc:
+        parser.error(f"--openai-port must be auto, off or a port: {exc}")
     for name in ("grace_period", "coalesce_ms"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
@@ -302,6 +332,9 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         log_format=args.log_format,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        openai_port=openai,
+        openai_host=args.openai_host,
+        openai_port_auto=args.openai_port == "auto",
         engine=EngineConfig(
             max_concurrent_runs=args.max_concurrent_runs,
             tool_timeout=args.tool_timeout,

@@ -32,6 +32,8 @@ from spindle_server.api.interceptor import ApiKeys, CallInterceptor
 from spindle_server.api.runs import RunServicer
 from spindle_server.api.threads import MessageServicer, ThreadServicer
 from spindle_server.broadcast import EventHub
+from spindle_server.compat.openai.app import OpenAIFacade, Servicers
+from spindle_server.compat.openai.serve import OpenAIEndpoint
 from spindle_server.config import ServerConfig, is_local_host
 from spindle_server.engine.engine import Engine
 from spindle_server.engine.retention import RetentionSweeper
@@ -111,6 +113,9 @@ class SpindleServer:
         self.port = 0
         self._metrics: metrics.MetricsEndpoint | None = None
         self.metrics_port: int | None = None
+        self._openai: OpenAIEndpoint | None = None
+        self._facade: OpenAIFacade | None = None
+        self.openai_port: int | None = None
 
     async def start(self) -> int:
         self._start_metrics()  # first: nothing else is open yet if its port is taken
@@ -126,18 +131,17 @@ class SpindleServer:
             options=grpc_options(self.config),
             maximum_concurrent_rpcs=None,
         )
-        assistant_pb2_grpc.add_AssistantServiceServicer_to_server(
-            AssistantServicer(self.store, self.models, self.config.limits), server
+        # One set of servicers behind both APIs: gRPC, and the OpenAI facade that calls them.
+        servicers = Servicers(
+            AssistantServicer(self.store, self.models, self.config.limits),
+            ThreadServicer(self.store, self.config.limits),
+            MessageServicer(self.store, self.config.limits),
+            RunServicer(self.store, self.engine, self.hub, self.models, self.config.limits),
         )
-        thread_pb2_grpc.add_ThreadServiceServicer_to_server(
-            ThreadServicer(self.store, self.config.limits), server
-        )
-        message_pb2_grpc.add_MessageServiceServicer_to_server(
-            MessageServicer(self.store, self.config.limits), server
-        )
-        run_pb2_grpc.add_RunServiceServicer_to_server(
-            RunServicer(self.store, self.engine, self.hub, self.models, self.config.limits), server
-        )
+        assistant_pb2_grpc.add_AssistantServiceServicer_to_server(servicers.assistants, server)
+        thread_pb2_grpc.add_ThreadServiceServicer_to_server(servicers.threads, server)
+        message_pb2_grpc.add_MessageServiceServicer_to_server(servicers.messages, server)
+        run_pb2_grpc.add_RunServiceServicer_to_server(servicers.runs, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -163,12 +167,23 @@ class SpindleServer:
             await self.store.close()
             await self._stop_metrics()
             raise StartupError(f"cannot listen on {address}: {exc}") from exc
+        try:
+            self._bind_openai(servicers)
+        except StartupError:
+            await server.stop(0)
+            await self.store.close()
+            await self._stop_metrics()
+            raise
         await server.start()
         self._server = server
         try:
             await self.engine.start()
+            if self._openai is not None:
+                await self._openai.start()
         except BaseException:
             await server.stop(0)  # never leave a port open with no engine behind it
+            if self._openai is not None:
+                await self._openai.stop()
             await self.store.close()
             await self._stop_metrics()
             raise
@@ -199,6 +214,32 @@ class SpindleServer:
             warn_if_writable_by_others(path)
             self.api_keys.replace(entries)
             log.info("api_keys_reloaded", keys=len(self.api_keys), projects=self.api_keys.projects())
+
+    def _bind_openai(self, servicers: Servicers) -> None:
+        if self.config.openai_port is None:
+            return
+        host = self.config.openai_host or self.config.host
+        self._facade = OpenAIFacade(servicers, self.api_keys, self.config.max_message_bytes)
+        try:
+            self._openai = OpenAIEndpoint(
+                self._facade.app(),
+                host,
+                self.config.openai_port,
+                tls_cert=self.config.tls_cert,
+                tls_key=self.config.tls_key,
+                tls_client_ca=self.config.tls_client_ca,
+                # A backstop only: the streams are ended by close_streams() in stop().
+                graceful_seconds=self.config.grace_period + CALL_DRAIN_SECONDS + 5,
+            )
+        except OSError as exc:
+            where = f"{host}:{self.config.openai_port}"
+            if self.config.openai_port_auto:
+                # Only the default chose this port: the gRPC API still starts, and says why not.
+                log.warning("openai_api_off", address=where, error=str(exc), advice="give --openai-port")
+                self._facade = None
+                return
+            raise StartupError(f"cannot serve the OpenAI API on {where}: {exc}") from exc
+        self.openai_port = self._openai.port
 
     def _start_metrics(self) -> None:
         if self.config.metrics_port is None:
@@ -231,9 +272,15 @@ class SpindleServer:
         if self._server is not None:
             # Calls outlive the runs by a little, so Listen streams can deliver a run's end.
             stop_calls = asyncio.create_task(self._server.stop(self.config.grace_period + CALL_DRAIN_SECONDS))
+        if self._openai is not None:
+            self._openai.begin_stop()
         await self.engine.stop(self.config.grace_period)
         if stop_calls is not None:
             await stop_calls
+        if self._facade is not None:
+            self._facade.close_streams()  # as the gRPC calls still open have just been ended
+        if self._openai is not None:
+            await self._openai.stop()
         await idempotency.drain(CALL_DRAIN_SECONDS)
         if self.retention is not None:
             await self.retention.stop()
@@ -266,7 +313,13 @@ async def serve(config: ServerConfig) -> None:
         warn_if_writable_by_others(config.api_keys_file)
     port = await server.start()
     # One machine-readable line on stdout (tests and scripts read the port from it).
-    serving = {"event": "serving", "host": config.host, "port": port, "metrics_port": server.metrics_port}
+    serving = {
+        "event": "serving",
+        "host": config.host,
+        "port": port,
+        "metrics_port": server.metrics_port,
+        "openai_port": server.openai_port,
+    }
     print(json.dumps(serving), flush=True)
     log.info(
         "serving",
@@ -275,6 +328,7 @@ async def serve(config: ServerConfig) -> None:
         database=str(config.database),
         model=config.default_model,
         metrics_port=server.metrics_port,
+        openai_port=server.openai_port,
     )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

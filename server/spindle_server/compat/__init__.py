@@ -1,0 +1,1 @@
+"""Facades for other assistants APIs: thin translations at the edge onto Spindle's servicers."""
