@@ -32,6 +32,7 @@ from spindle_server.api.interceptor import ApiKeys, CallInterceptor
 from spindle_server.api.runs import RunServicer
 from spindle_server.api.threads import MessageServicer, ThreadServicer
 from spindle_server.broadcast import EventHub
+from spindle_server.compat.yandex import register as yandex
 from spindle_server.config import ServerConfig, is_local_host
 from spindle_server.engine.engine import Engine
 from spindle_server.engine.retention import RetentionSweeper
@@ -126,22 +127,29 @@ class SpindleServer:
             options=grpc_options(self.config),
             maximum_concurrent_rpcs=None,
         )
-        assistant_pb2_grpc.add_AssistantServiceServicer_to_server(
-            AssistantServicer(self.store, self.models, self.config.limits), server
-        )
-        thread_pb2_grpc.add_ThreadServiceServicer_to_server(
-            ThreadServicer(self.store, self.config.limits), server
-        )
-        message_pb2_grpc.add_MessageServiceServicer_to_server(
-            MessageServicer(self.store, self.config.limits), server
-        )
-        run_pb2_grpc.add_RunServiceServicer_to_server(
-            RunServicer(self.store, self.engine, self.hub, self.models, self.config.limits), server
+        assistants = AssistantServicer(self.store, self.models, self.config.limits)
+        threads = ThreadServicer(self.store, self.config.limits)
+        messages = MessageServicer(self.store, self.config.limits)
+        runs = RunServicer(self.store, self.engine, self.hub, self.models, self.config.limits)
+        assistant_pb2_grpc.add_AssistantServiceServicer_to_server(assistants, server)
+        thread_pb2_grpc.add_ThreadServiceServicer_to_server(threads, server)
+        message_pb2_grpc.add_MessageServiceServicer_to_server(messages, server)
+        run_pb2_grpc.add_RunServiceServicer_to_server(runs, server)
+        # Yandex AI Studio's assistants API on the same port, over the same servicers.
+        yandex.register(
+            server,
+            assistants=assistants,
+            threads=threads,
+            messages=messages,
+            runs=runs,
+            keys=self.api_keys,
+            address=lambda: yandex.advertised_address(self.config.host, self.port),
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 *SERVICE_NAMES,
+                *yandex.service_names(),
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),

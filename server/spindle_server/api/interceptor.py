@@ -24,7 +24,14 @@ from spindle_server.api.errors import ApiError, to_api_error, trailing_metadata
 
 log = structlog.get_logger("spindle.access")
 
-UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Yandex's SDK discovers its endpoints before it authenticates (compat/yandex).
+UNAUTHENTICATED_METHODS = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    "/yandex.cloud.endpoint.ApiEndpointService/",
+)
+# `Api-Key` is Yandex AI Studio's scheme; both carry the same Spindle keys.
+KEY_SCHEMES = ("bearer", "api-key")
 SLOW_CALL_SECONDS = 1.0
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -32,8 +39,9 @@ StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, N
 
 
 class ApiKeys:
-    """`authorization: Bearer KEY` -> project. With no keys configured (and no keys file), every
-    call is 'default'; with a keys file, even an empty one, every call needs a key.
+    """`authorization: Bearer KEY` (or Yandex's `Api-Key KEY`) -> project. With no keys configured
+    (and no keys file), every call is 'default'; with a keys file, even an empty one, every call
+    needs a key.
 
     Only SHA-256 digests of keys are held. The lookup is a dict keyed by the presented key's
     digest: its timing depends on digests, which tell an attacker nothing about a key; the
@@ -68,7 +76,7 @@ class ApiKeys:
             raise ApiError(
                 grpc.StatusCode.UNAUTHENTICATED, "MISSING_API_KEY", "send 'authorization: Bearer KEY'"
             )
-        if scheme.lower() != "bearer" or not key:
+        if scheme.lower() not in KEY_SCHEMES or not key:
             raise ApiError(
                 grpc.StatusCode.UNAUTHENTICATED, "MALFORMED_API_KEY", "expected 'authorization: Bearer KEY'"
             )

@@ -1,0 +1,1 @@
+"""Facades that speak other vendors' assistant APIs over Spindle's own servicers."""
