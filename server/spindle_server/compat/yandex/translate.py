@@ -46,7 +46,7 @@ def unsupported(what: str) -> ApiError:
     return ApiError(
         grpc.StatusCode.UNIMPLEMENTED,
         "UNSUPPORTED_FEATURE",
-        f"{what} is not supported by Spindle's Yandex AI Studio compatibility API",
+        f"{what}: not supported by Spindle's Yandex AI Studio compatibility API",
     )
 
 
