@@ -236,3 +236,64 @@ def test_committed_stubs_match_the_shipped_protos(tmp_path: Path) -> None:
     assert sorted(map(str, fresh - kept)) == [], "protos without committed stubs (make yandex-proto)"
     stale = sorted(str(p) for p in fresh if (tmp_path / p).read_bytes() != (committed / p).read_bytes())
     assert stale == [], f"stale stubs (make yandex-proto): {stale}"
+
+
+def _run_waiting_for_tools(channel: grpc.Channel, stubs: Stubs) -> str:
+    """A run, made through the Yandex API, that called `weather` and waits for its result."""
+    weather = pb.common.Tool(function=pb.common.FunctionTool(name="weather", description="w"))
+    assistant = pb.assistant_grpc.AssistantServiceStub(channel).Create(
+        pb.assistant_service.CreateAssistantRequest(model_uri="builtin", tools=[weather]), timeout=10
+    )
+    text = pb.message.MessageContent(
+        content=[pb.message.ContentPart(text=pb.message.Text(content="/tool weather {}"))]
+    )
+    thread = pb.thread_grpc.ThreadServiceStub(channel).Create(
+        pb.thread_service.CreateThreadRequest(messages=[pb.message.MessageData(content=text)]), timeout=10
+    )
+    run = pb.run_grpc.RunServiceStub(channel).Create(
+        pb.run_service.CreateRunRequest(assistant_id=assistant.id, thread_id=thread.id), timeout=10
+    )
+    assert stubs.wait_for(run.id, {run_pb2.TOOL_CALLS}).status == run_pb2.TOOL_CALLS
+    return str(run.id)
+
+
+def _results(*pairs: tuple[str, str]) -> Any:
+    return pb.common.ToolResultList(
+        tool_results=[
+            pb.common.ToolResult(function_result=pb.common.FunctionResult(name=name, content=content))
+            for name, content in pairs
+        ]
+    )
+
+
+def test_attach_submits_results_and_streams_to_the_end(server: ServerProcess, stubs: Stubs) -> None:
+    with _channel(server) as channel:
+        run_id = _run_waiting_for_tools(channel, stubs)
+        request = pb.run_service.AttachRunRequest(
+            run_id=run_id, tool_result_list=_results(("weather", "rain"))
+        )
+        events = list(pb.run_grpc.RunServiceStub(channel).Attach(iter([request]), timeout=30))
+    kinds = pb.run_service.StreamEvent
+    assert [e.event_type for e in events].count(kinds.TOOL_CALLS) == 1
+    assert events[-1].event_type == kinds.DONE
+    assert (
+        events[-1].completed_message.content.content[0].text.content == "Tool results: weather returned rain"
+    )
+    assert events[-1].completed_message.author.role == "ASSISTANT"
+    indexes = [e.stream_cursor.current_event_idx for e in events]
+    assert indexes == sorted(set(indexes))
+
+
+def test_attach_ends_on_a_bad_later_request_while_the_run_waits(server: ServerProcess, stubs: Stubs) -> None:
+    with _channel(server) as channel:
+        run_id = _run_waiting_for_tools(channel, stubs)
+        requests = [
+            pb.run_service.AttachRunRequest(run_id=run_id),
+            pb.run_service.AttachRunRequest(run_id=run_id, tool_result_list=_results(("nope", "x"))),
+        ]
+        with pytest.raises(grpc.RpcError) as refused:
+            list(pb.run_grpc.RunServiceStub(channel).Attach(iter(requests), timeout=30))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, _ = error_details(refused.value)
+    assert info is not None and info.reason == "UNKNOWN_TOOL_RESULT"
+    assert stubs.runs.Get(run_pb2.GetRunRequest(run_id=run_id), timeout=10).status == run_pb2.TOOL_CALLS

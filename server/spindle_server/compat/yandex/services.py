@@ -262,7 +262,7 @@ class YandexRuns(pb.run_grpc.RunServiceServicer):
     async def Attach(self, requests: AsyncIterator[Any], ctx: Ctx) -> AsyncGenerator[Any, None]:
         """Tool results in, the run's events out. The interceptor passes bidirectional calls
         through untouched, so this authenticates and maps errors as it does."""
-        reader: asyncio.Task[None] | None = None
+        tasks: list[asyncio.Task[None]] = []
         try:
             metadata = {k: v for k, v in ctx.invocation_metadata() or () if isinstance(v, str)}
             context.current_project.set(self._keys.project_for(metadata))
@@ -272,13 +272,19 @@ class YandexRuns(pb.run_grpc.RunServiceServicer):
             context.note_run(first.run_id)
             if first.HasField("tool_result_list"):
                 await self._submit(first.run_id, first.tool_result_list, ctx)
-            reader = asyncio.create_task(self._more_results(first.run_id, requests, ctx))
             start = first.events_start_idx.value if first.HasField("events_start_idx") else 0
-            async with contextlib.aclosing(self._events(first.run_id, start, ctx)) as events:
-                async for event in events:
-                    if reader.done() and reader.exception() is not None:
-                        raise reader.exception()  # type: ignore[misc]
-                    yield event
+            # One queue for both directions, so a bad later request ends the call even while
+            # the run waits for tools and no event comes. Size 1: the client's reading paces both.
+            queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=1)
+            tasks.append(asyncio.create_task(self._pump(first.run_id, start, ctx, queue)))
+            tasks.append(asyncio.create_task(self._more_results(first.run_id, requests, ctx, queue)))
+            while True:
+                kind, item = await queue.get()
+                if kind == "error":
+                    raise item
+                if kind == "end":
+                    return
+                yield item
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as exc:
@@ -289,13 +295,27 @@ class YandexRuns(pb.run_grpc.RunServiceServicer):
                 log.error("unhandled_error", method="yandex Attach", exc_info=exc)
             await ctx.abort(error.code, error.message, trailing_metadata=trailing_metadata(error))
         finally:
-            if reader is not None:
-                reader.cancel()
+            for task in tasks:
+                task.cancel()
 
-    async def _more_results(self, run_id: str, requests: AsyncIterator[Any], ctx: Ctx) -> None:
-        async for request in requests:
-            if request.HasField("tool_result_list"):
-                await self._submit(run_id, request.tool_result_list, ctx)
+    async def _pump(self, run_id: str, start: int, ctx: Ctx, queue: asyncio.Queue[tuple[str, Any]]) -> None:
+        try:
+            async with contextlib.aclosing(self._events(run_id, start, ctx)) as events:
+                async for event in events:
+                    await queue.put(("event", event))
+            await queue.put(("end", None))
+        except Exception as exc:
+            await queue.put(("error", exc))
+
+    async def _more_results(
+        self, run_id: str, requests: AsyncIterator[Any], ctx: Ctx, queue: asyncio.Queue[tuple[str, Any]]
+    ) -> None:
+        try:
+            async for request in requests:
+                if request.HasField("tool_result_list"):
+                    await self._submit(run_id, request.tool_result_list, ctx)
+        except Exception as exc:
+            await queue.put(("error", exc))
 
     async def _submit(self, run_id: str, results: Any, ctx: Ctx) -> None:
         run = await self._spindle.Get(run_pb2.GetRunRequest(run_id=run_id), ctx)
