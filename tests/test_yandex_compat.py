@@ -113,6 +113,15 @@ def test_run_created_through_yandex_is_followed_with_spindle_listen(
     assert events[-1].done.message.thread_id == started["thread_id"]
 
 
+def test_partial_updates_change_only_what_they_name(server: ServerProcess) -> None:
+    """The SDK sends nested paths (completion_options.temperature) and expiration ones."""
+    updates = sdk(server.address, "update")["updates"]
+    kept = {"name": "before", "instruction": None, "max_tokens": 100, "max_prompt_tokens": 500}
+    assert updates[0] == {**kept, "temperature": 0.9}
+    assert updates[1] == {**kept, "temperature": 0.9}  # expiration only: nothing else moves
+    assert updates[2] == {**kept, "temperature": 0.9, "name": "after", "instruction": "terse"}
+
+
 def test_search_indexes_answer_unimplemented(server: ServerProcess) -> None:
     seen = sdk(server.address, "search-index")
     assert seen["code"] == "UNIMPLEMENTED"

@@ -7,7 +7,8 @@ a subprocess and reads one JSON document of what the SDK saw from its stdout:
 
 Scenarios: `sync` and `async` (the whole flow: assistant, thread, write, run, listen, wait, a
 tool round trip, get, get_last_by_thread, list), `start` (leave a run for another API to
-follow), `search-index` (an unsupported call), `read` (a thread's messages, to test auth).
+follow), `update` (partial updates), `search-index` (an unsupported call), `read` (a thread
+list, to test auth).
 """
 
 from __future__ import annotations
@@ -118,6 +119,27 @@ def start(args: argparse.Namespace) -> dict[str, Any]:
     return {"run_id": run.id, "thread_id": thread.id}
 
 
+def update(args: argparse.Namespace) -> dict[str, Any]:
+    sdk = YCloudML(folder_id=FOLDER, endpoint=args.address, auth=_auth(args), verify=False)
+    assistant = sdk.assistants.create(
+        "builtin", name="before", temperature=0.3, max_tokens=100, max_prompt_tokens=500
+    )
+    seen = []
+    for change in ({"temperature": 0.9}, {"ttl_days": 3}, {"name": "after", "instruction": "terse"}):
+        assistant.update(**change)
+        got = sdk.assistants.get(assistant.id)
+        seen.append(
+            {
+                "name": got.name,
+                "instruction": got.instruction,
+                "temperature": got.model.config.temperature,
+                "max_tokens": got.model.config.max_tokens,
+                "max_prompt_tokens": got.max_prompt_tokens,
+            }
+        )
+    return {"updates": seen}
+
+
 def _rpc_error(call: Any) -> dict[str, Any]:
     try:
         call()
@@ -141,7 +163,7 @@ def read(args: argparse.Namespace) -> dict[str, Any]:
     return _rpc_error(lambda: list(sdk.threads.list()))
 
 
-SCENARIOS = {"sync": sync_flow, "start": start, "search-index": search_index, "read": read}
+SCENARIOS = {"sync": sync_flow, "start": start, "update": update, "search-index": search_index, "read": read}
 
 
 def main() -> None:

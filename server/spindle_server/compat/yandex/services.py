@@ -84,23 +84,38 @@ class YandexAssistants(pb.assistant_grpc.AssistantServiceServicer):
         return tr.assistant_out(got, _folder())
 
     async def Update(self, request: Any, ctx: Ctx) -> Any:
-        updated = await self._spindle.Update(
-            assistant_pb2.UpdateAssistantRequest(
-                assistant_id=request.assistant_id,
-                update_mask=field_mask_pb2.FieldMask(paths=_mask(request.update_mask.paths)),
-                name=request.name,
-                description=request.description,
-                model=tr.model_from_uri(request.model_uri),
-                instructions=request.instruction,
-                tools=tr.tools_in(request.tools),
-                completion_options=tr.completion_in(request.completion_options),
-                prompt_truncation_options=tr.truncation_in(request.prompt_truncation_options),
-                response_format=tr.response_format_in(request.response_format),
-                labels=request.labels,
-            ),
-            ctx,
+        get = assistant_pb2.GetAssistantRequest(assistant_id=request.assistant_id)
+        paths = _mask(request.update_mask.paths)
+        if request.update_mask.paths and not paths:  # only expiration: nothing Spindle keeps
+            return tr.assistant_out(await self._spindle.Get(get, ctx), _folder())
+        update = assistant_pb2.UpdateAssistantRequest(
+            assistant_id=request.assistant_id,
+            name=request.name,
+            description=request.description,
+            model=tr.model_from_uri(request.model_uri),
+            instructions=request.instruction,
+            tools=tr.tools_in(request.tools),
+            completion_options=tr.completion_in(request.completion_options),
+            prompt_truncation_options=tr.truncation_in(request.prompt_truncation_options),
+            response_format=tr.response_format_in(request.response_format),
+            labels=request.labels,
         )
-        return tr.assistant_out(updated, _folder())
+        # The SDK names nested paths (completion_options.temperature) and Spindle replaces whole
+        # fields: a nested path's field is the current value with those leaves taken from here.
+        nested = {p.partition(".")[0] for p in paths if "." in p and p.partition(".")[0] not in paths}
+        if nested:
+            current = await self._spindle.Get(get, ctx)
+            for field in nested:
+                merged = type(getattr(current, field))()
+                merged.CopyFrom(getattr(current, field))
+                for path in paths:
+                    head, _, leaf = path.partition(".")
+                    if head == field and leaf:
+                        tr.merge_leaf(merged, getattr(update, field), leaf)
+                getattr(update, field).CopyFrom(merged)
+        top = list(dict.fromkeys(p.partition(".")[0] for p in paths))
+        update.update_mask.paths.extend(top)
+        return tr.assistant_out(await self._spindle.Update(update, ctx), _folder())
 
     async def Delete(self, request: Any, ctx: Ctx) -> Any:
         await self._spindle.Delete(
@@ -149,6 +164,9 @@ class YandexThreads(pb.thread_grpc.ThreadServiceServicer):
     async def Update(self, request: Any, ctx: Ctx) -> Any:
         if request.tools:
             raise tr.unsupported("a thread's own tools (give them to the assistant or the run)")
+        if request.update_mask.paths and not _mask(request.update_mask.paths):
+            got = await self._spindle.Get(thread_pb2.GetThreadRequest(thread_id=request.thread_id), ctx)
+            return tr.thread_out(got, _folder())  # only expiration: nothing Spindle keeps
         updated = await self._spindle.Update(
             thread_pb2.UpdateThreadRequest(
                 thread_id=request.thread_id,

@@ -153,6 +153,29 @@ def truncation_out(max_prompt_tokens: int | None, strategy: common_pb2.Truncatio
     return out
 
 
+def merge_leaf(target: Any, source: Any, leaf: str) -> None:
+    """Copies one field of a spindle.v1 options message (completion or prompt truncation), named by
+    Yandex's leaf path, from `source` onto `target`."""
+    name = {"auto_strategy": "truncation_strategy", "last_messages_strategy": "truncation_strategy"}.get(
+        leaf, leaf
+    )
+    if name not in target.DESCRIPTOR.fields_by_name:
+        raise ApiError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_ARGUMENT",
+            f"update_mask path {leaf!r} cannot be updated",
+            violations=[("update_mask", f"{leaf!r} cannot be updated")],
+        )
+    if source.HasField(name):
+        field = getattr(target, name)
+        if hasattr(field, "CopyFrom"):
+            field.CopyFrom(getattr(source, name))
+        else:
+            setattr(target, name, getattr(source, name))
+    else:
+        target.ClearField(name)
+
+
 def response_format_in(fmt: Any) -> common_pb2.ResponseFormat:
     kind = fmt.WhichOneof("ResponseFormat")
     if kind == "json_schema":
