@@ -113,6 +113,14 @@ def test_run_created_through_yandex_is_followed_with_spindle_listen(
     assert events[-1].done.message.thread_id == started["thread_id"]
 
 
+def test_a_failed_run_reports_its_error(server: ServerProcess) -> None:
+    seen = sdk(server.address, "fail")
+    assert seen["events"][-1]["status"] == "ERROR"
+    assert "the model fell over" in seen["events"][-1]["error"]
+    assert seen["result"]["status"] == "FAILED"
+    assert "the model fell over" in seen["result"]["error"]
+
+
 def test_partial_updates_change_only_what_they_name(server: ServerProcess) -> None:
     """The SDK sends nested paths (completion_options.temperature) and expiration ones."""
     updates = sdk(server.address, "update")["updates"]

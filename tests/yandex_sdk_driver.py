@@ -7,8 +7,8 @@ a subprocess and reads one JSON document of what the SDK saw from its stdout:
 
 Scenarios: `sync` and `async` (the whole flow: assistant, thread, write, run, listen, wait, a
 tool round trip, get, get_last_by_thread, list), `start` (leave a run for another API to
-follow), `update` (partial updates), `search-index` (an unsupported call), `read` (a thread
-list, to test auth).
+follow), `fail` (a failing model), `update` (partial updates), `search-index` (an unsupported
+call), `read` (a thread list, to test auth).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def _event(event: Any) -> dict[str, Any]:
 
 def _result(result: Any) -> dict[str, Any]:
     calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in result.tool_calls or ()]
-    return {"status": result.status.name, "text": result.text, "tool_calls": calls, "error": result.error}
+    text = None if result.status.name == "FAILED" else result.text  # the SDK raises on a failed one
+    return {"status": result.status.name, "text": text, "tool_calls": calls, "error": result.error}
 
 
 def sync_flow(args: argparse.Namespace) -> dict[str, Any]:
@@ -119,6 +120,16 @@ def start(args: argparse.Namespace) -> dict[str, Any]:
     return {"run_id": run.id, "thread_id": thread.id}
 
 
+def fail(args: argparse.Namespace) -> dict[str, Any]:
+    sdk = YCloudML(folder_id=FOLDER, endpoint=args.address, auth=_auth(args), verify=False)
+    assistant = sdk.assistants.create("builtin")
+    thread = sdk.threads.create()
+    thread.write("/fail the model fell over")
+    run = assistant.run_stream(thread)
+    events = [{"status": e.status.name, "error": e.error} for e in run.listen()]
+    return {"events": events, "result": _result(run.wait(poll_interval=0.05))}
+
+
 def update(args: argparse.Namespace) -> dict[str, Any]:
     sdk = YCloudML(folder_id=FOLDER, endpoint=args.address, auth=_auth(args), verify=False)
     assistant = sdk.assistants.create(
@@ -163,7 +174,14 @@ def read(args: argparse.Namespace) -> dict[str, Any]:
     return _rpc_error(lambda: list(sdk.threads.list()))
 
 
-SCENARIOS = {"sync": sync_flow, "start": start, "update": update, "search-index": search_index, "read": read}
+SCENARIOS = {
+    "sync": sync_flow,
+    "start": start,
+    "update": update,
+    "fail": fail,
+    "search-index": search_index,
+    "read": read,
+}
 
 
 def main() -> None:
