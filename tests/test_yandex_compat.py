@@ -314,3 +314,47 @@ def test_attach_ends_on_a_bad_later_request_while_the_run_waits(server: ServerPr
     info, _ = error_details(refused.value)
     assert info is not None and info.reason == "UNKNOWN_TOOL_RESULT"
     assert stubs.runs.Get(run_pb2.GetRunRequest(run_id=run_id), timeout=10).status == run_pb2.TOOL_CALLS
+
+
+def test_out_of_range_and_corrupt_requests_get_statuses_not_internal(server: ServerProcess) -> None:
+    """Found by fuzzing these services with tests/test_fuzz.py's generators: Yandex's int64
+    fields into Spindle's int32 ones, and discovery (answered without a key) with a bad body."""
+    huge = 2**40
+    with _channel(server) as channel:
+        for call, request in (
+            (
+                pb.thread_grpc.ThreadServiceStub(channel).List,
+                pb.thread_service.ListThreadsRequest(page_size=-huge),
+            ),
+            (pb.run_grpc.RunServiceStub(channel).List, pb.run_service.ListRunsRequest(page_size=-huge)),
+            (
+                pb.run_grpc.RunServiceStub(channel).Create,
+                pb.run_service.CreateRunRequest(
+                    assistant_id="asst_000000000000000000000000",
+                    thread_id="thread_000000000000000000000000",
+                    custom_prompt_truncation_options=pb.common.PromptTruncationOptions(
+                        last_messages_strategy=pb.common.PromptTruncationOptions.LastMessagesStrategy(
+                            num_messages=-huge
+                        )
+                    ),
+                ),
+            ),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        big = pb.thread_grpc.ThreadServiceStub(channel).List(
+            pb.thread_service.ListThreadsRequest(page_size=huge), timeout=10
+        )
+        assert len(big.threads) <= 100  # clamped to Spindle's largest page
+
+        endpoints = pb.endpoint_grpc.ApiEndpointServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as unknown:
+            endpoints.Get(pb.endpoint_service.GetApiEndpointRequest(api_endpoint_id="nope"), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        info, _ = error_details(unknown.value)
+        assert info is not None and info.reason == "ENDPOINT_NOT_FOUND"
+        raw = channel.unary_unary("/yandex.cloud.endpoint.ApiEndpointService/List")
+        with pytest.raises(grpc.RpcError) as corrupt:
+            raw(b"\x00", timeout=10)
+        assert corrupt.value.code() == grpc.StatusCode.INVALID_ARGUMENT

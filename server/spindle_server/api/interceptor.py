@@ -24,12 +24,10 @@ from spindle_server.api.errors import ApiError, to_api_error, trailing_metadata
 
 log = structlog.get_logger("spindle.access")
 
-# Yandex's SDK discovers its endpoints before it authenticates (compat/yandex).
-UNAUTHENTICATED_METHODS = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.",
-    "/yandex.cloud.endpoint.ApiEndpointService/",
-)
+UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Yandex's SDK asks where its services are before it authenticates (compat/yandex): answered
+# without a key, but with the error mapping and tolerant decoding of every other call.
+ANONYMOUS_METHODS = ("/yandex.cloud.endpoint.ApiEndpointService/",)
 # `Api-Key` is Yandex AI Studio's scheme; both carry the same Spindle keys.
 KEY_SCHEMES = ("bearer", "api-key")
 SLOW_CALL_SECONDS = 1.0
@@ -122,11 +120,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
+    def _project(self, method: str, metadata: dict[str, str]) -> str:
+        if method.startswith(ANONYMOUS_METHODS):
+            return context.DEFAULT_PROJECT
+        return self._keys.project_for(metadata)
+
     def _unary(self, method: str, metadata: dict[str, str], inner: UnaryBehavior) -> UnaryBehavior:
         async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
             call = _Call(method, metadata)
             try:
-                context.current_project.set(self._keys.project_for(metadata))
+                context.current_project.set(self._project(method, metadata))
                 _require_decoded(request)
                 response = await inner(request, ctx)
             except asyncio.CancelledError:
@@ -145,7 +148,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
             call = _Call(method, metadata, streaming=True)
             try:
-                context.current_project.set(self._keys.project_for(metadata))
+                context.current_project.set(self._project(method, metadata))
                 _require_decoded(request)
                 # aclosing: the handler's finally blocks (its Listen subscription) run when the
                 # call ends, not whenever the abandoned generator is collected.

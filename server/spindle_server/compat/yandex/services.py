@@ -127,7 +127,9 @@ class YandexAssistants(pb.assistant_grpc.AssistantServiceServicer):
         if request.page_token == END_TOKEN:
             return pb.assistant_service.ListAssistantsResponse()
         page = await self._spindle.List(
-            assistant_pb2.ListAssistantsRequest(page_size=request.page_size, page_token=request.page_token),
+            assistant_pb2.ListAssistantsRequest(
+                page_size=tr.int32(request.page_size), page_token=request.page_token
+            ),
             ctx,
         )
         return pb.assistant_service.ListAssistantsResponse(
@@ -187,7 +189,10 @@ class YandexThreads(pb.thread_grpc.ThreadServiceServicer):
         if request.page_token == END_TOKEN:
             return pb.thread_service.ListThreadsResponse()
         page = await self._spindle.List(
-            thread_pb2.ListThreadsRequest(page_size=request.page_size, page_token=request.page_token), ctx
+            thread_pb2.ListThreadsRequest(
+                page_size=tr.int32(request.page_size), page_token=request.page_token
+            ),
+            ctx,
         )
         return pb.thread_service.ListThreadsResponse(
             threads=[tr.thread_out(t, _folder()) for t in page.threads],
@@ -260,7 +265,7 @@ class YandexRuns(pb.run_grpc.RunServiceServicer):
         if request.page_token == END_TOKEN:
             return pb.run_service.ListRunsResponse()
         page = await self._spindle.List(
-            run_pb2.ListRunsRequest(page_size=request.page_size, page_token=request.page_token), ctx
+            run_pb2.ListRunsRequest(page_size=tr.int32(request.page_size), page_token=request.page_token), ctx
         )
         return pb.run_service.ListRunsResponse(
             runs=[tr.run_out(r) for r in page.runs],

@@ -42,6 +42,15 @@ ERROR_CODE = {
 }
 
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def int32(value: int) -> int:
+    """Yandex's int64 into a spindle.v1 int32, clamped: Spindle's validation then names the field
+    (a page size or a message count past int32 is out of range there too)."""
+    return max(INT32_MIN, min(INT32_MAX, value))
+
+
 def unsupported(what: str) -> ApiError:
     return ApiError(
         grpc.StatusCode.UNIMPLEMENTED,
@@ -129,7 +138,7 @@ def truncation_strategy_in(options: Any) -> common_pb2.TruncationStrategy:
     if options.WhichOneof("TruncationStrategy") == "last_messages_strategy":
         return common_pb2.TruncationStrategy(
             type=common_pb2.TruncationStrategy.LAST_MESSAGES,
-            last_messages=options.last_messages_strategy.num_messages,
+            last_messages=int32(options.last_messages_strategy.num_messages),
         )
     return common_pb2.TruncationStrategy(type=common_pb2.TruncationStrategy.AUTO)
 
