@@ -4,10 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
+# The real Yandex AI Studio SDK for tests/test_yandex_compat.py: it pins protobuf<7 (through
+# yandexcloud) while Spindle runs protobuf 7, so it gets an environment of its own and the tests
+# drive it in a subprocess.
+YANDEX_VENV ?= .venv-yandex
+YANDEX_STAMP := $(YANDEX_VENV)/.installed-stamp
+YANDEX_SDK := yandex-cloud-ml-sdk==0.19.1 yandex-ai-studio-sdk==0.22.0
+
 LLAMA_VENV ?= .venv-llama
 LLAMA_PYTHON := $(wildcard $(abspath $(LLAMA_VENV))/bin/python)
 
-.PHONY: serve test proto lint bench llama clean
+.PHONY: serve test proto yandex-proto lint bench llama clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +22,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+$(YANDEX_STAMP): Makefile
+	$(PYTHON) -m venv $(YANDEX_VENV)
+	$(YANDEX_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(YANDEX_VENV)/bin/python -m pip install --quiet $(YANDEX_SDK)
+	touch $(YANDEX_STAMP)
+
 serve: $(STAMP)
 	$(VENV)/bin/spindle-server $(ARGS)
 
 # With .venv-llama (make llama), the end-to-end tests against llama.cpp's server run too.
-test: $(STAMP)
-	SPINDLE_LLAMA_PYTHON=$(LLAMA_PYTHON) $(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) $(YANDEX_STAMP)
+	SPINDLE_LLAMA_PYTHON=$(LLAMA_PYTHON) SPINDLE_YANDEX_PYTHON=$(abspath $(YANDEX_VENV))/bin/python \
+		$(PY) -m pytest $(PYTEST_ARGS)
 
 # llama-cpp-python's OpenAI-compatible server, compiled from source (about 3 minutes), for
 # tests/test_llama_cpp.py: a real provider on the wire, with a tiny random model it writes.
@@ -32,6 +46,10 @@ llama:
 proto: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) scripts/genproto.py
 
+# Recompiles server/spindle_server/compat/yandex/gen from the protos the yandexcloud package ships.
+yandex-proto: $(STAMP) $(YANDEX_STAMP)
+	$(PY) scripts/genyandex.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check client server tests bench examples scripts
 	$(VENV)/bin/ruff format --check client server tests bench examples scripts
@@ -42,4 +60,4 @@ bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(LLAMA_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LLAMA_VENV) $(YANDEX_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -34,6 +34,7 @@ from spindle_server.api.threads import MessageServicer, ThreadServicer
 from spindle_server.broadcast import EventHub
 from spindle_server.compat.openai.app import OpenAIFacade, Servicers
 from spindle_server.compat.openai.serve import OpenAIEndpoint
+from spindle_server.compat.yandex import register as yandex
 from spindle_server.config import ServerConfig, is_local_host
 from spindle_server.engine.engine import Engine
 from spindle_server.engine.retention import RetentionSweeper
@@ -131,12 +132,22 @@ class SpindleServer:
             options=grpc_options(self.config),
             maximum_concurrent_rpcs=None,
         )
-        # One set of servicers behind both APIs: gRPC, and the OpenAI facade that calls them.
+        # One set of servicers behind every API: gRPC, and the OpenAI and Yandex facades over them.
         servicers = Servicers(
             AssistantServicer(self.store, self.models, self.config.limits),
             ThreadServicer(self.store, self.config.limits),
             MessageServicer(self.store, self.config.limits),
             RunServicer(self.store, self.engine, self.hub, self.models, self.config.limits),
+        )
+        # Yandex AI Studio's assistants API on the same port, over the same servicers.
+        yandex.register(
+            server,
+            assistants=servicers.assistants,
+            threads=servicers.threads,
+            messages=servicers.messages,
+            runs=servicers.runs,
+            keys=self.api_keys,
+            address=lambda: yandex.advertised_address(self.config.host, self.port),
         )
         assistant_pb2_grpc.add_AssistantServiceServicer_to_server(servicers.assistants, server)
         thread_pb2_grpc.add_ThreadServiceServicer_to_server(servicers.threads, server)
@@ -146,6 +157,7 @@ class SpindleServer:
         reflection.enable_server_reflection(
             (
                 *SERVICE_NAMES,
+                *yandex.service_names(),
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),

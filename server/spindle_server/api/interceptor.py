@@ -25,6 +25,11 @@ from spindle_server.api.errors import ApiError, to_api_error, trailing_metadata
 log = structlog.get_logger("spindle.access")
 
 UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Yandex's SDK asks where its services are before it authenticates (compat/yandex): answered
+# without a key, but with the error mapping and tolerant decoding of every other call.
+ANONYMOUS_METHODS = ("/yandex.cloud.endpoint.ApiEndpointService/",)
+# `Api-Key` is Yandex AI Studio's scheme; both carry the same Spindle keys.
+KEY_SCHEMES = ("bearer", "api-key")
 SLOW_CALL_SECONDS = 1.0
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -32,8 +37,9 @@ StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, N
 
 
 class ApiKeys:
-    """`authorization: Bearer KEY` -> project. With no keys configured (and no keys file), every
-    call is 'default'; with a keys file, even an empty one, every call needs a key.
+    """`authorization: Bearer KEY` (or Yandex's `Api-Key KEY`) -> project. With no keys configured
+    (and no keys file), every call is 'default'; with a keys file, even an empty one, every call
+    needs a key.
 
     Only SHA-256 digests of keys are held. The lookup is a dict keyed by the presented key's
     digest: its timing depends on digests, which tell an attacker nothing about a key; the
@@ -68,7 +74,7 @@ class ApiKeys:
             raise ApiError(
                 grpc.StatusCode.UNAUTHENTICATED, "MISSING_API_KEY", "send 'authorization: Bearer KEY'"
             )
-        if scheme.lower() != "bearer" or not key:
+        if scheme.lower() not in KEY_SCHEMES or not key:
             raise ApiError(
                 grpc.StatusCode.UNAUTHENTICATED, "MALFORMED_API_KEY", "expected 'authorization: Bearer KEY'"
             )
@@ -114,11 +120,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
+    def _project(self, method: str, metadata: dict[str, str]) -> str:
+        if method.startswith(ANONYMOUS_METHODS):
+            return context.DEFAULT_PROJECT
+        return self._keys.project_for(metadata)
+
     def _unary(self, method: str, metadata: dict[str, str], inner: UnaryBehavior) -> UnaryBehavior:
         async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
             call = _Call(method, metadata)
             try:
-                context.current_project.set(self._keys.project_for(metadata))
+                context.current_project.set(self._project(method, metadata))
                 _require_decoded(request)
                 response = await inner(request, ctx)
             except asyncio.CancelledError:
@@ -137,7 +148,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
             call = _Call(method, metadata, streaming=True)
             try:
-                context.current_project.set(self._keys.project_for(metadata))
+                context.current_project.set(self._project(method, metadata))
                 _require_decoded(request)
                 # aclosing: the handler's finally blocks (its Listen subscription) run when the
                 # call ends, not whenever the abandoned generator is collected.

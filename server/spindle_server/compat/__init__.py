@@ -1,1 +1,2 @@
-"""Facades for other assistants APIs: thin translations at the edge onto Spindle's servicers."""
+"""Facades for other assistants APIs (OpenAI REST, Yandex gRPC): thin translations at the edge
+onto Spindle's own servicers."""

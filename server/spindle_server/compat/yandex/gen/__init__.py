@@ -1,0 +1,1 @@
+"""Generated from the protos yandexcloud ships: make yandex-proto."""
