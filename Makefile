@@ -14,7 +14,7 @@ YANDEX_SDK := yandex-cloud-ml-sdk==0.19.1 yandex-ai-studio-sdk==0.22.0
 LLAMA_VENV ?= .venv-llama
 LLAMA_PYTHON := $(wildcard $(abspath $(LLAMA_VENV))/bin/python)
 
-.PHONY: serve test proto yandex-proto lint bench llama clean
+.PHONY: serve test proto yandex-proto yandex-sdk lint bench llama clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ $(YANDEX_STAMP): Makefile
 	$(YANDEX_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(YANDEX_VENV)/bin/python -m pip install --quiet $(YANDEX_SDK)
 	touch $(YANDEX_STAMP)
+
+# Only the Yandex SDK's environment (make test builds it too).
+yandex-sdk: $(YANDEX_STAMP)
 
 serve: $(STAMP)
 	$(VENV)/bin/spindle-server $(ARGS)
