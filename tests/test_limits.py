@@ -12,7 +12,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,7 +25,7 @@ from spindle_server.config import parse_config
 from spindle_server.limits import Limits
 from spindle_server.store.errors import NotFoundError, QuotaError
 from spindle_server.store.sqlite import SqliteStore
-from support.server import ServerProcess
+from support.server import Databases, ServerProcess, TestDatabase
 from support.stubs import Stubs, error_details
 
 MAX_RUNS = 2
@@ -41,10 +40,10 @@ RELEASE_BOUND_SECONDS = 10.0
 
 
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def limited(tmp_path_factory: pytest.TempPathFactory, databases: Databases) -> Iterator[ServerProcess]:
     keys = [arg for project in PROJECTS for arg in ("--api-key", f"key-{project}={project}")]
     process = ServerProcess(
-        tmp_path_factory.mktemp("limits") / "spindle.db",
+        databases.new(tmp_path_factory.mktemp("limits")),
         [
             *keys,
             "--max-active-runs-per-project",
@@ -309,11 +308,11 @@ def test_tools_per_assistant_and_run(limited: ServerProcess) -> None:
 
 
 def test_assistant_tools_over_a_lowered_limit_refuse_the_run(
-    make_server: Callable[..., ServerProcess], tmp_path: Path
+    make_server: Callable[..., ServerProcess], new_database: Callable[..., TestDatabase]
 ) -> None:
     """An assistant saved under a higher --max-tools cannot start runs with more tools than the
     current limit: the run is checked with the tools it would carry."""
-    database = tmp_path / "lowered.db"
+    database = new_database("lowered")
     first = make_server("--max-tools", "3", database=database)
     stubs = Stubs.connect(first.address)
     assistant = tool_assistant(stubs, "a", "b", "c")

@@ -33,7 +33,7 @@ from fake_openai import (
     usage_chunk,
 )
 from spindle.v1 import assistant_pb2, common_pb2, message_pb2, run_pb2
-from support.server import ServerProcess
+from support.server import Databases, ServerProcess
 from support.stubs import TERMINAL, Stubs, error_details
 
 EventType = run_pb2.StreamEvent
@@ -60,9 +60,11 @@ def fake() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
-def spindle(fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def spindle(
+    fake: FakeOpenAI, tmp_path_factory: pytest.TempPathFactory, databases: Databases
+) -> Iterator[ServerProcess]:
     """One server for the module; debug logs, so that the secret check sees every line."""
-    database = tmp_path_factory.mktemp("openai-runs") / "spindle.db"
+    database = databases.new(tmp_path_factory.mktemp("openai-runs"))
     with socket.socket() as probe:  # a port nobody listens on, for provider `down`
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]

@@ -9,12 +9,12 @@ import time
 from collections.abc import Callable
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spindle.v1 import assistant_pb2, common_pb2, message_pb2, run_pb2, thread_pb2
 from spindle_server.engine import transitions
-from spindle_server.store.sqlite import SqliteStore
-from support.server import ServerProcess
+from support.server import ServerProcess, open_store
 from support.stubs import Stubs
 
 EventType = run_pb2.StreamEvent
@@ -124,7 +124,7 @@ def test_cancelling_run_of_a_killed_server_ends_cancelled(make_server: MakeServe
 
 
 async def _mark_cancelling(server: ServerProcess, run_id: str) -> None:
-    store = SqliteStore(server.database)
+    store = open_store(server.database)
     await store.start()
     try:
         await store.mutate_run(run_id, transitions.request_cancel(time.time(), None))
@@ -219,10 +219,11 @@ def test_sigterm_lets_a_short_run_finish(make_server: MakeServer) -> None:
     stubs.close()
 
 
+@pytest.mark.sqlite_only("the SQLite file has one owner; PostgreSQL takes several replicas")
 def test_a_second_server_on_the_same_database_is_refused(make_server: MakeServer) -> None:
     server = make_server()
     second = subprocess.run(
-        [sys.executable, "-m", "spindle_server", "--port", "0", "--database", str(server.database)],
+        [sys.executable, "-m", "spindle_server", "--port", "0", "--database", str(server.sqlite_path)],
         capture_output=True,
         text=True,
         timeout=30,

@@ -71,6 +71,7 @@ def rows_of_run(database: Path, run_id: str) -> dict[str, int]:
     }
 
 
+@pytest.mark.sqlite_only("reads the SQLite file")
 def test_finished_runs_are_deleted_after_the_retention(make_server: Callable[..., ServerProcess]) -> None:
     server = make_server("--retention", "1s", "--tool-timeout", "600")
     stubs = Stubs.connect(server.address)
@@ -80,7 +81,7 @@ def test_finished_runs_are_deleted_after_the_retention(make_server: Callable[...
     submit(stubs, finished.id, "sunny")
     done = stubs.wait(finished.id)
     assert done.status == run_pb2.COMPLETED
-    assert rows_of_run(server.database, finished.id) == {
+    assert rows_of_run(server.sqlite_path, finished.id) == {
         "runs": 1,
         "run_events": len(stubs.events(finished.id)),
         "run_steps": 2,  # the tool calls, then the reply
@@ -102,7 +103,7 @@ def test_finished_runs_are_deleted_after_the_retention(make_server: Callable[...
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
         info, _ = error_details(gone.value)
         assert info is not None and info.reason == "RUN_NOT_FOUND"
-    assert rows_of_run(server.database, finished.id) == dict.fromkeys(
+    assert rows_of_run(server.sqlite_path, finished.id) == dict.fromkeys(
         ("runs", "run_events", "run_steps", "step_texts", "runs_finished"), 0
     )
     # The reply stays on the thread (messages belong to the thread), naming the run it came from.
@@ -115,10 +116,11 @@ def test_finished_runs_are_deleted_after_the_retention(make_server: Callable[...
     assert stubs.wait(again.id).status == run_pb2.COMPLETED
 
     assert stubs.wait(waiting.id).status == run_pb2.TOOL_CALLS
-    assert rows_of_run(server.database, waiting.id)["runs"] == 1
+    assert rows_of_run(server.sqlite_path, waiting.id)["runs"] == 1
     stubs.close()
 
 
+@pytest.mark.sqlite_only("measures the SQLite file and its WAL")
 def test_the_database_stops_growing_under_steady_load(
     make_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
@@ -157,7 +159,7 @@ def test_the_database_stops_growing_under_steady_load(
     def gone(run_ids: list[str]) -> bool:
         placeholders = ",".join("?" * len(run_ids))
         return read_db(
-            server.database, f"SELECT COUNT(*) FROM runs WHERE id IN ({placeholders})", *run_ids
+            server.sqlite_path, f"SELECT COUNT(*) FROM runs WHERE id IN ({placeholders})", *run_ids
         ) == [(0,)]
 
     def sweep_until_gone(run_ids: list[str]) -> None:
@@ -171,12 +173,12 @@ def test_the_database_stops_growing_under_steady_load(
         await_not_found(stubs, run_ids)
 
     def logical_bytes() -> int:
-        (pages,) = read_db(server.database, "PRAGMA page_count")[0]
-        (page_size,) = read_db(server.database, "PRAGMA page_size")[0]
+        (pages,) = read_db(server.sqlite_path, "PRAGMA page_count")[0]
+        (page_size,) = read_db(server.sqlite_path, "PRAGMA page_size")[0]
         return int(pages) * int(page_size)
 
     def wal_bytes() -> int:
-        wal = Path(f"{server.database}-wal")
+        wal = Path(f"{server.sqlite_path}-wal")
         return wal.stat().st_size if wal.exists() else 0
 
     base = logical_bytes()
@@ -193,7 +195,7 @@ def test_the_database_stops_growing_under_steady_load(
     # 7 waves after warm-up would add 7 * wave_bytes without retention.
     assert written[-1] - written[2] < wave_bytes / 2, (base, wave_bytes, written)
     assert max(written) < base + 2 * wave_bytes, (base, wave_bytes, written)
-    page_size = int(read_db(server.database, "PRAGMA page_size")[0][0])
+    page_size = int(read_db(server.sqlite_path, "PRAGMA page_size")[0][0])
     wal_bound = sqlite_db.JOURNAL_SIZE_LIMIT_BYTES + (sqlite_db.WAL_AUTOCHECKPOINT_PAGES + 64) * page_size
     assert max(wal_sizes) <= wal_bound, wal_sizes
     print("retention steady load:", {"base": base, "wave": wave_bytes, "written": written, "wal": wal_sizes})
@@ -204,6 +206,7 @@ def test_the_database_stops_growing_under_steady_load(
     stubs.close()
 
 
+@pytest.mark.sqlite_only("reads the SQLite file")
 def test_deleting_a_thread_takes_its_messages_runs_steps_and_events(
     make_server: Callable[..., ServerProcess],
 ) -> None:
@@ -221,7 +224,7 @@ def test_deleting_a_thread_takes_its_messages_runs_steps_and_events(
     assert stubs.wait(second.id).status == run_pb2.COMPLETED
     assert stubs.wait(kept_run.id).status == run_pb2.COMPLETED
     run_ids = [first.id, second.id]
-    assert all(rows_of_run(server.database, r)["run_events"] > 0 for r in run_ids)
+    assert all(rows_of_run(server.sqlite_path, r)["run_events"] > 0 for r in run_ids)
 
     stubs.threads.Delete(thread_pb2.DeleteThreadRequest(thread_id=thread.id), timeout=10)
     for run_id in run_ids:
@@ -234,7 +237,7 @@ def test_deleting_a_thread_takes_its_messages_runs_steps_and_events(
     stubs.close()
     server.stop()  # the file, read after the server is gone: nothing of the thread remains
 
-    database = server.database
+    database = server.sqlite_path
     assert read_db(database, "SELECT COUNT(*) FROM threads WHERE id = ?", thread.id) == [(0,)]
     assert read_db(database, "SELECT COUNT(*) FROM messages WHERE thread_id = ?", thread.id) == [(0,)]
     assert read_db(database, "SELECT COUNT(*) FROM runs WHERE thread_id = ?", thread.id) == [(0,)]

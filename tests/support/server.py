@@ -1,7 +1,9 @@
-"""Runs the real `spindle-server` as a child process on 127.0.0.1 with port 0."""
+"""Runs the real `spindle-server` as a child process on 127.0.0.1 with port 0, on a database of
+the store under test (SPINDLE_TEST_STORE=sqlite|postgresql; `make test` runs both)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -10,18 +12,90 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from spindle_server.store.base import Store
+from spindle_server.store.sqlite import SqliteStore
+from support import postgres
+
 STARTUP_TIMEOUT = 30.0
+STORE_ENV = "SPINDLE_TEST_STORE"
+STORES = ("sqlite", "postgresql")
+
+
+def store_under_test() -> str:
+    """The store the integration tests run against: sqlite (the default) or postgresql."""
+    store = os.environ.get(STORE_ENV, "sqlite").strip().lower() or "sqlite"
+    if store not in STORES:
+        raise ValueError(f"{STORE_ENV}={store!r}: use one of {', '.join(STORES)}")
+    return store
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteDatabase:
+    path: Path
+
+    @property
+    def argument(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresDatabase:
+    dsn: str
+
+    @property
+    def argument(self) -> str:
+        return self.dsn
+
+
+# What a server's --database names: a SQLite file, or a database of its own on the test cluster.
+TestDatabase = SqliteDatabase | PostgresDatabase
+
+
+class Databases:
+    """Fresh databases of the store under test: a file in the given folder, or a new database on
+    the session's PostgreSQL cluster (`admin`), dropped by `drop_all`."""
+
+    def __init__(self, admin: postgres.Admin | None = None) -> None:
+        self.admin = admin
+        self._created: list[str] = []
+
+    def new(self, folder: Path, name: str = "spindle") -> TestDatabase:
+        if self.admin is None:
+            return SqliteDatabase(folder / f"{name}.db")
+        dsn = self.admin.create_database()
+        self._created.append(postgres.database_name(dsn))
+        return PostgresDatabase(dsn)
+
+    def drop_all(self) -> None:
+        """Drop what `new` created (after the servers on them stopped: WITH FORCE cuts the rest)."""
+        while self.admin is not None and self._created:
+            self.admin.drop_database(self._created.pop())
+
+
+def open_store(database: TestDatabase) -> Store:
+    """A store of the test's own on a server's database, for a test that sets up a state no API
+    call can (e.g. what a crash leaves behind); call start() and close() on it."""
+    if isinstance(database, SqliteDatabase):
+        return SqliteStore(database.path)
+    # Imported by name: the PostgreSQL store and asyncpg only load where a test needs them.
+    module = importlib.import_module("spindle_server.store.postgres")
+    store: Store = module.PostgresStore(database.dsn, pool_min=1, pool_max=2)
+    return store
 
 
 class ServerProcess:
     def __init__(
-        self, database: Path, extra_args: Sequence[str] = (), env: dict[str, str] | None = None
+        self,
+        database: TestDatabase | Path,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
-        self.database = database
+        self.database: TestDatabase = SqliteDatabase(database) if isinstance(database, Path) else database
         self.extra_args = list(extra_args)
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[str] | None = None
@@ -29,6 +103,12 @@ class ServerProcess:
         self.serving: dict[str, object] = {}  # the server's "serving" line (ports it chose)
         self.stderr_lines: list[str] = []
         self._stderr_thread: threading.Thread | None = None
+
+    @property
+    def sqlite_path(self) -> Path:
+        """The SQLite file, for the tests that read it (marked sqlite_only)."""
+        assert isinstance(self.database, SqliteDatabase), "a sqlite_only test ran on PostgreSQL"
+        return self.database.path
 
     @property
     def address(self) -> str:
@@ -44,7 +124,7 @@ class ServerProcess:
             "--port",
             "0",
             "--database",
-            str(self.database),
+            self.database.argument,
             "--log-format",
             "json",
             *self.extra_args,
