@@ -13,6 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from spindle_server.engine.config import EngineConfig
 from spindle_server.limits import Limits
@@ -23,7 +24,10 @@ from spindle_server.models.openai_backend import ProviderConfig, parse_provider_
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    database: Path = Path("data/spindle.db")
+    database: Path = Path("data/spindle.db")  # the SQLite file, unless postgres_dsn is set
+    postgres_dsn: str | None = None  # --database postgresql://...: the PostgreSQL store instead
+    pg_pool_min: int = 2  # connections each replica keeps open to PostgreSQL
+    pg_pool_max: int = 10  # connections each replica opens at most (plus one for LISTEN)
     default_model: str = "builtin"
     providers: tuple[ProviderConfig, ...] = ()
     api_keys: dict[str, str] = field(default_factory=dict)  # key -> project
@@ -66,6 +70,26 @@ def parse_duration(text: str) -> float | None:
 
 def _env_name(name: str) -> str:
     return f"SPINDLE_{name.upper().replace('-', '_')}"
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_dsn(text: str) -> bool:
+    return text.strip().lower().startswith(POSTGRES_SCHEMES)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN without its password, for logs."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def describe_database(config: ServerConfig) -> str:
+    return redact_dsn(config.postgres_dsn) if config.postgres_dsn else str(config.database)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -133,7 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
         "host", str, defaults.host, "address to listen on; beyond localhost needs API keys or the flag below"
     )
     option("port", int, defaults.port, "port to listen on (0: any free port, printed at start)")
-    option("database", Path, defaults.database, "SQLite database file (created with its folder)")
+    option(
+        "database",
+        str,
+        str(defaults.database),
+        "SQLite database file (created with its folder), or a PostgreSQL DSN "
+        "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB for several replicas on one database",
+    )
+    option("pg-pool-min", int, defaults.pg_pool_min, "PostgreSQL connections kept open (with --database DSN)")
+    option("pg-pool-max", int, defaults.pg_pool_max, "PostgreSQL connections at most (with --database DSN)")
     option("default-model", str, defaults.default_model, "model of assistants created without one")
     parser.add_argument(
         "--provider",
@@ -296,6 +328,11 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         retention = parse_duration(args.retention)
     except ValueError as exc:
         parser.error(f"--retention: {exc}")
+    postgres_dsn = args.database.strip() if is_postgres_dsn(args.database) else None
+    if args.pg_pool_min < 0 or args.pg_pool_max < 1:
+        parser.error("--pg-pool-min must be 0 or more and --pg-pool-max at least 1")
+    if args.pg_pool_min > args.pg_pool_max:
+        parser.error("--pg-pool-min must not exceed --pg-pool-max")
     for name in ("max_concurrent_runs", "max_attempts", *limit_names):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -317,7 +354,10 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
     return ServerConfig(
         host=args.host,
         port=args.port,
-        database=args.database,
+        database=Path(args.database) if postgres_dsn is None else ServerConfig().database,
+        postgres_dsn=postgres_dsn,
+        pg_pool_min=args.pg_pool_min,
+        pg_pool_max=args.pg_pool_max,
         default_model=args.default_model,
         providers=tuple(providers),
         api_keys=api_keys,

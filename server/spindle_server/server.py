@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
+import random
 import signal
 import sys
 from pathlib import Path
@@ -29,13 +31,14 @@ from spindle_server import metrics
 from spindle_server.api import idempotency
 from spindle_server.api.assistants import AssistantServicer
 from spindle_server.api.interceptor import ApiKeys, CallInterceptor
+from spindle_server.api.readiness import ReadinessGate
 from spindle_server.api.runs import RunServicer
 from spindle_server.api.threads import MessageServicer, ThreadServicer
 from spindle_server.broadcast import EventHub
 from spindle_server.compat.openai.app import OpenAIFacade, Servicers
 from spindle_server.compat.openai.serve import OpenAIEndpoint
 from spindle_server.compat.yandex import register as yandex
-from spindle_server.config import ServerConfig, is_local_host
+from spindle_server.config import ServerConfig, describe_database, is_local_host
 from spindle_server.engine.engine import Engine
 from spindle_server.engine.retention import RetentionSweeper
 from spindle_server.models.base import ModelBackend
@@ -43,12 +46,16 @@ from spindle_server.models.builtin import BuiltinBackend
 from spindle_server.models.openai_backend import OpenAIBackend
 from spindle_server.models.registry import ModelRegistry
 from spindle_server.store.base import Store
+from spindle_server.store.errors import UnavailableError
 from spindle_server.store.sqlite import SqliteStore
 
 log = structlog.get_logger("spindle.server")
 
 # Open calls get this much longer than running turns: a Listen can deliver its run's last event.
 CALL_DRAIN_SECONDS = 1.0
+# A replica whose PostgreSQL is down retries the connection this often (doubling, with jitter).
+STORE_RETRY_FIRST_SECONDS = 0.1
+STORE_RETRY_MAX_SECONDS = 2.0
 
 SERVICE_NAMES = (
     assistant_pb2.DESCRIPTOR.services_by_name["AssistantService"].full_name,
@@ -92,6 +99,21 @@ class StartupError(Exception):
     """The server cannot start (port taken, unreadable certificate): a message, not a traceback."""
 
 
+def build_store(config: ServerConfig) -> Store:
+    """SQLite unless --database is a PostgreSQL DSN."""
+    if config.postgres_dsn is None:
+        return SqliteStore(config.database)
+    # Imported only here: SQLite users do not pay for asyncpg's import.
+    try:
+        module = importlib.import_module("spindle_server.store.postgres")
+    except ImportError as exc:
+        raise StartupError(f"the PostgreSQL store cannot be loaded: {exc}") from exc
+    store: Store = module.PostgresStore(
+        config.postgres_dsn, pool_min=config.pg_pool_min, pool_max=config.pg_pool_max
+    )
+    return store
+
+
 class SpindleServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -103,12 +125,13 @@ class SpindleServer:
                 raise StartupError(str(exc)) from exc
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[None]] = set()
-        self.store: Store = SqliteStore(config.database)
+        self.store: Store = build_store(config)
         self.models = build_models(config)
         self.hub = EventHub()
         self.engine = Engine(self.store, self.models, config.engine)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         self.interceptor = CallInterceptor(self.api_keys, max_request_bytes=config.max_message_bytes)
+        self.readiness = ReadinessGate()
         self._server: grpc.aio.Server | None = None
         self.retention = RetentionSweeper(self.store, config.retention) if config.retention else None
         self.port = 0
@@ -119,16 +142,13 @@ class SpindleServer:
         self.openai_port: int | None = None
 
     async def start(self) -> int:
+        """Open the port (health NOT_SERVING, API calls UNAVAILABLE), then the store, then the
+        engine; SERVING once all are up. A PostgreSQL store that cannot be reached is retried
+        until it can (the replica comes up when its database does); a SQLite one fails at once."""
         self._start_metrics()  # first: nothing else is open yet if its port is taken
-        try:
-            await self.store.start()
-        except BaseException:
-            await self._stop_metrics()
-            raise
-        self.store.add_events_listener(self.hub.publish)
-        self.store.add_events_listener(metrics.RunObserver())
+        await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
         server = grpc.aio.server(
-            interceptors=[self.interceptor],
+            interceptors=[self.interceptor, self.readiness],
             options=grpc_options(self.config),
             maximum_concurrent_rpcs=None,
         )
@@ -176,7 +196,6 @@ class SpindleServer:
             else:
                 self.port = server.add_insecure_port(address)
         except (RuntimeError, OSError) as exc:
-            await self.store.close()
             await self._stop_metrics()
             raise StartupError(f"cannot listen on {address}: {exc}") from exc
         try:
@@ -189,6 +208,9 @@ class SpindleServer:
         await server.start()
         self._server = server
         try:
+            await self._start_store()
+            self.store.add_events_listener(self.hub.publish)
+            self.store.add_events_listener(metrics.RunObserver())
             await self.engine.start()
             if self._openai is not None:
                 await self._openai.start()
@@ -201,8 +223,31 @@ class SpindleServer:
             raise
         if self.retention is not None:
             self.retention.start()
+        self.readiness.ready = True
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
         return self.port
+
+    async def _start_store(self) -> None:
+        if self.config.postgres_dsn is None:
+            await self.store.start()  # SQLite: a file we cannot open will not open by waiting
+            return
+        delay = STORE_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                await self.store.start()
+                return
+            except UnavailableError as exc:
+                log.warning(
+                    "database_unavailable",
+                    database=describe_database(self.config),
+                    error=str(exc),
+                    port=self.port,
+                    retry_seconds=round(delay, 2),
+                )
+            except Exception as exc:  # wrong password, no such database: waiting will not help
+                raise StartupError(f"cannot open {describe_database(self.config)}: {exc}") from exc
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: replicas do not align
+            delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
 
     def request_reload(self) -> None:
         """SIGHUP: re-read the API keys file (a task, so the signal handler returns at once)."""
@@ -323,7 +368,23 @@ async def serve(config: ServerConfig) -> None:
         )
     if config.api_keys_file is not None:
         warn_if_writable_by_others(config.api_keys_file)
-    port = await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    # Start-up can wait for PostgreSQL for as long as it is down: a SIGTERM meanwhile ends it.
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()  # start() closes what it opened
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        log.info("stopped", before="serving")
+        return
+    if starting.exception() is not None:
+        stopping.cancel()
+    port = starting.result()
     # One machine-readable line on stdout (tests and scripts read the port from it).
     serving = {
         "event": "serving",
@@ -337,16 +398,12 @@ async def serve(config: ServerConfig) -> None:
         "serving",
         host=config.host,
         port=port,
-        database=str(config.database),
+        database=describe_database(config),
         model=config.default_model,
         metrics_port=server.metrics_port,
         openai_port=server.openai_port,
     )
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stopping
     log.info("stopping", grace_seconds=config.grace_period)
     await server.stop()
     log.info("stopped")
