@@ -14,7 +14,7 @@ YANDEX_SDK := yandex-cloud-ml-sdk==0.19.1 yandex-ai-studio-sdk==0.22.0
 LLAMA_VENV ?= .venv-llama
 LLAMA_PYTHON := $(wildcard $(abspath $(LLAMA_VENV))/bin/python)
 
-.PHONY: serve test proto yandex-proto yandex-sdk lint bench llama clean
+.PHONY: serve test test-sqlite test-postgresql pg pg-stop proto yandex-proto yandex-sdk lint bench llama clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,10 +34,27 @@ yandex-sdk: $(YANDEX_STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/spindle-server $(ARGS)
 
+# Two passes: everything on SQLite, then the integration tests (those that start a server) on a
+# private PostgreSQL cluster the session starts (tests/support/postgres.py). The second pass
+# skips, saying why, where PostgreSQL is not installed (CI installs it: .ci/run).
 # With .venv-llama (make llama), the end-to-end tests against llama.cpp's server run too.
-test: $(STAMP) $(YANDEX_STAMP)
-	SPINDLE_LLAMA_PYTHON=$(LLAMA_PYTHON) SPINDLE_YANDEX_PYTHON=$(abspath $(YANDEX_VENV))/bin/python \
-		$(PY) -m pytest $(PYTEST_ARGS)
+# The Yandex SDK's tests run where $(YANDEX_VENV) is (built by the test targets).
+TEST_ENV = SPINDLE_LLAMA_PYTHON=$(LLAMA_PYTHON) SPINDLE_YANDEX_PYTHON=$(abspath $(YANDEX_VENV))/bin/python
+test: test-sqlite test-postgresql
+
+test-sqlite: $(STAMP) $(YANDEX_STAMP)
+	SPINDLE_TEST_STORE=sqlite $(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+test-postgresql: $(STAMP) $(YANDEX_STAMP)
+	SPINDLE_TEST_STORE=postgresql $(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+# A private PostgreSQL under .pg/ for development: prints the SPINDLE_DATABASE to export
+# (eval "$$(make -s pg)"); make pg-stop stops it, the data stays until rm -rf .pg.
+pg: $(STAMP)
+	@$(PY) scripts/pg_cluster.py start
+
+pg-stop: $(STAMP)
+	@$(PY) scripts/pg_cluster.py stop
 
 # llama-cpp-python's OpenAI-compatible server, compiled from source (about 3 minutes), for
 # tests/test_llama_cpp.py: a real provider on the wire, with a tiny random model it writes.

@@ -147,6 +147,8 @@ class Cluster:
         raise RuntimeError(f"PostgreSQL did not start; see {self.log}")
 
     def running(self) -> bool:
+        if not (self.data / "PG_VERSION").exists():
+            return False
         return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
 
     def stop(self, mode: str = "fast", *, keep: bool = False) -> None:
