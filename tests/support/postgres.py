@@ -123,12 +123,27 @@ class Cluster:
             os.chown(self.root, user.pw_uid, user.pw_gid)
             os.chmod(self.root, 0o700)
 
-    def start(self) -> str:
-        """initdb (once), then start on `port` or a free one; the superuser DSN."""
+    def init(self) -> None:
+        """initdb, unless done before."""
         self._own()
         if not (self.data / "PG_VERSION").exists():
             durability = ["--no-sync"] if self._temporary else []
-            self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8", *durability)
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                USER,
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                *durability,
+            )
+
+    def start(self) -> str:
+        """initdb (once), then start on `port` or a free one; the superuser DSN."""
+        self.init()
         for attempt in range(5):  # a free port can be taken between the probe and the start
             if attempt or not self.port:
                 self.port = free_port()

@@ -115,6 +115,16 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> ServerProcess:
+        """Launch and wait until it serves (its port open, store and engine up)."""
+        self.launch()
+        try:
+            return self.await_serving()
+        except BaseException:
+            self.kill()  # never leave a half-started server behind
+            raise
+
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting for it to serve (see await_serving)."""
         command = [
             sys.executable,
             "-m",
@@ -135,15 +145,12 @@ class ServerProcess:
         self.stderr_lines = []
         self._stderr_thread = threading.Thread(target=self._drain_stderr, args=(self.process,), daemon=True)
         self._stderr_thread.start()
-        try:
-            return self._await_serving()
-        except BaseException:
-            self.kill()  # never leave a half-started server behind
-            raise
+        return self
 
-    def _await_serving(self) -> ServerProcess:
+    def await_serving(self, timeout: float = STARTUP_TIMEOUT) -> ServerProcess:
+        """Read the port from the server's `serving` line; then wait for its channel."""
         assert self.process is not None and self.process.stdout is not None
-        deadline = time.monotonic() + STARTUP_TIMEOUT
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
             if not line:
