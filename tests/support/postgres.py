@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 ENV_DSN = "SPINDLE_TEST_POSTGRES_DSN"
+OWNER_FILE = "owner.pid"  # in a throw-away cluster's folder: the process whose cluster it is
 USER = "postgres"  # the cluster's superuser, and the system user that runs it when we are root
 _names = itertools.count()
 T = TypeVar("T")
@@ -144,6 +145,8 @@ class Cluster:
     def start(self) -> str:
         """initdb (once), then start on `port` or a free one; the superuser DSN."""
         self.init()
+        if self._temporary:
+            (self.root / OWNER_FILE).write_text(str(os.getpid()))
         for attempt in range(5):  # a free port can be taken between the probe and the start
             if attempt or not self.port:
                 self.port = free_port()
@@ -182,11 +185,29 @@ def server_dsn() -> Iterator[str]:
     if dsn:
         yield dsn
         return
+    reap_orphans()
     cluster = Cluster()
     try:
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+def reap_orphans() -> None:
+    """Stop and delete throw-away clusters whose test session died without stopping them
+    (SIGKILL, a lost machine session): only folders this module made, of owners no longer alive."""
+    for owner in Path(scratch_dir() or tempfile.gettempdir()).glob(f"spindle-pg-*/{OWNER_FILE}"):
+        try:
+            pid = int(owner.read_text())
+            os.kill(pid, 0)
+            continue  # its session is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, OSError):
+            continue
+        orphan = Cluster(owner.parent)
+        orphan._temporary = True  # delete it once stopped
+        orphan.stop("immediate")
 
 
 def with_database(dsn: str, database: str) -> str:
