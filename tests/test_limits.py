@@ -8,7 +8,6 @@ test never meet another's.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from spindle_server.config import parse_config
 from spindle_server.limits import Limits
 from spindle_server.store.errors import NotFoundError, QuotaError
 from spindle_server.store.sqlite import SqliteStore
-from support.server import Databases, ServerProcess, TestDatabase
+from support.server import Databases, ServerProcess, TestDatabase, count_rows
 from support.stubs import Stubs, error_details
 
 MAX_RUNS = 2
@@ -187,9 +186,7 @@ def test_active_runs_limit_holds_under_concurrent_creates(limited: ServerProcess
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == len(threads) - MAX_RUNS
     listed = stubs.runs.List(run_pb2.ListRunsRequest(page_size=100), timeout=10).runs
     assert len(listed) == MAX_RUNS
-    with sqlite3.connect(f"file:{limited.database}?mode=ro", uri=True) as db:
-        (stored,) = db.execute("SELECT COUNT(*) FROM runs WHERE project = 'race'").fetchone()
-    assert stored == MAX_RUNS
+    assert count_rows(limited.database, "runs", project="race") == MAX_RUNS
     stubs.close()
 
 

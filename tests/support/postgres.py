@@ -243,6 +243,14 @@ class Admin:
     def execute(self, sql: str) -> None:
         self._call(self._execute(sql))
 
+    async def _fetchval(self, sql: str, *args: object) -> Any:
+        if self._conn is None or self._conn.is_closed():
+            await self._execute("SELECT 1")
+        return await self._conn.fetchval(sql, *args)
+
+    def fetchval(self, sql: str, *args: object) -> Any:
+        return self._call(self._fetchval(sql, *args))
+
     def create_database(self, name: str | None = None) -> str:
         """A new empty database; its DSN.
 

@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -86,6 +87,22 @@ def open_store(database: TestDatabase) -> Store:
     module = importlib.import_module("spindle_server.store.postgres")
     store: Store = module.PostgresStore(database.dsn, pool_min=1, pool_max=2)
     return store
+
+
+def count_rows(database: TestDatabase, table: str, **equal: str) -> int:
+    """Rows of `table` whose columns equal the given values, read from the database itself
+    (under the API: what is stored, not what a List call shows)."""
+    where = " AND ".join(f"{column} = {{}}" for column in equal) or "TRUE"
+    if isinstance(database, SqliteDatabase):
+        sql = f"SELECT COUNT(*) FROM {table} WHERE " + where.format(*("?" * len(equal)))
+        with sqlite3.connect(f"file:{database.path}?mode=ro", uri=True) as db:
+            return int(db.execute(sql, tuple(equal.values())).fetchone()[0])
+    sql = f"SELECT COUNT(*) FROM {table} WHERE " + where.format(*(f"${i + 1}" for i in range(len(equal))))
+    admin = postgres.Admin(database.dsn)  # a loop of its own: callers may be inside one
+    try:
+        return int(admin.fetchval(sql, *equal.values()))
+    finally:
+        admin.close()
 
 
 class ServerProcess:
