@@ -19,6 +19,10 @@ from support.stubs import Stubs
 
 EventType = run_pb2.StreamEvent
 MakeServer = Callable[..., ServerProcess]
+# Failure bound for a killed server's run to end after the restart. SQLite recovers it at start
+# (the file had one owner); on PostgreSQL other replicas may be alive, so the run waits for the
+# dead process's lease (30 s by default) to run out.
+RECOVERY_BOUND = 120.0
 
 
 def wait_for_deltas(stubs: Stubs, run_id: str, count: int, timeout: float = 15.0) -> None:
@@ -60,7 +64,7 @@ def test_killed_server_run_is_retried_at_restart(make_server: MakeServer) -> Non
     server.start()  # same database
     stubs = Stubs.connect(server.address)
     try:
-        done = stubs.wait(run.id, timeout=30)
+        done = stubs.wait(run.id, timeout=RECOVERY_BOUND)
         assert done.status == run_pb2.COMPLETED
         assert done.attempt == 2
         assert done.reply.content[0].text.text == f"You said: /sleep 3 {words}"
@@ -90,7 +94,7 @@ def test_run_fails_cleanly_when_attempts_are_used_up(make_server: MakeServer) ->
     server.start()
     stubs = Stubs.connect(server.address)
     try:
-        done = stubs.wait(run.id, timeout=30)
+        done = stubs.wait(run.id, timeout=RECOVERY_BOUND)
         assert done.status == run_pb2.FAILED
         assert done.last_error.code == "server_error" and "interrupted" in done.last_error.message
         assert_one_terminal_event_last(stubs.events(run.id))
@@ -111,7 +115,7 @@ def test_cancelling_run_of_a_killed_server_ends_cancelled(make_server: MakeServe
     server.start()
     stubs = Stubs.connect(server.address)
     try:
-        done = stubs.wait(run.id, timeout=30)
+        done = stubs.wait(run.id, timeout=RECOVERY_BOUND)
         assert done.status == run_pb2.CANCELLED
         events = stubs.events(run.id)
         assert_one_terminal_event_last(events)
