@@ -128,6 +128,9 @@ def make_server(new_database: Callable[..., TestDatabase]) -> Iterator[Callable[
             if not default:
                 default.append(new_database())
             database = default[0]
+        elif isinstance(database, Path) and STORE != "sqlite":
+            # It would run on SQLite while the pass claims PostgreSQL.
+            pytest.fail("make_server(database=PATH) on the PostgreSQL pass: use new_database()")
         process = ServerProcess(database, args, env).start()
         started.append(process)
         return process

@@ -9,10 +9,11 @@ from pathlib import Path
 from spindle.v1 import run_pb2
 from support.faults import Holds
 from support.invariants import assert_invariants
-from support.server import ServerProcess
+from support.server import ServerProcess, TestDatabase
 from support.stubs import Stubs
 
 MakeServer = Callable[..., ServerProcess]
+NewDatabase = Callable[..., TestDatabase]
 BODY = "engine.before_run_body"
 REQUEUED = "server shutting down; run re-queued"
 
@@ -41,8 +42,10 @@ def test_cancel_before_the_run_body_ends_the_run_and_frees_its_slot(
         stubs.close()
 
 
-def test_shutdown_before_the_run_body_requeues_the_run(make_server: MakeServer, tmp_path: Path) -> None:
-    database = tmp_path / "spindle.db"
+def test_shutdown_before_the_run_body_requeues_the_run(
+    make_server: MakeServer, new_database: NewDatabase, tmp_path: Path
+) -> None:
+    database = new_database()
     holds = Holds(tmp_path / "holds")
     server = make_server("--grace-period", "0.2", database=database, env=holds.env(BODY))
     stubs = Stubs.connect(server.address)
@@ -65,9 +68,9 @@ def test_shutdown_before_the_run_body_requeues_the_run(make_server: MakeServer, 
 
 
 def test_a_run_interrupted_by_every_shutdown_fails_after_max_attempts(
-    make_server: MakeServer, tmp_path: Path
+    make_server: MakeServer, new_database: NewDatabase, tmp_path: Path
 ) -> None:
-    database = tmp_path / "spindle.db"
+    database = new_database()
     max_attempts = 3
     run_id = ""
     for start in range(max_attempts):

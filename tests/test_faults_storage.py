@@ -76,6 +76,7 @@ def hold_first_delta(tmp_path: Path) -> tuple[Holds, dict[str, str]]:
     return holds, holds.env(FIRST_DELTA)
 
 
+@pytest.mark.sqlite_only("another process holds SQLite's file lock")
 def test_a_busy_database_never_stalls_the_event_loop(make_server: MakeServer) -> None:
     """Defect 4a: a key lookup that meets a busy database goes to the reader pool (which may
     wait); the event loop goes on answering. Ordered by events, not by time: the lookup is
@@ -86,7 +87,7 @@ def test_a_busy_database_never_stalls_the_event_loop(make_server: MakeServer) ->
     try:
         assistant = stubs.assistant(name="kept")
         get = assistant_pb2.GetAssistantRequest(assistant_id=assistant.id)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool, LockHolder(server.database, "recovering"):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, LockHolder(server.sqlite_path, "recovering"):
             lookup = pool.submit(stubs.assistants.Get, get, timeout=60)
             server.wait_for_log(lambda e: e.get("event") == "sqlite_inline_read_busy", timeout=60)
             assert health(stubs) == SERVING  # answered while the lock is held
@@ -102,9 +103,10 @@ def test_a_busy_database_never_stalls_the_event_loop(make_server: MakeServer) ->
     finally:
         stubs.close()
     assert server.stop() == 0
-    assert integrity(server.database) == "ok"
+    assert integrity(server.sqlite_path) == "ok"
 
 
+@pytest.mark.sqlite_only("another process holds SQLite's file lock")
 def test_database_locked_by_another_process(make_server: MakeServer, tmp_path: Path) -> None:
     holds, env = hold_first_delta(tmp_path)
     server = make_server("--lease-seconds", "2", env=env)
@@ -116,7 +118,7 @@ def test_database_locked_by_another_process(make_server: MakeServer, tmp_path: P
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             listening = pool.submit(listen_all, stubs, run.id, history)
             holds.wait_reached(FIRST_DELTA)
-            with LockHolder(server.database, "write"):
+            with LockHolder(server.sqlite_path, "write"):
                 holds.release(FIRST_DELTA)  # the run's next write meets the lock
                 server.wait_for_log(lambda e: e.get("event") == "run_execution_store_unavailable", 60)
                 # Writes wait busy_timeout, then say why; nothing half-written.
@@ -136,7 +138,7 @@ def test_database_locked_by_another_process(make_server: MakeServer, tmp_path: P
     finally:
         stubs.close()
     assert server.stop() == 0
-    assert integrity(server.database) == "ok"
+    assert integrity(server.sqlite_path) == "ok"
 
 
 @pytest.fixture
@@ -174,6 +176,7 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+@pytest.mark.sqlite_only("the SQLite file on a full tmpfs")
 def test_disk_full(make_server: MakeServer, small_disk: Path, tmp_path: Path) -> None:
     database = small_disk / "spindle.db"
     holds, env = hold_first_delta(tmp_path)

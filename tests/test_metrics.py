@@ -251,6 +251,7 @@ def test_off_unless_asked_and_port_zero_from_the_environment(monkeypatch: pytest
         parse_config(["--metrics-port", "70000"])
 
 
+@pytest.mark.sqlite_only("spindle_runs_active is read from the SQLite file (metrics.ActiveRuns)")
 def test_runs_active_counts_runs_left_by_an_earlier_server(
     make_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
