@@ -45,7 +45,7 @@ from hypothesis import strategies as st
 
 from spindle.v1 import assistant_pb2, common_pb2, message_pb2, run_pb2, thread_pb2
 from support.invariants import assert_invariants
-from support.server import ServerProcess
+from support.server import Databases, ServerProcess
 from support.stubs import TERMINAL, Stubs, error_details
 
 EXAMPLES = int(os.environ.get("SPINDLE_FUZZ_EXAMPLES", "20"))
@@ -191,8 +191,8 @@ def _seed(target: Target) -> None:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    database = tmp_path_factory.mktemp("fuzz") / "spindle.db"
+def target(tmp_path_factory: pytest.TempPathFactory, databases: Databases) -> Iterator[Target]:
+    database = databases.new(tmp_path_factory.mktemp("fuzz"))
     server = ServerProcess(database, ["--tool-timeout", "600", "--grace-period", "1"]).start()
     stubs = Stubs.connect(server.address)
     made = Target(server, stubs, health_pb2_grpc.HealthStub(stubs.channel))
