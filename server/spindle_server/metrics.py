@@ -268,22 +268,27 @@ class ActiveRuns:
 class MetricsEndpoint:
     """prometheus_client's HTTP server (a thread of its own) on HOST:PORT; port 0 picks one."""
 
-    def __init__(self, host: str, port: int, database: Path) -> None:
+    def __init__(self, host: str, port: int, database: Path | None) -> None:
         # "[::1]" is how the gRPC flag spells an IPv6 address; a socket wants it bare.
         self._server: WSGIServer
         self._thread: threading.Thread
-        self._active = ActiveRuns(database)
-        REGISTRY.register(self._active)
+        self._active = ActiveRuns(database) if database is not None else None
+        if self._active is not None:
+            REGISTRY.register(self._active)
         try:
             self._server, self._thread = start_http_server(port, addr=host.strip("[]"))
         except BaseException:
-            REGISTRY.unregister(self._active)
+            self._unregister()
             raise
         self.port: int = self._server.server_port
+
+    def _unregister(self) -> None:
+        if self._active is not None:
+            REGISTRY.unregister(self._active)
 
     def close(self) -> None:
         """Blocks until the serving thread is gone (up to its half-second poll interval)."""
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
-        REGISTRY.unregister(self._active)
+        self._unregister()

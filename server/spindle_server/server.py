@@ -45,7 +45,7 @@ from spindle_server.models.base import ModelBackend
 from spindle_server.models.builtin import BuiltinBackend
 from spindle_server.models.openai_backend import OpenAIBackend
 from spindle_server.models.registry import ModelRegistry
-from spindle_server.store.base import Store
+from spindle_server.store.base import Store, WatchesRuns
 from spindle_server.store.errors import UnavailableError
 from spindle_server.store.sqlite import SqliteStore
 
@@ -210,7 +210,11 @@ class SpindleServer:
         try:
             await self._start_store()
             self.store.add_events_listener(self.hub.publish)
-            self.store.add_events_listener(metrics.RunObserver())
+            if isinstance(self.store, WatchesRuns):
+                # Shared by replicas: each counts the runs it writes, not those others execute.
+                self.store.add_events_listener(metrics.RunObserver(), local_only=True)
+            else:
+                self.store.add_events_listener(metrics.RunObserver())
             await self.engine.start()
             if self._openai is not None:
                 await self._openai.start()
@@ -303,7 +307,9 @@ class SpindleServer:
             return
         host = self.config.metrics_host or self.config.host
         try:
-            self._metrics = metrics.MetricsEndpoint(host, self.config.metrics_port, self.config.database)
+            # The active-runs gauge counts from the SQLite file; PostgreSQL has none to offer yet.
+            database = self.config.database if self.config.postgres_dsn is None else None
+            self._metrics = metrics.MetricsEndpoint(host, self.config.metrics_port, database)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {host}:{self.config.metrics_port}: {exc}") from exc
         self.metrics_port = self._metrics.port
