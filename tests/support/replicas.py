@@ -1,7 +1,7 @@
 """Several real servers side by side, and which of them answered which calls (their access logs).
 
-Each replica gets its database from ``database(index)``: a SQLite file of its own today; when
-replicas can share one database, the same tests run them on it by passing a different function.
+Each replica gets its database from ``database(index)``: a SQLite file of its own
+(``own_sqlite``), or one PostgreSQL database shared by all (``shared``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from support.server import ServerProcess
+from support.server import ServerProcess, TestDatabase
 
 # Every call is in the access log at debug level (errors and slow calls also at info).
 DEBUG_LOG = ("--log-level", "debug")
@@ -23,9 +23,14 @@ def own_sqlite(directory: Path) -> Callable[[int], Path]:
     return lambda index: directory / f"replica{index}.db"
 
 
+def shared(database: TestDatabase) -> Callable[[int], TestDatabase]:
+    """The same database for every replica (PostgreSQL: what replicas are for)."""
+    return lambda index: database
+
+
 @contextlib.contextmanager
 def replicas(
-    database: Callable[[int], Path],
+    database: Callable[[int], TestDatabase | Path],
     count: int = 3,
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
