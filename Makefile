@@ -14,7 +14,7 @@ YANDEX_SDK := yandex-cloud-ml-sdk==0.19.1 yandex-ai-studio-sdk==0.22.0
 LLAMA_VENV ?= .venv-llama
 LLAMA_PYTHON := $(wildcard $(abspath $(LLAMA_VENV))/bin/python)
 
-.PHONY: serve test test-sqlite test-postgresql pg pg-stop proto yandex-proto yandex-sdk lint bench llama clean
+.PHONY: serve test test-sqlite test-postgresql pg pg-stop proto yandex-proto yandex-sdk lint bench bench-smoke llama clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Every benchmark, small, in seconds; writes nothing (CI runs it so the benchmarks cannot rot).
+bench-smoke: $(STAMP)
+	$(PY) -m bench --smoke
 
 clean:
 	rm -rf $(VENV) $(LLAMA_VENV) $(YANDEX_VENV) .pytest_cache .mypy_cache .ruff_cache
