@@ -170,6 +170,7 @@ class SqliteDatabase:
         connection.execute(f"PRAGMA busy_timeout={timeout}")
         connection.execute("PRAGMA synchronous=FULL")
         connection.execute("PRAGMA foreign_keys=ON")
+        connection.execute("PRAGMA temp_store=MEMORY")
         return connection
 
     async def write(
