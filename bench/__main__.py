@@ -1,6 +1,7 @@
 """`python -m bench` (or `make bench`): run the benchmarks and update their sections of
 BENCHMARKS.md. `python -m bench NAME...` runs only those (wait-latency, rpc-speed,
-listen-fanout, load). `python -m bench --smoke` (`make bench-smoke`) runs each one small and
+listen-fanout, load,
+store-throughput). `python -m bench --smoke` (`make bench-smoke`) runs each one small and
 writes nothing: it only proves they still work."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import _mode, fanout, load, rpc, wait_latency
+from bench import _mode, fanout, load, rpc, store_throughput, wait_latency
 from bench._report import fanout_section, rpc_section, update_section, wait_latency_section
 from bench._server import BenchServer
 
@@ -47,11 +48,18 @@ def _load(when: str, started: float) -> str:
     return load.section(figures, shape, MACHINE, when, time.monotonic() - started)
 
 
+def _store_throughput(when: str, started: float) -> str:
+    print("durable writes, whole runs and events persisted on SQLite", flush=True)
+    figures = store_throughput.run_benchmark()
+    return store_throughput.section(figures, MACHINE, when, time.monotonic() - started)
+
+
 BENCHMARKS: dict[str, Callable[[str, float], str]] = {
     "wait-latency": _wait_latency,
     "rpc-speed": _rpc_speed,
     "listen-fanout": _listen_fanout,
     "load": _load,
+    "store-throughput": _store_throughput,
 }
 
 

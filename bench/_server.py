@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 STOP_SECONDS = 30.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,7 @@ class ServedProcess:
         self._process: subprocess.Popen[str] | None = None
         self.address = ""
 
-    def __enter__(self) -> ServedProcess:
+    def __enter__(self) -> Self:
         self._process = subprocess.Popen(
             self._command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT
         )
@@ -70,6 +71,7 @@ class BenchServer(ServedProcess):
     def __init__(self, *args: str) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="spindle-bench-")
         database = Path(self._folder.name) / "spindle.db"
+        self.database = database  # the SQLite file, for a benchmark that counts what was written
         command = [sys.executable, "-m", "spindle_server", "--host", "127.0.0.1", "--port", "0"]
         super().__init__([*command, "--database", str(database), "--log-level", "warning", *args])
 
