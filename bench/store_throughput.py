@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -154,6 +155,8 @@ def _grpc_frame(body: bytes) -> bytes:
 
 def h2load(address: str, path: str, body_file: str, in_flight: int, duration: float) -> tuple[float, int]:
     """(requests/s, HTTP 200 answers) of one h2load window."""
+    if shutil.which(H2LOAD) is None:
+        raise RuntimeError("h2load is needed to drive unary load: install Debian's nghttp2-client")
     streams = max(1, in_flight // H2_CONNECTIONS)
     command = [H2LOAD, "-D", str(max(1, round(duration))), "-c", str(H2_CONNECTIONS), "-m", str(streams)]
     command += ["-t", "1", "--data", body_file, "-H", "content-type: application/grpc", "-H", "te: trailers"]
