@@ -418,16 +418,16 @@ Profile (py-spy on the server under each load; `--gil` to see who holds the inte
   their time outside Python. Each write in a group commit runs under its own SAVEPOINT (so one
   failing write does not undo the others), and SQLite keeps a savepoint's undo pages in a
   temporary *file* by default. Change: `PRAGMA temp_store=MEMORY` keeps them in memory. Events
-  per CPU-second of the appending process went from 33,000-38,000 to 68,000-86,000 (same
-  machine, the two alternating, 3 rounds each), and its rate on the wall clock doubled
-  (1,400-2,900 -> 3,800-5,800 events/s at load average 30).
+  per CPU-second of the appending process went from 42,000-49,000 to 81,000-97,000 (same
+  machine, the two alternating, 3 rounds each of 102,400 events); on the wall clock, which the
+  neighbours move more than the change does, from 12,000-25,000 to 12,000-43,000 events/s.
 - A durable Create costs the store 30-60 us of CPU (measured in a process running only the
   store: 30-34 us a write at 256 in flight, 60 at 16), against about 150 us more than echo in
   the call path (interceptor, validation, handler): with the store stubbed out, Create cost
   360-410 us of server CPU per call, against 430-630 us with it and 220-290 us for echo. Group
   commit already shares one fsync (2.2-2.6 ms on this disk) among all waiting writes: about 125
   writes a commit at 256 in flight, about 8 at 16.
-- A whole run costs the server about 4-5 ms of CPU (echo: 0.25 ms a call): four calls, five
+- A whole run costs the server about 4.5 ms of CPU (echo: 0.25 ms a call): four calls, five
   commits (thread, run, claim, the deltas, the end), three reads on the reader pool (thread
   messages, steps, the log's replay for Listen) and the fan-out. The engine already wakes on a
   new run (no polling) and claims up to 32 runs a commit. Reads made inline on the event loop
@@ -435,17 +435,19 @@ Profile (py-spy on the server under each load; `--gil` to see who holds the inte
 
 Limits on this design (goals not reached, and why):
 
-- Create vs echo >= 0.6: the server's CPU per Create is 2.2-2.4x echo's, a ceiling near 0.43
-  when the cores are the limit; even a free store leaves 360-410 us (<= 0.65), so the rest is
-  the call path (owned by the rpc-speed work). At 16 in flight the fsync bounds it too: a write
-  waits for the commit in progress and then its own, so a process running only the store makes
-  about 3,300 durable writes/s at 16 in flight (16 / (2 x 2.4 ms)) whatever its CPU.
+- Create vs echo >= 0.6: the server's CPU per Create is 2.0-2.4x echo's, a ceiling of
+  0.43-0.49 when the cores are the limit; even a free store leaves 360-410 us (<= 0.65), so the
+  rest is the call path (owned by the rpc-speed work). At 16 in flight the fsync bounds it
+  too: a write waits for the commit in progress and then its own, so a process running only
+  the store makes about 3,300 durable writes/s at 16 in flight (16 / (2 x 2.4 ms)) whatever
+  its CPU.
 - whole runs/s vs echo >= 0.15: needs at most 1.7 ms of server CPU per run (four calls at
-  0.25 ms are 1 ms of it); the run measured 4-5 ms, so the ceiling is about 0.05-0.06.
-- SQLite events/s >= 50,000: reached in CPU (11.9 us an event, 84,000 per CPU-second, plus a
-  2.4 ms fsync per commit of about 1,000 events: about 69,000/s on a core of its own), not on
-  the wall clock of this run, where the process had about a quarter of a core (load average
-  about 30: eight engineers' test suites on 2 cores).
+  0.25 ms are 1 ms of it); the run measured 4.5 ms, so the ceiling is about 0.06.
+- SQLite events/s >= 50,000: reached in CPU (10 us an event, 100,000 per CPU-second, plus a
+  2.4 ms fsync per commit of about 900 events: about 80,000/s on a core of its own), not on the
+  wall clock of this run (40,000/s), where the process shared 2 cores at load average 11-13
+  (other engineers' test suites). The writer thread does all of it serially: the loop thread
+  only queues the writes.
 """
 
 
