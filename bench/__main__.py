@@ -1,7 +1,7 @@
 """`python -m bench` (or `make bench`): run the benchmarks and update their sections of
 BENCHMARKS.md. `python -m bench NAME...` runs only those (wait-latency, rpc-speed,
 listen-fanout, load,
-store-throughput). `python -m bench --smoke` (`make bench-smoke`) runs each one small and
+store-throughput, replicas). `python -m bench --smoke` (`make bench-smoke`) runs each one small and
 writes nothing: it only proves they still work."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import _mode, fanout, load, rpc, store_throughput, wait_latency
+from bench import _mode, fanout, load, replicas, rpc, store_throughput, wait_latency
 from bench._report import fanout_section, rpc_section, update_section, wait_latency_section
 from bench._server import BenchServer
 
@@ -54,12 +54,20 @@ def _store_throughput(when: str, started: float) -> str:
     return store_throughput.section(figures, MACHINE, when, time.monotonic() - started)
 
 
-BENCHMARKS: dict[str, Callable[[str, float], str]] = {
+def _replicas(when: str, started: float) -> str | None:
+    figures = replicas.run_benchmark()
+    if figures is None:
+        return None  # no PostgreSQL here: it said so, and its section stays as it was
+    return replicas.section(figures, MACHINE, when, time.monotonic() - started)
+
+
+BENCHMARKS: dict[str, Callable[[str, float], str | None]] = {
     "wait-latency": _wait_latency,
     "rpc-speed": _rpc_speed,
     "listen-fanout": _listen_fanout,
     "load": _load,
     "store-throughput": _store_throughput,
+    "replicas": _replicas,
 }
 
 
@@ -74,6 +82,8 @@ def main(names: list[str]) -> int:
     when = datetime.now(UTC).strftime("%Y-%m-%d")
     for name in names or list(BENCHMARKS):
         section = BENCHMARKS[name](when, time.monotonic())
+        if section is None:
+            continue
         if not _mode.SMOKE:
             update_section(ROOT / "BENCHMARKS.md", name, section)
         sys.stdout.write(section)
