@@ -666,8 +666,8 @@ def reading(figures: Figures) -> str:
         "a NOTIFY and a read). Replicas are for availability and for machines with a core per "
         "replica; there runs/s grows with replicas until PostgreSQL's share of a run fills its "
         f"cores. Across replicas, a listener gets an event {extra:.1f} ms later at the median than "
-        "one on the executing replica: the NOTIFY, then a read of the run's new rows. The p99 of both "
-        "is the loaded machine's scheduling, not the path."
+        "one on the executing replica: the NOTIFY, then a read of the run's new rows. Both p99s "
+        "include the scheduling delays of a machine shared with other work."
     )
 
 
