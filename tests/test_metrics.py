@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -19,19 +20,23 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from fake_openai import FakeOpenAI, error_reply, text_stream
 from spindle.v1 import common_pb2, run_pb2
 from spindle_server import ids
 from spindle_server.config import parse_config
+from spindle_server.metrics import SharedActiveRuns
 from spindle_server.server import SpindleServer
-from support.server import ServerProcess
+from support.replicas import replicas, shared
+from support.server import ServerProcess, TestDatabase, store_under_test
 from support.stubs import Stubs
 
 RUNS = "/spindle.v1.RunService/"
 MODEL = "fake/gpt-test"
 ENV = {"SPINDLE_PROVIDER_FAKE_API_KEY": "sk-test"}
+STORE = store_under_test()
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -300,3 +305,83 @@ async def test_the_endpoint_stops_with_the_server(tmp_path: Path) -> None:
     await server.stop()
     with pytest.raises(ConnectionRefusedError):
         await asyncio.to_thread(socket.create_connection, ("127.0.0.1", port), 10)
+
+
+# ---- several replicas on one PostgreSQL: the active-runs gauge is the shared table's ---------
+
+
+def scrape_until(port: int, name: str, want: float, **labels: str) -> Samples:
+    """Scrapes until the gauge shows `want`: a count is kept for up to a second (one query
+    serves the scrapes of many replicas), so a change shows on a later scrape."""
+    deadline = time.monotonic() + 30
+    while True:
+        samples = scrape(port)
+        if value(samples, name, **labels) == want or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(STORE != "postgresql", reason="replicas share a database on PostgreSQL only")
+def test_runs_active_on_postgresql_is_global_on_every_replica(
+    new_database: Callable[..., TestDatabase],
+) -> None:
+    flags = ["--metrics-port", "0", "--tool-timeout", "600"]
+    with replicas(shared(new_database()), count=2, extra_args=flags) as (first, second):
+        on_first = Stubs.connect(first.address)
+        on_second = Stubs.connect(second.address)
+        try:
+            run = paused_run(on_first)
+            for replica in (first, second):  # both count the run, whichever executes it
+                samples = scrape_until(metrics_port(replica), "spindle_runs_active", 1, status="TOOL_CALLS")
+                assert value(samples, "spindle_runs_active", status="TOOL_CALLS") == 1
+                assert value(samples, "spindle_runs_active", status="PENDING") == 0
+            cancel = run_pb2.CancelRunRequest(run_id=run.id)
+            assert on_second.runs.Cancel(cancel, timeout=10).status == run_pb2.CANCELLED
+            for replica in (first, second):
+                samples = scrape_until(metrics_port(replica), "spindle_runs_active", 0, status="TOOL_CALLS")
+                assert value(samples, "spindle_runs_active", status="TOOL_CALLS") == 0
+                assert value(samples, "spindle_runs_active_read_failures_total") == 0
+        finally:
+            on_first.close()
+            on_second.close()
+
+
+class _Counts:
+    """A count of active runs for SharedActiveRuns: fails while `failing`, counts its calls."""
+
+    def __init__(self) -> None:
+        self.failing = True
+        self.calls = 0
+
+    async def __call__(self) -> dict[int, int]:
+        self.calls += 1
+        if self.failing:
+            raise ConnectionRefusedError("the database is down")
+        return {run_pb2.TOOL_CALLS: 2}
+
+
+def test_shared_active_runs_counts_failures_and_reuses_a_fresh_count() -> None:
+    """On the scrape thread, with the count running on an event loop of its own (the server's)."""
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+    try:
+        counts = _Counts()
+        failures = REGISTRY.get_sample_value("spindle_runs_active_read_failures_total") or 0.0
+        gauge = SharedActiveRuns(counts, loop, ttl=3600)
+        assert list(gauge.collect()) == []  # no figure rather than a wrong one; nothing raised
+        assert REGISTRY.get_sample_value("spindle_runs_active_read_failures_total") == failures + 1
+        counts.failing = False
+        for _ in range(2):  # the second scrape within the ttl takes the first one's count
+            (family,) = gauge.collect()
+            by_status = {sample.labels["status"]: sample.value for sample in family.samples}
+            assert by_status == {"PENDING": 0, "IN_PROGRESS": 0, "TOOL_CALLS": 2, "CANCELLING": 0}
+        assert counts.calls == 2
+        fresh = SharedActiveRuns(counts, loop, ttl=0)
+        list(fresh.collect())
+        list(fresh.collect())
+        assert counts.calls == 4
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(timeout=10)
+        loop.close()

@@ -5,18 +5,24 @@ per method and code, per provider) and cached, so a call costs a dict lookup plu
 prometheus_client's own per-value lock; nothing here takes a lock of its own.
 The metrics live in prometheus_client's default registry, which also carries the process
 collectors (memory, CPU, open files) that operators expect next to them.
+
+Several replicas on one PostgreSQL: every figure is the replica's own (sum them across replicas:
+calls it answered, Listen streams it holds, model calls it made, its commits, and the runs whose
+end it wrote), except spindle_runs_active, which counts the shared table and so is the same
+global figure on every replica (take one replica's, or max, never the sum).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Sequence
 from contextlib import aclosing
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -262,6 +268,65 @@ class ActiveRuns:
             return {status: count for status, count in rows}
 
 
+ACTIVE_READ_FAILURES = Counter(
+    "spindle_runs_active_read_failures",
+    "Scrapes whose count of active runs from the shared database failed (no gauge in that scrape)",
+)
+# Every replica's scrape counts the same shared table: one count serves the scrapes this close.
+SHARED_ACTIVE_TTL = 1.0
+SHARED_ACTIVE_TIMEOUT = 2.0
+CountActive = Callable[[], Coroutine[Any, Any, dict[int, int]]]
+
+
+class SharedActiveRuns:
+    """`spindle_runs_active{status}` from a database shared by replicas (PostgreSQL): the same
+    global figure on every replica, counted at scrape time by the store on the server's event
+    loop (its pool), kept for `ttl` seconds so that N replicas times M scrapers do not each count.
+    A count that fails or takes longer than `timeout` is counted in
+    spindle_runs_active_read_failures_total and leaves the gauge out of that scrape."""
+
+    def __init__(
+        self,
+        count: CountActive,
+        loop: asyncio.AbstractEventLoop,
+        ttl: float = SHARED_ACTIVE_TTL,
+        timeout: float = SHARED_ACTIVE_TIMEOUT,
+    ) -> None:
+        self._count = count
+        self._loop = loop
+        self._ttl = ttl
+        self._timeout = timeout
+        self._lock = threading.Lock()  # prometheus_client serves scrapes on several threads
+        self._cached: tuple[float, dict[int, int]] | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily("spindle_runs_active", _ACTIVE_HELP, labels=["status"])]
+
+    def collect(self) -> Iterable[Metric]:
+        counts = self._counts()
+        if counts is None:
+            return []
+        family = GaugeMetricFamily("spindle_runs_active", _ACTIVE_HELP, labels=["status"])
+        for status, name in _ACTIVE_NAMES.items():
+            family.add_metric([name], counts.get(status, 0))
+        return [family]
+
+    def _counts(self) -> dict[int, int] | None:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self._ttl:
+                return self._cached[1]
+            future = asyncio.run_coroutine_threadsafe(self._count(), self._loop)
+            try:
+                counts = future.result(timeout=self._timeout)
+            except Exception:  # down, slow, or the loop is gone: a failure counted, not raised
+                future.cancel()
+                ACTIVE_READ_FAILURES.inc()
+                return None
+            self._cached = (time.monotonic(), counts)
+            return counts
+
+
 # ---- the endpoint ------------------------------------------------------------------------------
 
 
@@ -272,7 +337,9 @@ class MetricsEndpoint:
         # "[::1]" is how the gRPC flag spells an IPv6 address; a socket wants it bare.
         self._server: WSGIServer
         self._thread: threading.Thread
-        self._active = ActiveRuns(database) if database is not None else None
+        self._active: ActiveRuns | SharedActiveRuns | None = None
+        if database is not None:
+            self._active = ActiveRuns(database)
         if self._active is not None:
             REGISTRY.register(self._active)
         try:
@@ -282,9 +349,16 @@ class MetricsEndpoint:
             raise
         self.port: int = self._server.server_port
 
+    def add_active_runs(self, collector: SharedActiveRuns) -> None:
+        """The active-runs gauge of a shared database, once its store is up."""
+        if self._active is None:
+            REGISTRY.register(collector)
+            self._active = collector
+
     def _unregister(self) -> None:
         if self._active is not None:
             REGISTRY.unregister(self._active)
+            self._active = None
 
     def close(self) -> None:
         """Blocks until the serving thread is gone (up to its half-second poll interval)."""

@@ -215,6 +215,7 @@ class SpindleServer:
                 self.store.add_events_listener(metrics.RunObserver(), local_only=True)
             else:
                 self.store.add_events_listener(metrics.RunObserver())
+            self._count_active_runs()
             await self.engine.start()
             if self._openai is not None:
                 await self._openai.start()
@@ -307,12 +308,19 @@ class SpindleServer:
             return
         host = self.config.metrics_host or self.config.host
         try:
-            # The active-runs gauge counts from the SQLite file; PostgreSQL has none to offer yet.
+            # SQLite's active-runs gauge reads the file; PostgreSQL's comes with the store (below).
             database = self.config.database if self.config.postgres_dsn is None else None
             self._metrics = metrics.MetricsEndpoint(host, self.config.metrics_port, database)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {host}:{self.config.metrics_port}: {exc}") from exc
         self.metrics_port = self._metrics.port
+
+    def _count_active_runs(self) -> None:
+        """A store shared by replicas counts the active runs of all of them (SQLite's gauge reads
+        its file, set up with the endpoint)."""
+        count = getattr(self.store, "count_active_runs", None)
+        if self._metrics is not None and count is not None:
+            self._metrics.add_active_runs(metrics.SharedActiveRuns(count, asyncio.get_running_loop()))
 
     async def _stop_metrics(self) -> None:
         if self._metrics is not None:

@@ -533,6 +533,16 @@ class PostgresStore:
         )
         return {row["step_id"]: row["said"] for row in rows}
 
+    async def count_active_runs(self) -> dict[int, int]:
+        """Runs not finished yet, by status, over every replica (the metrics' active-runs gauge;
+        the partial index on active runs keeps it a short scan)."""
+        rows = await self._read(
+            lambda c: c.fetch(
+                f"SELECT status, COUNT(*) AS n FROM runs WHERE status IN ({_ACTIVE}) GROUP BY status"
+            )
+        )
+        return {int(row["status"]): int(row["n"]) for row in rows}
+
     async def _next_event_index(self, run_id: str) -> int:
         value = await self._read(
             lambda c: c.fetchval("SELECT next_event_idx FROM runs WHERE id = $1", run_id)
