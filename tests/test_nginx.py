@@ -1,25 +1,37 @@
 """nginx (deploy/nginx/spindle.conf, rendered by scripts/nginx_conf.py) in front of three replicas.
 
-Each replica has a database of its own here, so the calls that spread over them are ones whose
-answer does not depend on shared state; a run is made on one replica directly and followed
-through nginx. When replicas share one database, pass it as the `database` of `replicas`.
+On the SQLite pass each replica has a file of its own, so the calls that spread over them are
+ones whose answer does not depend on shared state, and a run is followed through nginx from the
+one replica that knows it. On the PostgreSQL pass the three share one database, and the tests at
+the end prove what only that allows: one run's calls answered by different replicas (read from
+their access logs), a Listen through nginx following a run that another replica executes.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spindle.v1 import assistant_pb2, common_pb2, run_pb2
+from spindle.v1 import assistant_pb2, common_pb2, run_pb2, thread_pb2
+from support.faults import Holds
 from support.invariants import is_terminal
 from support.nginx import NginxProcess, nginx_binary
-from support.replicas import calls, calls_per_replica, own_sqlite, replicas
-from support.server import ServerProcess
+from support.replicas import (
+    calls,
+    calls_per_replica,
+    own_sqlite,
+    replicas,
+    served_counts,
+    shared,
+    who_served,
+)
+from support.server import Databases, ServerProcess, TestDatabase, store_under_test
 from support.stubs import Stubs, error_details
 
 NGINX = nginx_binary()
@@ -27,16 +39,32 @@ pytestmark = pytest.mark.skipif(
     NGINX is None, reason="nginx is not installed (Debian: apt-get install nginx)"
 )
 
+STORE = store_under_test()
 CREATE = "/spindle.v1.AssistantService/Create"
+GET_ASSISTANT = "/spindle.v1.AssistantService/Get"
+LISTEN = "/spindle.v1.RunService/Listen"
+SUBMIT = "/spindle.v1.RunService/SubmitToolResults"
+GET_RUN = "/spindle.v1.RunService/Get"
 EventType = run_pb2.StreamEvent
+ReplicaDatabase = Callable[[int], TestDatabase | Path]
+shared_only = pytest.mark.skipif(STORE != "postgresql", reason="replicas share a database on PostgreSQL")
+
+
+def replica_databases(directory: Path, databases: Databases) -> ReplicaDatabase:
+    """PostgreSQL: one fresh database for all three; SQLite: a file each."""
+    if STORE == "postgresql":
+        return shared(databases.new(directory))
+    return own_sqlite(directory)
 
 
 @contextlib.contextmanager
-def behind_nginx(directory: Path) -> Iterator[tuple[list[ServerProcess], NginxProcess, Stubs]]:
+def behind_nginx(
+    directory: Path, database: ReplicaDatabase, env: Callable[[int], dict[str, str]] | None = None
+) -> Iterator[tuple[list[ServerProcess], NginxProcess, Stubs]]:
     """Three replicas, nginx in front, and plain generated stubs on a channel to nginx (no
     client-side retry or balancing)."""
     assert NGINX is not None
-    with replicas(own_sqlite(directory), extra_args=["--tool-timeout", "600"]) as servers:
+    with replicas(database, extra_args=["--tool-timeout", "600"], env=env) as servers:
         nginx = NginxProcess(NGINX, directory / "nginx", [server.address for server in servers]).start()
         stubs = Stubs.connect(nginx.address)
         try:
@@ -48,10 +76,11 @@ def behind_nginx(directory: Path) -> Iterator[tuple[list[ServerProcess], NginxPr
 
 @pytest.fixture(scope="module")
 def setup(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, databases: Databases
 ) -> Iterator[tuple[list[ServerProcess], NginxProcess, Stubs]]:
     """Shared by the tests that leave every replica running."""
-    with behind_nginx(tmp_path_factory.mktemp("nginx")) as started:
+    directory = tmp_path_factory.mktemp("nginx")
+    with behind_nginx(directory, replica_databases(directory, databases)) as started:
         yield started
 
 
@@ -91,8 +120,8 @@ def test_unary_calls_spread_over_the_replicas(
     assert nginx.logged(f'{CREATE} HTTP/2.0" 200 grpc-status=0 ', 30) >= 30
 
 
-def test_a_replica_down_is_skipped(tmp_path: Path) -> None:
-    with behind_nginx(tmp_path) as (servers, nginx, through):
+def test_a_replica_down_is_skipped(tmp_path: Path, databases: Databases) -> None:
+    with behind_nginx(tmp_path, replica_databases(tmp_path, databases)) as (servers, nginx, through):
         for i in range(3):
             through.assistant(name=f"warm{i}")  # nginx now holds a connection to each replica
         assert calls_per_replica(servers, CREATE, 3) == [1, 1, 1]
@@ -108,8 +137,9 @@ def test_a_replica_down_is_skipped(tmp_path: Path) -> None:
 
 
 def listen_through(through: Stubs, run_id: str, attempts: int = 6) -> Iterator[run_pb2.StreamEvent]:
-    """Listen through nginx. With a database per replica only one of them knows the run: the
-    others answer NOT_FOUND, and nginx's round robin reaches the right one within three calls."""
+    """Listen through nginx. With a database per replica (SQLite) only one of them knows the
+    run: the others answer NOT_FOUND, and nginx's round robin reaches the right one within three
+    calls. On one shared database the first call is answered."""
     for _ in range(attempts):
         stream = through.runs.Listen(run_pb2.ListenRunRequest(run_id=run_id), timeout=60)
         try:
@@ -176,3 +206,119 @@ def test_error_status_and_details_pass_through_intact(through: Stubs, servers: l
         return [v for k, v in error.trailing_metadata() or () if k == "grpc-status-details-bin"]
 
     assert details_bin(at_nginx.value) == details_bin(at_replica.value) != []
+
+
+# ---- one shared database (PostgreSQL): any replica answers any call -----------------------------
+
+
+def land_on(through: Stubs, servers: list[ServerProcess], target: int) -> None:
+    """Make calls through nginx until one is answered by servers[target]: nginx's round robin
+    then sends the next call to another replica. Each call is awaited in the logs, so the
+    replica that answered is known, not assumed."""
+    assistant = through.assistant(name="steering")
+    for _ in range(3 * len(servers)):
+        before = [calls(server, GET_ASSISTANT) for server in servers]
+        through.assistants.Get(assistant_pb2.GetAssistantRequest(assistant_id=assistant.id), timeout=10)
+        after = calls_per_replica(servers, GET_ASSISTANT, sum(before) + 1)
+        if after[target] > before[target]:
+            return
+    raise AssertionError(f"nginx never sent a call to replica {target}")
+
+
+def submit(stubs: Stubs, run_id: str, call_id: str) -> None:
+    stubs.runs.SubmitToolResults(
+        run_pb2.SubmitToolResultsRequest(
+            run_id=run_id, tool_results=[common_pb2.ToolResult(tool_call_id=call_id, output="42")]
+        ),
+        timeout=10,
+    )
+
+
+def assert_whole_log(received: list[run_pb2.StreamEvent], stored: list[run_pb2.StreamEvent]) -> None:
+    """Every index once, in order, ending with DONE: byte for byte what the database holds."""
+    assert [e.index for e in received] == list(range(len(received)))
+    assert received[-1].type == EventType.DONE
+    assert [e.SerializeToString() for e in received] == [e.SerializeToString() for e in stored]
+
+
+@shared_only
+def test_one_runs_calls_are_answered_by_different_replicas(
+    through: Stubs, servers: list[ServerProcess]
+) -> None:
+    """Made through nginx; listened to on one replica, its tool results submitted on another,
+    and read with Get on each of the three."""
+    assistant = through.tool_assistant("lookup")
+    thread = through.thread("/tool lookup {}")
+    land_on(through, servers, 0)
+    run = through.run(assistant.id, thread.id)  # replica 1 takes it
+    before_listen = served_counts(servers, LISTEN, run.id)
+    before_submit = served_counts(servers, SUBMIT, run.id)
+    received: list[run_pb2.StreamEvent] = []
+    for event in through.runs.Listen(run_pb2.ListenRunRequest(run_id=run.id), timeout=60):  # replica 2
+        received.append(event)
+        if event.type == EventType.TOOL_CALLS:
+            submit(through, run.id, event.tool_calls.tool_calls[0].id)  # round robin: not replica 2
+    listened_on = who_served(servers, LISTEN, run.id, before_listen)  # before events() listens too
+    submitted_on = who_served(servers, SUBMIT, run.id, before_submit)
+    assert listened_on != submitted_on
+    assert_whole_log(received, through.events(run.id))
+    assert EventType.TOOL_CALLS in [e.type for e in received]
+
+    # Every object, read through nginx on each replica in turn (round robin: three calls in a
+    # row go to the three), is the same.
+    before_get = served_counts(servers, GET_RUN, run.id)
+    for _ in servers:
+        got = through.runs.Get(run_pb2.GetRunRequest(run_id=run.id), timeout=10)
+        assert got.status == run_pb2.COMPLETED and got.id == run.id
+    for _ in servers:
+        assert through.threads.Get(thread_pb2.GetThreadRequest(thread_id=thread.id), timeout=10) == thread
+    for _ in servers:
+        same = through.assistants.Get(
+            assistant_pb2.GetAssistantRequest(assistant_id=assistant.id), timeout=10
+        )
+        assert same == assistant
+    per_replica = [0] * len(servers)
+    for _ in range(1000):  # the log lines come through pipes: wait for all three (bounded)
+        now = served_counts(servers, GET_RUN, run.id)
+        per_replica = [after - then for after, then in zip(now, before_get, strict=True)]
+        if sum(per_replica) >= len(servers):
+            break
+        time.sleep(0.02)
+    assert per_replica == [1, 1, 1]
+
+
+@shared_only
+def test_listen_through_nginx_follows_a_run_executing_on_another_replica(
+    tmp_path: Path, new_database: Callable[..., TestDatabase]
+) -> None:
+    """The replica that claims the run is held before it writes anything past the queued event;
+    the Listen is steered to another one, opened, and only then is the run let go: every later
+    event reaches the stream through the database (NOTIFY hint, then a read), none missing."""
+    holds = [Holds(tmp_path / f"holds{index}") for index in range(3)]
+    point = "engine.before_run_body"
+    database = shared(new_database())
+    env = lambda index: holds[index].env(point)  # noqa: E731
+    with behind_nginx(tmp_path / "r", database, env) as (servers, _nginx, through):
+        assistant = through.assistant(name="echo")
+        run = through.run(assistant.id, through.thread("hello from far away").id)
+        executing = wait_held(holds, point)
+        land_on(through, servers, executing)
+        before = served_counts(servers, LISTEN, run.id)
+        stream = through.runs.Listen(run_pb2.ListenRunRequest(run_id=run.id), timeout=60)
+        received = [next(stream)]  # the stream is open on its replica
+        holds[executing].release(point)
+        received.extend(stream)
+        assert who_served(servers, LISTEN, run.id, before) != executing
+        assert_whole_log(received, through.events(run.id))
+        assert not any(hold.is_reached(point, 2) for hold in holds)  # executed once, by one
+
+
+def wait_held(holds: list[Holds], point: str, timeout: float = 60.0) -> int:
+    """The index of the replica held at ``point`` (the one that claimed the run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for index, hold in enumerate(holds):
+            if hold.is_reached(point):
+                return index
+        time.sleep(0.01)
+    raise AssertionError(f"no replica reached {point}")

@@ -33,10 +33,14 @@ def replicas(
     database: Callable[[int], TestDatabase | Path],
     count: int = 3,
     extra_args: Sequence[str] = (),
-    env: dict[str, str] | None = None,
+    env: dict[str, str] | Callable[[int], dict[str, str]] | None = None,
 ) -> Iterator[list[ServerProcess]]:
-    """Start ``count`` servers (access log at debug level); all are killed on the way out."""
-    started = [ServerProcess(database(index), [*DEBUG_LOG, *extra_args], env) for index in range(count)]
+    """Start ``count`` servers (access log at debug level); all are killed on the way out.
+    ``env`` is the same for all, or ``env(index)`` each its own (e.g. a fault-point folder)."""
+    envs = [env(index) if callable(env) else env for index in range(count)]
+    started = [
+        ServerProcess(database(index), [*DEBUG_LOG, *extra_args], envs[index]) for index in range(count)
+    ]
     try:
         with ThreadPoolExecutor(max_workers=count) as pool:  # side by side: each takes a while
             for future in [pool.submit(process.start) for process in started]:
@@ -64,4 +68,33 @@ def calls_per_replica(
         counts = [calls(server, method) for server in servers]
         if sum(counts) >= total or time.monotonic() > deadline:
             return counts
+        time.sleep(0.02)
+
+
+def served(server: ServerProcess, method: str, run_id: str) -> int:
+    """How many calls of ``method`` about run ``run_id`` it logged (a stream: once it ended)."""
+    return sum(
+        1
+        for event in server.log_events()
+        if event.get("event") == "rpc" and event.get("method") == method and event.get("run_id") == run_id
+    )
+
+
+def served_counts(servers: Sequence[ServerProcess], method: str, run_id: str) -> list[int]:
+    return [served(server, method, run_id) for server in servers]
+
+
+def who_served(
+    servers: Sequence[ServerProcess], method: str, run_id: str, before: Sequence[int], timeout: float = 20.0
+) -> int:
+    """The index of the replica that answered the one call of ``method`` about ``run_id`` made
+    since ``before`` (served_counts then), once its log line has come through the pipe."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = served_counts(servers, method, run_id)
+        if sum(counts) > sum(before):
+            (index,) = [i for i, (now, then) in enumerate(zip(counts, before, strict=True)) if now > then]
+            return index
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no replica logged a {method} for {run_id}: {counts}")
         time.sleep(0.02)
