@@ -1,7 +1,9 @@
 """Several replicas from the client: addresses or a DNS name, balanced with gRPC's round_robin.
 
-Each replica has a database of its own, so the calls here are ones whose answer does not depend on
-shared state (AssistantService.Create). Which replica answered is read from its access log.
+On the SQLite pass each replica has a file of its own, so the calls here are ones whose answer does
+not depend on shared state (AssistantService.Create); on the PostgreSQL pass the replicas share one
+database, and one run's calls are followed from replica to replica. Which replica answered is read
+from its access log.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,16 +22,35 @@ from spindle._channel import TARGET_ENV, Settings
 from spindle._targets import ROUND_ROBIN
 from spindle.cli import main
 from support import certs
-from support.replicas import calls, calls_per_replica, own_sqlite, replicas
-from support.server import ServerProcess
+from support.replicas import (
+    calls,
+    calls_per_replica,
+    own_sqlite,
+    replicas,
+    served_counts,
+    shared,
+    who_served,
+)
+from support.server import Databases, ServerProcess, TestDatabase, store_under_test
 
+STORE = store_under_test()
 CREATE = "/spindle.v1.AssistantService/Create"
+GET_ASSISTANT = "/spindle.v1.AssistantService/Get"
+LISTEN = "/spindle.v1.RunService/Listen"
+SUBMIT = "/spindle.v1.RunService/SubmitToolResults"
+GET_RUN = "/spindle.v1.RunService/Get"
 WARM_UP_BOUND = 300  # calls; round_robin reaches every replica long before
 
 
+def replica_databases(directory: Path, databases: Databases) -> Callable[[int], TestDatabase | Path]:
+    """PostgreSQL: one fresh database for all; SQLite: a file each."""
+    return shared(databases.new(directory)) if STORE == "postgresql" else own_sqlite(directory)
+
+
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
-    with replicas(own_sqlite(tmp_path_factory.mktemp("replicas"))) as started:
+def servers(tmp_path_factory: pytest.TempPathFactory, databases: Databases) -> Iterator[list[ServerProcess]]:
+    directory = tmp_path_factory.mktemp("replicas")
+    with replicas(replica_databases(directory, databases), extra_args=["--tool-timeout", "600"]) as started:
         yield started
 
 
@@ -182,8 +204,13 @@ def test_cli_refuses_a_bad_target_list(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "IPv4" in err.getvalue()
 
 
-def test_a_killed_replica_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with replicas(own_sqlite(tmp_path)) as servers, spindle.Client(addresses(servers), timeout=30) as client:
+def test_a_killed_replica_is_skipped(
+    tmp_path: Path, databases: Databases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with (
+        replicas(replica_databases(tmp_path, databases)) as servers,
+        spindle.Client(addresses(servers), timeout=30) as client,
+    ):
         reach_every_replica(lambda name: client.assistants.create(name=name), servers)
         servers[1].kill()
         survivors = [servers[0], servers[2]]
@@ -200,13 +227,64 @@ def test_a_killed_replica_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.skipif(not certs.openssl_available(), reason="openssl is needed to make test certificates")
-def test_tls_over_several_replicas_checks_the_name_given(tmp_path: Path) -> None:
+def test_tls_over_several_replicas_checks_the_name_given(tmp_path: Path, databases: Databases) -> None:
     """The first address's host is the name the certificate is checked for (the certificate is
     for localhost and 127.0.0.1), whatever the list resolves to."""
     ca = certs.make_ca(tmp_path, "ca")
     leaf = certs.issue(ca, tmp_path, "server", server=True)
     tls = ["--tls-cert", str(leaf.cert), "--tls-key", str(leaf.key)]
-    with replicas(own_sqlite(tmp_path), count=2, extra_args=tls) as servers:
+    with replicas(replica_databases(tmp_path, databases), count=2, extra_args=tls) as servers:
         target = ",".join(f"localhost:{server.port}" for server in servers)
         with spindle.Client(target, root_certificates=ca.cert.read_bytes(), timeout=20) as client:
             reach_every_replica(lambda name: client.assistants.create(name=name), servers)
+
+
+# ---- one shared database (PostgreSQL): one run's calls on different replicas -------------------
+
+
+def land_on(client: spindle.Client, servers: list[ServerProcess], target: int) -> None:
+    """Call until servers[target] answers one (read from the logs, not assumed): round_robin
+    then picks the next replica for the next call."""
+    assistant = client.assistants.create(name="steering")
+    for _ in range(3 * len(servers)):
+        before = [calls(server, GET_ASSISTANT) for server in servers]
+        client.assistants.get(assistant.id)
+        after = calls_per_replica(servers, GET_ASSISTANT, sum(before) + 1)
+        if after[target] > before[target]:
+            return
+    raise AssertionError(f"round_robin never sent a call to replica {target}")
+
+
+@pytest.mark.skipif(STORE != "postgresql", reason="replicas share a database on PostgreSQL")
+def test_one_run_across_three_replicas_with_round_robin(servers: list[ServerProcess]) -> None:
+    """Created, listened to, its tool results submitted and read back, each call answered by
+    whichever replica round_robin picks: Listen and SubmitToolResults by different ones."""
+    schema = {"type": "object", "properties": {}}
+    with spindle.Client(addresses(servers), timeout=20) as client:
+        reach_every_replica(lambda name: client.assistants.create(name=name), servers)
+        assistant = client.assistants.create(name="tools", tools=[spindle.FunctionTool("lookup", "", schema)])
+        thread = client.threads.create(messages=["/tool lookup {}"])
+        land_on(client, servers, 0)
+        run = client.runs.create(thread_id=thread.id, assistant_id=assistant.id)
+        before_listen = served_counts(servers, LISTEN, run.id)
+        before_submit = served_counts(servers, SUBMIT, run.id)
+        indexes: list[int] = []
+        for event in run.listen(timeout=60):
+            indexes.append(event.index)
+            if event.tool_calls:
+                client.runs.submit_tool_results(run.id, {event.tool_calls[0].id: "42"})
+        listened_on = who_served(servers, LISTEN, run.id, before_listen)
+        submitted_on = who_served(servers, SUBMIT, run.id, before_submit)
+        assert listened_on != submitted_on
+        assert indexes == list(range(len(indexes)))
+        before_get = served_counts(servers, GET_RUN, run.id)
+        for _ in servers:  # three in a row: one on each replica
+            assert client.runs.get(run.id).status is spindle.RunStatus.COMPLETED
+        per_replica = [0] * len(servers)
+        for _ in range(1000):  # their log lines come through pipes (bounded wait)
+            now = served_counts(servers, GET_RUN, run.id)
+            per_replica = [after - then for after, then in zip(now, before_get, strict=True)]
+            if sum(per_replica) >= len(servers):
+                break
+            time.sleep(0.02)
+        assert per_replica == [1, 1, 1]
