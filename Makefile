@@ -14,7 +14,7 @@ YANDEX_SDK := yandex-cloud-ml-sdk==0.19.1 yandex-ai-studio-sdk==0.22.0
 LLAMA_VENV ?= .venv-llama
 LLAMA_PYTHON := $(wildcard $(abspath $(LLAMA_VENV))/bin/python)
 
-.PHONY: serve test test-sqlite test-postgresql pg pg-stop proto yandex-proto yandex-sdk lint bench bench-smoke llama clean
+.PHONY: serve test test-sqlite test-postgresql pg pg-stop replicas replicas-runs proto yandex-proto yandex-sdk lint bench bench-smoke llama clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,15 @@ pg: $(STAMP)
 
 pg-stop: $(STAMP)
 	@$(PY) scripts/pg_cluster.py stop
+
+# Three replicas on make pg's PostgreSQL with nginx in front (scripts/replicas.py): prints the
+# address for SPINDLE_TARGET and the PIDs; Ctrl-C stops them. ARGS: e.g. --count 2 -- --log-level debug
+replicas: $(STAMP)
+	@$(PY) scripts/replicas.py start $(ARGS)
+
+# The runs not finished yet and the PID of the replica executing each (for kill -9).
+replicas-runs: $(STAMP)
+	@$(PY) scripts/replicas.py runs
 
 # llama-cpp-python's OpenAI-compatible server, compiled from source (about 3 minutes), for
 # tests/test_llama_cpp.py: a real provider on the wire, with a tiny random model it writes.

@@ -35,19 +35,27 @@ def dsn(port: int) -> str:
     return f"postgresql://{postgres.USER}@127.0.0.1:{port}/{DATABASE}"
 
 
-def start() -> int:
+def ensure_running() -> tuple[postgres.Cluster, bool]:
+    """The cluster, started (with its database) unless it was running; True if started now."""
+    HOME.mkdir(exist_ok=True)
     pg = cluster()
-    if not pg.running():
-        pg.start()
-        PORT_FILE.write_text(str(pg.port))
-        admin = postgres.Admin(pg.dsn)
-        try:
-            admin.execute(f'CREATE DATABASE "{DATABASE}"')
-        except Exception as exc:  # already there from an earlier start
-            if "already exists" not in str(exc):
-                raise
-        finally:
-            admin.close()
+    if pg.running():
+        return pg, False
+    pg.start()
+    PORT_FILE.write_text(str(pg.port))
+    admin = postgres.Admin(pg.dsn)
+    try:
+        admin.execute(f'CREATE DATABASE "{DATABASE}"')
+    except Exception as exc:  # already there from an earlier start
+        if "already exists" not in str(exc):
+            raise
+    finally:
+        admin.close()
+    return pg, True
+
+
+def start() -> int:
+    pg, _ = ensure_running()
     print(f"export SPINDLE_DATABASE={shlex.quote(dsn(pg.port))}")
     print(f"# PostgreSQL in {HOME}; stop it with: make pg-stop", file=sys.stderr)
     return 0

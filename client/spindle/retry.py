@@ -18,7 +18,7 @@ import grpc
 
 from spindle.errors import ApiError
 
-__all__ = ["DEFAULT_RETRY", "NO_RETRY", "Backoff", "Deadline", "RetryPolicy"]
+__all__ = ["DEFAULT_RETRY", "NO_RETRY", "Backoff", "Deadline", "RetryPolicy", "is_reset_stream"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,8 @@ class RetryPolicy:
         jitter: the share of each delay that is random: 0.5 means uniformly in [d/2, d].
         max_attempts: attempts of one call in all (0: no limit but the call's deadline).
         codes: status codes worth retrying. ``ABORTED`` with reason ``REQUEST_IN_PROGRESS`` (the
-            first try of the same request_id is still being served) is always retried too.
+            first try of the same request_id is still being served) is always retried too; with
+            ``UNAVAILABLE`` in them, so is a stream a proxy reset mid-call (``is_reset_stream``).
     """
 
     initial: float = 0.1
@@ -52,7 +53,16 @@ class RetryPolicy:
         """True if a call that failed with ``error`` is worth another try under this policy."""
         if error.code in self.codes:
             return True
+        if grpc.StatusCode.UNAVAILABLE in self.codes and is_reset_stream(error):
+            return True
         return error.code == grpc.StatusCode.ABORTED and error.reason == "REQUEST_IN_PROGRESS"
+
+
+def is_reset_stream(error: ApiError) -> bool:
+    """The call's HTTP/2 stream was reset by the peer with no gRPC status: a proxy (nginx) whose
+    replica went away mid-call. grpc reports it as INTERNAL, but it is a dropped connection seen
+    through the proxy, as UNAVAILABLE is without one; a server's own INTERNAL carries a reason."""
+    return error.code == grpc.StatusCode.INTERNAL and not error.reason and "RST_STREAM" in error.message
 
 
 DEFAULT_RETRY = RetryPolicy()

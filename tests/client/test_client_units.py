@@ -18,7 +18,15 @@ from spindle._schema import describe_function
 from spindle.cli._output import jsonable
 from spindle.cli._spinner import Spinner
 from spindle.errors import from_rpc_error
-from spindle.retry import Backoff, Deadline, RetryPolicy, retry_delay
+from spindle.retry import (
+    DEFAULT_RETRY,
+    NO_RETRY,
+    Backoff,
+    Deadline,
+    RetryPolicy,
+    is_reset_stream,
+    retry_delay,
+)
 from spindle.v1 import common_pb2, run_pb2
 
 # ---- enums ------------------------------------------------------------------------------------
@@ -297,3 +305,16 @@ def test_a_zero_poll_interval_still_backs_off() -> None:
     backoff = poll_policy(0).backoff(random.Random(1))
     delays = [backoff.next_delay() for _ in range(12)]
     assert all(delay > 0 for delay in delays) and delays[-1] > delays[0]
+
+
+def test_a_stream_a_proxy_reset_is_retried_and_resumed_like_unavailable() -> None:
+    """nginx resets a call's stream (grpc: INTERNAL, "RST_STREAM", no reason) when the replica
+    behind it dies mid-call (tests/test_replicas_script.py meets it for real)."""
+    reset = spindle.errors.Internal("Stream removed (RST_STREAM (Received RST_STREAM with error code 2))")
+    assert is_reset_stream(reset)
+    assert DEFAULT_RETRY.is_retryable(reset)
+    assert not NO_RETRY.is_retryable(reset)
+    assert not RetryPolicy(codes=frozenset({grpc.StatusCode.ABORTED})).is_retryable(reset)
+    # The server's own INTERNAL carries a reason, and is not a broken stream.
+    assert not DEFAULT_RETRY.is_retryable(spindle.errors.Internal("RST_STREAM in a bug", reason="INTERNAL"))
+    assert not DEFAULT_RETRY.is_retryable(spindle.errors.Internal("Exception calling application"))

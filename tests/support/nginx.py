@@ -83,6 +83,7 @@ class NginxProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                start_new_session=True,  # stopped by PID (stop()), not by a terminal's Ctrl-C
             )
             try:
                 self._await_serving()
