@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spindle.v1 import assistant_pb2, common_pb2, run_pb2, thread_pb2
 from support.faults import Holds
-from support.invariants import is_terminal
+from support.invariants import History, assert_invariants, is_terminal
 from support.nginx import NginxProcess, nginx_binary
 from support.replicas import (
     calls,
@@ -253,7 +253,8 @@ def test_one_runs_calls_are_answered_by_different_replicas(
     run = through.run(assistant.id, thread.id)  # replica 1 takes it
     before_listen = served_counts(servers, LISTEN, run.id)
     before_submit = served_counts(servers, SUBMIT, run.id)
-    received: list[run_pb2.StreamEvent] = []
+    history = History()
+    received = history.listener(run.id).events
     for event in through.runs.Listen(run_pb2.ListenRunRequest(run_id=run.id), timeout=60):  # replica 2
         received.append(event)
         if event.type == EventType.TOOL_CALLS:
@@ -263,6 +264,7 @@ def test_one_runs_calls_are_answered_by_different_replicas(
     assert listened_on != submitted_on
     assert_whole_log(received, through.events(run.id))
     assert EventType.TOOL_CALLS in [e.type for e in received]
+    assert_invariants(through, [run.id], history)
 
     # Every object, read through nginx on each replica in turn (round robin: three calls in a
     # row go to the three), is the same.
@@ -305,11 +307,14 @@ def test_listen_through_nginx_follows_a_run_executing_on_another_replica(
         land_on(through, servers, executing)
         before = served_counts(servers, LISTEN, run.id)
         stream = through.runs.Listen(run_pb2.ListenRunRequest(run_id=run.id), timeout=60)
-        received = [next(stream)]  # the stream is open on its replica
+        history = History()
+        received = history.listener(run.id).events
+        received.append(next(stream))  # the stream is open on its replica
         holds[executing].release(point)
         received.extend(stream)
         assert who_served(servers, LISTEN, run.id, before) != executing
         assert_whole_log(received, through.events(run.id))
+        assert_invariants(through, [run.id], history)
         assert not any(hold.is_reached(point, 2) for hold in holds)  # executed once, by one
 
 

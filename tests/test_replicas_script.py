@@ -26,8 +26,10 @@ import pytest
 import spindle
 from spindle.enums import EventType, RunStatus
 from support.faults import Holds
+from support.invariants import assert_invariants
 from support.nginx import nginx_binary
 from support.server import PostgresDatabase, TestDatabase, store_under_test
+from support.stubs import Stubs
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "replicas.py"
 POINT = "engine.before_run_body"
@@ -155,6 +157,11 @@ def test_make_replicas_survives_the_death_of_the_executing_replica(
             ended = client.runs.get(run.id)
             assert ended.status is RunStatus.COMPLETED
             assert ended.attempt == 2  # the killed replica's attempt, then the one that ended it
+        stubs = Stubs.connect(target)
+        try:
+            assert_invariants(stubs, [run.id])  # one terminal event, last; one reply on the thread
+        finally:
+            stubs.close()
     finally:
         code = script.stop()
     assert code == 0, script.lines
