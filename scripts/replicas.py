@@ -123,7 +123,8 @@ def start(args: argparse.Namespace) -> int:
     try:
         dsn, cluster = start_postgres(args.database)
         server_args = ["--lease-seconds", str(args.lease_seconds), *args.server_args]
-        replicas = [Replica(number, dsn, state, server_args) for number in range(1, args.count + 1)]
+        for number in range(1, args.count + 1):  # one by one: a Ctrl-C meanwhile stops those started
+            replicas.append(Replica(number, dsn, state, server_args))
         deadline = time.monotonic() + START_TIMEOUT
         for replica in replicas:
             replica.await_serving(deadline)
