@@ -59,7 +59,7 @@ def calls(server: ServerProcess, method: str) -> int:
 
 
 def calls_per_replica(
-    servers: Sequence[ServerProcess], method: str, total: int, timeout: float = 20.0
+    servers: Sequence[ServerProcess], method: str, total: int, timeout: float = 60.0
 ) -> list[int]:
     """Each server's count of ``method`` once they add up to at least ``total``: a server logs a
     call before answering it, but its log reaches us through a pipe some time later."""
@@ -85,7 +85,7 @@ def served_counts(servers: Sequence[ServerProcess], method: str, run_id: str) ->
 
 
 def who_served(
-    servers: Sequence[ServerProcess], method: str, run_id: str, before: Sequence[int], timeout: float = 20.0
+    servers: Sequence[ServerProcess], method: str, run_id: str, before: Sequence[int], timeout: float = 60.0
 ) -> int:
     """The index of the replica that answered the one call of ``method`` about ``run_id`` made
     since ``before`` (served_counts then), once its log line has come through the pipe."""
