@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import _mode, fanout, load, rpc, store_throughput, wait_latency
-from bench._report import fanout_section, rpc_section, update_section, wait_latency_section
+from bench._report import fanout_section, update_section, wait_latency_section
 from bench._server import BenchServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,9 +30,9 @@ def _wait_latency(when: str, started: float) -> str:
 
 
 def _rpc_speed(when: str, started: float) -> str:
-    print("rpc speed against a bare grpc.aio echo server", flush=True)
+    print("rpc speed (h2load and client processes) against a bare grpc.aio echo server", flush=True)
     rows = rpc.run_benchmark()
-    return rpc_section(rpc.markdown(rows), MACHINE, when, time.monotonic() - started)
+    return rpc.section(rows, when, time.monotonic() - started)
 
 
 def _listen_fanout(when: str, started: float) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import fanout, rpc
+from bench import fanout
 from bench.wait_latency import SAMPLES, SECONDS, Row
 
 HEADER = "# Benchmarks\n\nMeasured by `make bench` (`python -m bench`) against a real server on 127.0.0.1.\n"
@@ -41,26 +41,6 @@ def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: floa
         "",
     ]
     return "\n".join(lines)
-
-
-RPC_METHOD = """\
-Calls per second from one grpc.aio client process with 1 or 16 calls in flight, median of
-{windows} windows of {window:g} s, against the Spindle server (SQLite, builtin model) and, in the
-same run, a bare grpc.aio server whose one method echoes its bytes: the baseline, what any Python
-gRPC service costs here. The machines are shared and noisy: read the ratio column. A durable
-write is one transaction committed with synchronous=FULL (concurrent writes share a commit). A
-whole run is four calls (create a thread, create the run, Listen until DONE) plus the engine's
-work. The calls take turns window by window, so load from neighbours lands on all of them alike.
-Source: `bench/rpc.py`.
-"""
-
-
-def rpc_section(table: str, machine: str, when: str, elapsed: float) -> str:
-    method = RPC_METHOD.format(windows=rpc.WINDOWS, window=rpc.WINDOW_SECONDS)
-    return (
-        f"## RPC speed, as a ratio of a bare grpc.aio server\n\n{method}\n{table}\n\n"
-        f"Measured {when} on {machine}; the whole benchmark took {elapsed:.0f} s.\n"
-    )
 
 
 FANOUT_METHOD = """\

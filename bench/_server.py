@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 STOP_SECONDS = 30.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ class ServedProcess:
         self._log = log
         self._process: subprocess.Popen[str] | None = None
         self.address = ""
-        self.serving: dict[str, object] = {}  # the whole `serving` line (metrics_port...)
+        self.serving: dict[str, Any] = {}  # the whole `serving` line (metrics_port...)
 
     def __enter__(self) -> Self:
         with open(self._log or os.devnull, "ab") as stderr:

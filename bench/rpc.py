@@ -13,6 +13,7 @@ window, and the figure is compared with the echo's calls/s at the same number in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -21,11 +22,13 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from bench import _mode, h2load
 from bench._server import BenchServer, ServedProcess, echo_server
+from bench.load import cpu_seconds
 from spindle.v1 import (
     assistant_pb2,
     assistant_pb2_grpc,
@@ -65,16 +68,45 @@ def create_loads() -> tuple[h2load.Load, ...]:
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One window: calls (or runs) per second, and the server's CPU time per call (or run)."""
+
+    per_second: float
+    cpu_us: float
+
+
+@dataclass(frozen=True)
 class Row:
     name: str
     load: str
-    per_second: float
-    baseline: float
-    windows: list[float]
+    windows: list[Sample]
+    baseline: list[Sample]
+
+    @property
+    def per_second(self) -> float:
+        return statistics.median(w.per_second for w in self.windows)
+
+    @property
+    def baseline_per_second(self) -> float:
+        return statistics.median(w.per_second for w in self.baseline)
 
     @property
     def ratio(self) -> float:
-        return self.per_second / self.baseline if self.baseline else 0.0
+        return self.per_second / self.baseline_per_second if self.baseline_per_second else 0.0
+
+    @property
+    def cpu_us(self) -> float:
+        return statistics.median(w.cpu_us for w in self.windows)
+
+    @property
+    def baseline_cpu_us(self) -> float:
+        return statistics.median(w.cpu_us for w in self.baseline)
+
+    @property
+    def cpu_ratio(self) -> float:
+        """Echo's CPU per call over this one's: the throughput ratio one core would reach if
+        the server were alone on it (steadier than calls/s while neighbours load the machine)."""
+        return self.baseline_cpu_us / self.cpu_us if self.cpu_us else 0.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +157,7 @@ def rpc_counts(metrics_port: int, method: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=30) as response:
         text = response.read().decode()
     counts: dict[str, float] = {}
-    pattern = re.compile(r'^spindle_rpcs_total\{(.*)\} (\S+)$')
+    pattern = re.compile(r"^spindle_rpcs_total\{(.*)\} (\S+)$")
     for line in text.splitlines():
         found = pattern.match(line)
         if found is None:
@@ -136,26 +168,16 @@ def rpc_counts(metrics_port: int, method: str) -> dict[str, float]:
     return counts
 
 
-class Turns:
-    """The measured figures, each a list of windows' rates, filled in turn by turn."""
-
-    def __init__(self) -> None:
-        self.windows: dict[str, list[float]] = {}
-
-    def add(self, key: str, value: float) -> None:
-        self.windows.setdefault(key, []).append(value)
-
-    def median(self, key: str) -> float:
-        return statistics.median(self.windows[key])
-
-
 def _spindle_window(
-    address: str, metrics_port: int, method: str, request: bytes, load: h2load.Load, frame: int | None = None
-) -> float:
-    """One checked h2load window on Spindle: its calls/s. With `frame` (the size of every framed
-    response, when all are alike), the DATA bytes are checked too."""
+    spindle: ServedProcess, method: str, request: bytes, load: h2load.Load, frame: int | None = None
+) -> Sample:
+    """One checked h2load window on Spindle. With `frame` (the size of every framed response,
+    when all are alike), the DATA bytes are checked too."""
+    metrics_port = int(spindle.serving["metrics_port"])
     before = rpc_counts(metrics_port, method)
-    window = h2load.run(address, method, request, load)
+    cpu = cpu_seconds(spindle.pid)
+    window = h2load.run(spindle.address, method, request, load)
+    cpu = cpu_seconds(spindle.pid) - cpu
     if frame is not None:
         window.check(frame)
     after = rpc_counts(metrics_port, method)
@@ -171,81 +193,92 @@ def _spindle_window(
         raise RuntimeError(f"{method}: h2load counted {window.succeeded} calls, the server {answered}")
     if window.failed or window.errored or window.succeeded == 0:
         raise RuntimeError(f"{method}: {window}")
-    return window.per_second
+    return Sample(window.per_second, cpu / answered * 1e6)
 
 
-def _echo_window(address: str, request: bytes, load: h2load.Load) -> float:
-    window = h2load.run(address, ECHO, request, load)
+def _echo_window(echo: ServedProcess, request: bytes, load: h2load.Load) -> Sample:
+    cpu = cpu_seconds(echo.pid)
+    window = h2load.run(echo.address, ECHO, request, load)
+    cpu = cpu_seconds(echo.pid) - cpu
     window.check(len(h2load.grpc_frame(request)))
-    return window.per_second
+    return Sample(window.per_second, cpu / window.succeeded * 1e6)
 
 
-def _whole_runs_window(address: str, assistant_id: str, seconds: float) -> float:
-    """Whole runs/s from CLIENT_PROCESSES client processes started together."""
+def _whole_runs_window(spindle: ServedProcess, assistant_id: str, seconds: float) -> Sample:
+    """Whole runs from CLIENT_PROCESSES client processes started together."""
     start_at = time.time() + 1.5  # each process imports grpc first; they then start at once
-    command = [sys.executable, "-m", "bench.rpc_client", address, assistant_id]
+    command = [sys.executable, "-m", "bench.rpc_client", spindle.address, assistant_id]
     arguments = [str(start_at), str(seconds), str(CLIENT_CONCURRENCY)]
     processes = [
         subprocess.Popen([*command, *arguments], stdout=subprocess.PIPE, text=True)
         for _ in range(CLIENT_PROCESSES)
     ]
+    cpu = cpu_seconds(spindle.pid)  # includes the clients' connecting: a little more, never less
     results = []
     for process in processes:
         out, _ = process.communicate(timeout=seconds + 120)
         if process.returncode != 0:
             raise RuntimeError(f"bench.rpc_client failed ({process.returncode})")
         results.append(json.loads(out))
-    return sum(r["runs"] for r in results) / max(r["seconds"] for r in results)
+    cpu = cpu_seconds(spindle.pid) - cpu
+    runs = sum(r["runs"] for r in results)
+    return Sample(runs / max(r["seconds"] for r in results), cpu / max(runs, 1) * 1e6)
 
 
 def measure(spindle: ServedProcess, echo: ServedProcess) -> list[Row]:
-    metrics_port = int(spindle.serving["metrics_port"])
+    """Every row's windows, in turns: per turn, each load shape on the echo and then on Spindle,
+    then the whole runs; median of the turns."""
     fixture = prepare(spindle.address, echo.address)
     get_load = read_load()
     loads = create_loads()
-    whole_in_flight = CLIENT_PROCESSES * CLIENT_CONCURRENCY
-    echo_loads = {get_load, *loads}
-    turns = Turns()
-    warm = h2load.Load(1, 16, _mode.seconds(1.0, 0.2))
-    _echo_window(echo.address, fixture.echo_request, warm)
-    _spindle_window(spindle.address, metrics_port, GET, fixture.get_request, warm, fixture.get_response_frame)
+    echo_loads = sorted({get_load, *loads}, key=lambda x: x.in_flight)
+    windows_of: dict[str, list[Sample]] = {}
+
+    def add(key: str, sample: Sample) -> None:
+        windows_of.setdefault(key, []).append(sample)
+
+    warm = h2load.Load(1, 16, _mode.seconds(1.0, 0.2))  # connections, caches, the first allocations
+    _echo_window(echo, fixture.echo_request, warm)
+    _spindle_window(spindle, GET, fixture.get_request, warm, fixture.get_response_frame)
     for _ in range(windows()):
-        for load in sorted(echo_loads, key=lambda x: x.in_flight):
-            turns.add(f"echo {load}", _echo_window(echo.address, fixture.echo_request, load))
+        for load in echo_loads:
+            add(f"echo {load}", _echo_window(echo, fixture.echo_request, load))
             if load == get_load:
-                rate = _spindle_window(
-                    spindle.address, metrics_port, GET, fixture.get_request, load, fixture.get_response_frame
+                add(
+                    f"get {load}",
+                    _spindle_window(spindle, GET, fixture.get_request, load, fixture.get_response_frame),
                 )
-                turns.add(f"get {load}", rate)
             if load in loads:
-                rate = _spindle_window(
-                    spindle.address, metrics_port, CREATE_MESSAGE, fixture.create_request, load
-                )
-                turns.add(f"create {load}", rate)
-        turns.add("whole", _whole_runs_window(spindle.address, fixture.assistant_id, window_seconds()))
-    rows = [_row(turns, "RunService.Get (read)", "get", get_load)]
-    rows += [_row(turns, "MessageService.Create (durable write)", "create", load) for load in loads]
-    echo_for_whole = next((x for x in echo_loads if x.in_flight == whole_in_flight), get_load)
+                add(f"create {load}", _spindle_window(spindle, CREATE_MESSAGE, fixture.create_request, load))
+        add("whole", _whole_runs_window(spindle, fixture.assistant_id, window_seconds()))
+    rows = [
+        Row(
+            "RunService.Get (read)",
+            get_load.describe(),
+            windows_of[f"get {get_load}"],
+            windows_of[f"echo {get_load}"],
+        )
+    ]
+    rows += [
+        Row(
+            "MessageService.Create (durable write)",
+            load.describe(),
+            windows_of[f"create {load}"],
+            windows_of[f"echo {load}"],
+        )
+        for load in loads
+    ]
+    in_flight = CLIENT_PROCESSES * CLIENT_CONCURRENCY
+    echo_for_whole = next((x for x in echo_loads if x.in_flight == in_flight), get_load)
     rows.append(
         Row(
-            "whole run: thread + Create + Listen to DONE (runs/s vs echo calls/s)",
+            "whole run: thread + Create + Listen to DONE (runs/s, vs echo calls/s)",
             f"{CLIENT_PROCESSES} Python client processes, {CLIENT_CONCURRENCY} runs in flight each",
-            turns.median("whole"),
-            turns.median(f"echo {echo_for_whole}"),
-            turns.windows["whole"],
+            windows_of["whole"],
+            windows_of[f"echo {echo_for_whole}"],
         )
     )
     return rows
-
-
-def _row(turns: Turns, name: str, key: str, load: h2load.Load) -> Row:
-    return Row(
-        name,
-        load.describe(),
-        turns.median(f"{key} {load}"),
-        turns.median(f"echo {load}"),
-        turns.windows[f"{key} {load}"],
-    )
 
 
 def run_benchmark() -> list[Row]:
@@ -255,14 +288,104 @@ def run_benchmark() -> list[Row]:
 
 def markdown(rows: list[Row]) -> str:
     lines = [
-        "| call | load | calls/s (median) | echo calls/s (median) | vs bare echo | windows (calls/s) |",
-        "|---|---|---:|---:|---:|---|",
+        "| call | load | calls/s | echo calls/s | vs echo | server CPU per call (us) | echo's (us) "
+        "| vs echo, by CPU | calls/s of each window |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
-        spread = ", ".join(f"{value:,.0f}" for value in row.windows)
-        figures = f"{row.per_second:,.0f} | {row.baseline:,.0f} | {row.ratio:.2f}"
-        lines.append(f"| {row.name} | {row.load} | {figures} | {spread} |")
+        spread = ", ".join(f"{w.per_second:,.0f}" for w in row.windows)
+        figures = f"{row.per_second:,.0f} | {row.baseline_per_second:,.0f} | **{row.ratio:.2f}**"
+        cpu = f"{row.cpu_us:,.0f} | {row.baseline_cpu_us:,.0f} | {row.cpu_ratio:.2f}"
+        lines.append(f"| {row.name} | {row.load} | {figures} | {cpu} | {spread} |")
     return "\n".join(lines)
+
+
+def versions() -> str:
+    """Python, grpcio, SQLite, uvloop and h2load, as the section names them."""
+    import platform
+    import sqlite3
+
+    import uvloop
+
+    h2 = subprocess.run([h2load.H2LOAD, "--version"], capture_output=True, text=True).stdout.strip()
+    return (
+        f"Python {platform.python_version()}, grpcio {grpc.__version__}, SQLite {sqlite3.sqlite_version}, "
+        f"uvloop {uvloop.__version__}, {h2.removeprefix('h2load ')}"
+    )
+
+
+def machine() -> str:
+    import os
+    import platform
+
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores ({model or platform.machine()}), {platform.system()} {platform.release()}"
+
+
+METHOD = """\
+Unary calls are driven by h2load (nghttp2's load generator, one C process, `bench/h2load.py`):
+the same h2load command (connections x streams in flight, a pre-encoded request, `content-type:
+application/grpc`, `te: trailers`) runs {seconds:g} s against the Spindle server and then against
+a bare grpc.aio echo server on uvloop (`bench/echo_server.py`, one method that returns its bytes:
+what any Python gRPC service costs here), in turns, {windows} turns; each figure is the median
+of its turns, and each ratio is against the echo's median under the same load. Spindle runs as an
+operator runs it: SQLite (synchronous=FULL: a durable write is one committed transaction;
+concurrent writes share a commit), builtin model, `--log-level info` (errors and slow calls
+logged) and metrics served (`--metrics-port`). h2load counts every HTTP 200 as a success and
+gRPC errors are HTTP 200 too, so every window is checked: an error has no body, so h2load's DATA
+bytes must be exactly the calls times the framed response (taken from a call with a real gRPC
+client before the load; Get and echo), and Spindle's own `spindle_rpcs_total` must count no call
+of the method with another status than OK (only CANCELLED, at most the streams in flight when
+h2load stops). A whole run (create a thread, create the run, Listen to DONE: four calls and the
+engine's work) needs a stream h2load cannot follow: {processes} Python client processes drive it
+(`bench/rpc_client.py`), compared with the echo's calls/s at the same {in_flight} in flight.
+Server CPU per call (from /proc, the server process only) is the steadier figure while other
+work shares the 2 cores: the "by CPU" ratio is what the throughput ratio would be with a core of
+its own. Source: `bench/rpc.py`.
+"""
+
+# Measured when the change was made (Get against the echo in alternating windows, the server
+# before and after it, CPU per call); `make bench` does not re-run a profile.
+PROFILE_CHANGE = "TBD"
+
+PROFILE = """\
+**Profile.** `py-spy record --native --gil --pid N` on the server under h2load's Get load (1
+connection, 16 streams). Of the time the server holds the GIL, most is grpc's own C/Cython
+(completion queue, eventfd wake-ups, `sendmsg`), which the echo pays too; Spindle's own Python
+was about 17%: the per-call wrapper (project, metrics, log decision) with the Get inside it
+(15%: of that the SQLite read, BEGIN/SELECT/COMMIT on the loop thread, 7.5%; proto parse
+0.5%), and grpc's interceptor machinery around two `grpc.aio.ServerInterceptor`s (the access
+interceptor and the readiness gate, about 2.5% visible plus an interceptor chain, a new handler
+and a metadata dict per call inside cygrpc). The access log was already off the success path
+(errors and slow calls at info, the rest at debug), so structlog did not show up. What changed:
+the interceptors became one wrapper applied to each method's handler once, at registration
+(`api/interceptor.py`, `CallInterceptor.registry`), with the readiness gate folded in as one
+attribute read; the debug access line is not even built unless `--log-level debug`, and the
+request id is only made for a line that is written. Effect, measured as server CPU per Get
+against the echo's in alternating windows (the throughput ratio moved with neighbours' load
+between 0.5 and 1.1 on a shared machine): {change}. What is left between Get and the echo is
+the SQLite read (the store's, not this path's), the protobuf decode and encode of a Run the echo
+does not do, and the Cython call path of a method with serializers.
+"""
+
+
+def section(rows: list[Row], when: str, elapsed: float) -> str:
+    method = METHOD.format(
+        seconds=window_seconds(),
+        windows=windows(),
+        processes=CLIENT_PROCESSES,
+        in_flight=CLIENT_PROCESSES * CLIENT_CONCURRENCY,
+    )
+    return (
+        f"## RPC speed, as a ratio of a bare grpc.aio server\n\n{method}\n{markdown(rows)}\n\n"
+        f"Measured {when} on {machine()}; {versions()}. The whole benchmark took {elapsed:.0f} s.\n\n"
+        f"{PROFILE.format(change=PROFILE_CHANGE)}"
+    )
 
 
 if __name__ == "__main__":
