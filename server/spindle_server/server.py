@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import json
 import random
@@ -394,6 +395,9 @@ async def serve(config: ServerConfig) -> None:
     if starting.exception() is not None:
         stopping.cancel()
     port = starting.result()
+    # What start-up loaded (modules, descriptors, the config) lives as long as the process:
+    # kept out of the collector's passes, which under load would walk all of it again and again.
+    gc.freeze()
     # One machine-readable line on stdout (tests and scripts read the port from it).
     serving = {
         "event": "serving",

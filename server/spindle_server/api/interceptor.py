@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -66,11 +67,16 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._table)
 
+    @property
+    def needed(self) -> bool:
+        """Whether a call must present a key (else every call is the default project)."""
+        return bool(self._table) or self._required
+
     def projects(self) -> int:
         return len({project for _, project in self._table.values()})
 
     def project_for(self, metadata: Mapping[str, str]) -> str:
-        if not self._table and not self._required:
+        if not self.needed:
             return context.DEFAULT_PROJECT
         header = metadata.get("authorization", "")
         scheme, _, key = header.partition(" ")
@@ -112,6 +118,12 @@ class CallInterceptor:
         methods they call)."""
         return cast(grpc.aio.Server, _Registry(server, self.wrap))
 
+    @functools.cached_property
+    def _debug(self) -> bool:
+        """Whether every call is logged (--log-level debug): asked once, the logging is
+        configured before the first call (asking structlog costs 2.5 us a call)."""
+        return bool(log.is_enabled_for(logging.DEBUG))
+
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method.startswith(UNAUTHENTICATED_METHODS):
             return handler
@@ -135,10 +147,10 @@ class CallInterceptor:
         is mapped and logged like any other error."""
         if not self._readiness.ready:
             raise not_ready()
-        if call.method.startswith(ANONYMOUS_METHODS):
+        if call.method.startswith(ANONYMOUS_METHODS) or not self._keys.needed:
             context.current_project.set(context.DEFAULT_PROJECT)
         else:
-            context.current_project.set(self._keys.project_for(call.metadata))
+            context.current_project.set(self._keys.project_for(call.metadata()))
         _require_decoded(request)
 
     def _unary(self, method: str, inner: UnaryBehavior) -> UnaryBehavior:
@@ -195,7 +207,7 @@ class CallInterceptor:
         elapsed = call.record()
         if call.code != "OK" or (elapsed >= SLOW_CALL_SECONDS and not call.streaming):
             level = log.info
-        elif log.is_enabled_for(logging.DEBUG):
+        elif self._debug:
             level = log.debug  # every call, at --log-level debug only
         else:
             return  # counted in the metrics; a log line would cost about a third of the call
@@ -205,7 +217,7 @@ class CallInterceptor:
             code=call.code,
             reason=call.reason or None,
             latency_ms=round(elapsed * 1000, 2),
-            request_id=call.metadata.get("x-request-id") or secrets.token_hex(8),
+            request_id=call.metadata().get("x-request-id") or secrets.token_hex(8),
             run_id=context.current_run_id.get() or None,
             messages=call.messages if call.streaming else None,
         )
@@ -309,19 +321,35 @@ def _require_decoded(request: Any) -> None:
 
 
 class _Call:
-    __slots__ = ("code", "messages", "metadata", "method", "reason", "recorded", "started", "streaming")
+    __slots__ = (
+        "_ctx",
+        "_metadata",
+        "code",
+        "messages",
+        "method",
+        "reason",
+        "recorded",
+        "started",
+        "streaming",
+    )
 
     def __init__(self, method: str, ctx: grpc.aio.ServicerContext, *, streaming: bool = False) -> None:
         self.started = time.perf_counter()
         self.method = method
-        self.metadata = {
-            key: value for key, value in (ctx.invocation_metadata() or ()) if isinstance(value, str)
-        }
+        self._ctx = ctx
+        self._metadata: dict[str, str] | None = None
         self.code = "OK"
         self.reason = ""
         self.streaming = streaming
         self.messages = 0
         self.recorded = False
+
+    def metadata(self) -> dict[str, str]:
+        """The call's text metadata, read when first needed (a key, a logged request id)."""
+        if self._metadata is None:
+            pairs = self._ctx.invocation_metadata() or ()
+            self._metadata = {key: value for key, value in pairs if isinstance(value, str)}
+        return self._metadata
 
     def record(self) -> float:
         """Counts the call in the metrics, once, before its status reaches the client; the
