@@ -24,7 +24,7 @@ MACHINE = f"{os.cpu_count()} cores, Python {platform.python_version()}, {platfor
 
 def _wait_latency(when: str, started: float) -> str:
     with BenchServer() as server:
-        print(f"wait latency: {wait_latency.SAMPLES} runs per method on {server.address}", flush=True)
+        print(f"wait latency: {wait_latency.samples()} runs per method on {server.address}", flush=True)
         rows = wait_latency.measure(server.address)
     return wait_latency_section(rows, MACHINE, when, time.monotonic() - started)
 
@@ -42,8 +42,8 @@ def _listen_fanout(when: str, started: float) -> str:
 
 
 def _load(when: str, started: float) -> str:
-    shape = load.Shape()
-    print(f"load: {load.WAVES} waves of {shape.runs_per_wave} concurrent runs", flush=True)
+    shape = load.bench_shape()
+    print(f"load: {load.waves()} waves of {shape.runs_per_wave} concurrent runs", flush=True)
     figures = load.run_benchmark(shape)
     return load.section(figures, shape, MACHINE, when, time.monotonic() - started)
 

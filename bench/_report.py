@@ -5,22 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import fanout
-from bench.wait_latency import SAMPLES, SECONDS, Row
+from bench.wait_latency import Row, reply_seconds, samples
 
 HEADER = "# Benchmarks\n\nMeasured by `make bench` (`python -m bench`) against a real server on 127.0.0.1.\n"
 
 
 def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: float) -> str:
+    low, high = reply_seconds()
     lines = [
         "## How soon `Run.wait()` returns after a run ends",
         "",
         "Latency = when the waiting call returned, minus the `created_at` of the run's terminal event",
         "(both on this machine's clock). Each sample is one run of the builtin model that streams its",
-        f"reply over a random {SECONDS[0]:g}-{SECONDS[1]:g} s (`/sleep`), a whole polling interval, so a",
+        f"reply over a random {low:g}-{high:g} s (`/sleep`), a whole polling interval, so a",
         "poller's phase against the run's end is uniform. The pollers start at the run's creation, like",
         "OpenAI's `create_and_poll` (Get, then sleep the interval, until the status is terminal);",
         "the methods take turns sample by sample, one run at a time, against one server (SQLite).",
-        f"{SAMPLES} runs per method, so p99 is close to the worst sample. Calls per run counts every",
+        f"{samples()} runs per method, so p99 is close to the worst sample. Calls per run counts every",
         "RPC the method made (Get, Listen, Wait). Source: `bench/wait_latency.py`.",
         "",
         "| method | runs | p50 (ms) | p99 (ms) | mean (ms) | calls per run |",

@@ -43,19 +43,22 @@ def available() -> bool:
 @dataclass(frozen=True)
 class Load:
     """What one h2load run sends: `connections` HTTP/2 connections with `streams` calls in
-    flight on each, for `seconds`. No --warm-up-time: h2load then counts the warm-up's DATA
-    bytes but not its calls, which would break `Window.check` (warm up with a run of its own)."""
+    flight on each, for `seconds` (or, with `requests`, that many calls). No --warm-up-time:
+    h2load then counts the warm-up's DATA bytes but not its calls, which would break
+    `Window.check` (warm up with a run of its own)."""
 
     connections: int
     streams: int
     seconds: float
+    requests: int | None = None
 
     @property
     def in_flight(self) -> int:
         return self.connections * self.streams
 
     def describe(self) -> str:
-        return f"h2load, {self.connections} connections, {self.streams} streams each"
+        connections = "connection" if self.connections == 1 else "connections"
+        return f"h2load, {self.connections} {connections}, {self.streams} streams each"
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class Window:
         if self.data_bytes != expected:
             problems.append(
                 f"{self.data_bytes} response bytes, expected {expected} ({self.succeeded} calls of "
-                f"{response_frame_bytes} bytes): some calls answered with a gRPC error"
+                f"{response_frame_bytes} bytes): an answer of another size, or a gRPC error (no body)"
             )
         if problems:
             raise RuntimeError("h2load: " + "; ".join(problems))
@@ -119,13 +122,17 @@ def run(address: str, method: str, request: bytes, load: Load) -> Window:
             H2LOAD,
             f"--clients={load.connections}",
             f"--max-concurrent-streams={load.streams}",
-            f"--duration={max(1, round(load.seconds * 1000))}ms",
+            *(
+                [f"--requests={load.requests}"]
+                if load.requests is not None
+                else [f"--duration={max(1, round(load.seconds * 1000))}ms"]
+            ),
             f"--data={Path(body.name)}",
             "--header=content-type: application/grpc",
             "--header=te: trailers",
             f"http://{address}{method}",
         ]
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=load.seconds + 60)
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=load.seconds + 120)
     if finished.returncode != 0:
         raise RuntimeError(f"h2load failed ({finished.returncode}): {finished.stderr or finished.stdout}")
     return parse(finished.stdout)
