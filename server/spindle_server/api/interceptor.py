@@ -143,15 +143,15 @@ class CallInterceptor:
         return handler
 
     def _admit(self, call: _Call, request: Any) -> None:
-        """Readiness, the caller's project, a decodable request: in the call's try, so a refusal
-        is mapped and logged like any other error."""
-        if not self._readiness.ready:
-            raise not_ready()
+        """The caller's project, a decodable request, then readiness (the order the interceptors
+        had): in the call's try, so a refusal is mapped and logged like any other error."""
         if call.method.startswith(ANONYMOUS_METHODS) or not self._keys.needed:
             context.current_project.set(context.DEFAULT_PROJECT)
         else:
             context.current_project.set(self._keys.project_for(call.metadata()))
         _require_decoded(request)
+        if not self._readiness.ready:
+            raise not_ready()
 
     def _unary(self, method: str, inner: UnaryBehavior) -> UnaryBehavior:
         async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
