@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import _mode, fanout, load, replicas, rpc, store_throughput, wait_latency
-from bench._report import fanout_section, rpc_section, update_section, wait_latency_section
+from bench._report import fanout_section, update_section, wait_latency_section
 from bench._server import BenchServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,15 +24,15 @@ MACHINE = f"{os.cpu_count()} cores, Python {platform.python_version()}, {platfor
 
 def _wait_latency(when: str, started: float) -> str:
     with BenchServer() as server:
-        print(f"wait latency: {wait_latency.SAMPLES} runs per method on {server.address}", flush=True)
+        print(f"wait latency: {wait_latency.samples()} runs per method on {server.address}", flush=True)
         rows = wait_latency.measure(server.address)
     return wait_latency_section(rows, MACHINE, when, time.monotonic() - started)
 
 
 def _rpc_speed(when: str, started: float) -> str:
-    print("rpc speed against a bare grpc.aio echo server", flush=True)
+    print("rpc speed (h2load and client processes) against a bare grpc.aio echo server", flush=True)
     rows = rpc.run_benchmark()
-    return rpc_section(rpc.markdown(rows), MACHINE, when, time.monotonic() - started)
+    return rpc.section(rows, when, time.monotonic() - started)
 
 
 def _listen_fanout(when: str, started: float) -> str:
@@ -42,8 +42,8 @@ def _listen_fanout(when: str, started: float) -> str:
 
 
 def _load(when: str, started: float) -> str:
-    shape = load.Shape()
-    print(f"load: {load.WAVES} waves of {shape.runs_per_wave} concurrent runs", flush=True)
+    shape = load.bench_shape()
+    print(f"load: {load.waves()} waves of {shape.runs_per_wave} concurrent runs", flush=True)
     figures = load.run_benchmark(shape)
     return load.section(figures, shape, MACHINE, when, time.monotonic() - started)
 

@@ -4,23 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import fanout, rpc
-from bench.wait_latency import SAMPLES, SECONDS, Row
+from bench import fanout
+from bench.wait_latency import Row, reply_seconds, samples
 
 HEADER = "# Benchmarks\n\nMeasured by `make bench` (`python -m bench`) against a real server on 127.0.0.1.\n"
 
 
 def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: float) -> str:
+    low, high = reply_seconds()
     lines = [
         "## How soon `Run.wait()` returns after a run ends",
         "",
         "Latency = when the waiting call returned, minus the `created_at` of the run's terminal event",
         "(both on this machine's clock). Each sample is one run of the builtin model that streams its",
-        f"reply over a random {SECONDS[0]:g}-{SECONDS[1]:g} s (`/sleep`), a whole polling interval, so a",
+        f"reply over a random {low:g}-{high:g} s (`/sleep`), a whole polling interval, so a",
         "poller's phase against the run's end is uniform. The pollers start at the run's creation, like",
         "OpenAI's `create_and_poll` (Get, then sleep the interval, until the status is terminal);",
         "the methods take turns sample by sample, one run at a time, against one server (SQLite).",
-        f"{SAMPLES} runs per method, so p99 is close to the worst sample. Calls per run counts every",
+        f"{samples()} runs per method, so p99 is close to the worst sample. Calls per run counts every",
         "RPC the method made (Get, Listen, Wait). Source: `bench/wait_latency.py`.",
         "",
         "| method | runs | p50 (ms) | p99 (ms) | mean (ms) | calls per run |",
@@ -41,26 +42,6 @@ def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: floa
         "",
     ]
     return "\n".join(lines)
-
-
-RPC_METHOD = """\
-Calls per second from one grpc.aio client process with 1 or 16 calls in flight, median of
-{windows} windows of {window:g} s, against the Spindle server (SQLite, builtin model) and, in the
-same run, a bare grpc.aio server whose one method echoes its bytes: the baseline, what any Python
-gRPC service costs here. The machines are shared and noisy: read the ratio column. A durable
-write is one transaction committed with synchronous=FULL (concurrent writes share a commit). A
-whole run is four calls (create a thread, create the run, Listen until DONE) plus the engine's
-work. The calls take turns window by window, so load from neighbours lands on all of them alike.
-Source: `bench/rpc.py`.
-"""
-
-
-def rpc_section(table: str, machine: str, when: str, elapsed: float) -> str:
-    method = RPC_METHOD.format(windows=rpc.WINDOWS, window=rpc.WINDOW_SECONDS)
-    return (
-        f"## RPC speed, as a ratio of a bare grpc.aio server\n\n{method}\n{table}\n\n"
-        f"Measured {when} on {machine}; the whole benchmark took {elapsed:.0f} s.\n"
-    )
 
 
 FANOUT_METHOD = """\

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 STOP_SECONDS = 30.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,15 +21,18 @@ class ServedProcess:
     """``with ServedProcess(command) as served:`` starts a server that prints a JSON `serving`
     line with its port, and stops it at the end; `served.address` is where it listens."""
 
-    def __init__(self, command: Sequence[str]) -> None:
+    def __init__(self, command: Sequence[str], log: Path | None = None) -> None:
         self._command = list(command)
+        self._log = log
         self._process: subprocess.Popen[str] | None = None
         self.address = ""
+        self.serving: dict[str, Any] = {}  # the whole `serving` line (metrics_port...)
 
     def __enter__(self) -> Self:
-        self._process = subprocess.Popen(
-            self._command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT
-        )
+        with open(self._log or os.devnull, "ab") as stderr:
+            self._process = subprocess.Popen(
+                self._command, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT
+            )
         assert self._process.stdout is not None
         for line in self._process.stdout:
             try:
@@ -37,6 +41,7 @@ class ServedProcess:
                 continue
             if message.get("event") == "serving":
                 self.address = f"127.0.0.1:{message['port']}"
+                self.serving = message
                 return self
         self._stop()
         raise RuntimeError(f"{self._command} did not start")
@@ -66,14 +71,18 @@ class ServedProcess:
 
 
 class BenchServer(ServedProcess):
-    """``with BenchServer(*flags) as server:`` a spindle-server on a free port, with its own database."""
+    """``with BenchServer(*flags) as server:`` a spindle-server on a free port, with its own database
+    (--log-level warning unless a later flag says otherwise)."""
 
     def __init__(self, *args: str) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="spindle-bench-")
         database = Path(self._folder.name) / "spindle.db"
         self.database = database  # the SQLite file, for a benchmark that counts what was written
+        self.log_path = Path(self._folder.name) / "server.log"  # its stderr: the structlog lines
         command = [sys.executable, "-m", "spindle_server", "--host", "127.0.0.1", "--port", "0"]
-        super().__init__([*command, "--database", str(database), "--log-level", "warning", *args])
+        super().__init__(
+            [*command, "--database", str(database), "--log-level", "warning", *args], self.log_path
+        )
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -1,5 +1,7 @@
 """The baseline: a bare grpc.aio server with a unary echo method and a streaming method
-(raw bytes, no protobuf): what any Python gRPC service costs on this machine.
+(raw bytes, no protobuf): what any Python gRPC service costs on this machine. `GetRun` is the
+floor of a protobuf method instead: it decodes a GetRunRequest and answers with a Run kept in
+memory (set once with `Remember`, raw bytes), so its only cost beyond the echo is protobuf's.
 
 Run as `python -m bench.echo_server`; it prints its port like spindle-server does.
 """
@@ -12,9 +14,23 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from spindle.v1 import run_pb2
+
 
 async def _echo(request: bytes, _: grpc.aio.ServicerContext) -> bytes:
     return request
+
+
+_remembered = run_pb2.Run()
+
+
+async def _remember(request: bytes, _: grpc.aio.ServicerContext) -> bytes:
+    _remembered.ParseFromString(request)
+    return b""
+
+
+async def _get_run(request: run_pb2.GetRunRequest, _: grpc.aio.ServicerContext) -> run_pb2.Run:
+    return _remembered
 
 
 async def _stream(request: bytes, _: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -32,6 +48,12 @@ async def main() -> None:
         {
             "Echo": grpc.unary_unary_rpc_method_handler(_echo),
             "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+            "Remember": grpc.unary_unary_rpc_method_handler(_remember),
+            "GetRun": grpc.unary_unary_rpc_method_handler(
+                _get_run,
+                request_deserializer=run_pb2.GetRunRequest.FromString,
+                response_serializer=run_pb2.Run.SerializeToString,
+            ),
         },
     )
     server.add_generic_rpc_handlers((handler,))

@@ -21,6 +21,7 @@ from typing import Protocol
 import grpc
 from google.protobuf.message import Message
 
+from bench import _mode
 from spindle.v1 import (
     assistant_pb2,
     assistant_pb2_grpc,
@@ -334,14 +335,23 @@ async def drive(
         await driver.close()
 
 
-WAVES = 6
+def waves() -> int:
+    """`make bench`'s waves (the first is the warm-up)."""
+    return _mode.sized(6, 2)
 
 
-def run_benchmark(shape: Shape | None = None, waves: int = WAVES) -> Figures:
+def bench_shape() -> Shape:
+    """`make bench`'s shape: Shape() in full, a small wave in a smoke run."""
+    return Shape(runs_per_wave=_mode.sized(Shape.runs_per_wave, 20))
+
+
+def run_benchmark(shape: Shape | None = None, count: int | None = None) -> Figures:
     from bench._server import BenchServer
 
     with BenchServer() as server:
-        return asyncio.run(drive(server.address, server.pid, Counter(), shape or Shape(), waves))
+        return asyncio.run(
+            drive(server.address, server.pid, Counter(), shape or bench_shape(), count or waves())
+        )
 
 
 METHOD = """\

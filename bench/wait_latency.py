@@ -22,12 +22,19 @@ from typing import Any
 import grpc
 
 import spindle
+from bench import _mode
 
-SAMPLES = 25
-# A reply streams over a random time spanning a whole 1 s polling interval: the poller's phase
-# against the run's end is then uniform, as in real use.
-SECONDS = (0.1, 1.1)
 SEED = 20260
+
+
+def samples() -> int:
+    return _mode.sized(25, 2)
+
+
+def reply_seconds() -> tuple[float, float]:
+    """A reply streams over a random time spanning a whole 1 s polling interval: the poller's
+    phase against the run's end is then uniform, as in real use (smoke: short replies)."""
+    return (_mode.seconds(0.1, 0.02), _mode.seconds(1.1, 0.1))
 
 
 class CallCounter(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -90,7 +97,7 @@ def percentile(values: list[float], share: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[share - 1]
 
 
-def measure(address: str, samples: int = SAMPLES) -> list[Row]:
+def measure(address: str, count: int | None = None) -> list[Row]:
     methods = [
         Method("`Run.wait()` (Listen, fallback Get)", ride_listen),
         Method("polling Get every 0.5 s", poll_every(0.5)),
@@ -101,8 +108,9 @@ def measure(address: str, samples: int = SAMPLES) -> list[Row]:
     rng = random.Random(SEED)
     with spindle.Client(address, interceptors=[counter]) as client:
         assistant = client.assistants.create(name="bench")
-        for _ in range(samples):
-            seconds = rng.uniform(*SECONDS)
+        span = reply_seconds()
+        for _ in range(samples() if count is None else count):
+            seconds = rng.uniform(*span)
             for method in methods:
                 text = f"/sleep {seconds:.3f}\nthe reply of a benchmark run"
                 thread = client.threads.create(messages=[text])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import json
 import random
@@ -130,8 +131,10 @@ class SpindleServer:
         self.hub = EventHub()
         self.engine = Engine(self.store, self.models, config.engine)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
-        self.interceptor = CallInterceptor(self.api_keys, max_request_bytes=config.max_message_bytes)
         self.readiness = ReadinessGate()
+        self.interceptor = CallInterceptor(
+            self.api_keys, self.readiness, max_request_bytes=config.max_message_bytes
+        )
         self._server: grpc.aio.Server | None = None
         self.retention = RetentionSweeper(self.store, config.retention) if config.retention else None
         self.port = 0
@@ -148,7 +151,6 @@ class SpindleServer:
         self._start_metrics()  # first: nothing else is open yet if its port is taken
         await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
         server = grpc.aio.server(
-            interceptors=[self.interceptor, self.readiness],
             options=grpc_options(self.config),
             maximum_concurrent_rpcs=None,
         )
@@ -159,9 +161,11 @@ class SpindleServer:
             MessageServicer(self.store, self.config.limits),
             RunServicer(self.store, self.engine, self.hub, self.models, self.config.limits),
         )
+        # Every API method is registered wrapped (api/interceptor.py): no per-call interceptor.
+        api = self.interceptor.registry(server)
         # Yandex AI Studio's assistants API on the same port, over the same servicers.
         yandex.register(
-            server,
+            api,
             assistants=servicers.assistants,
             threads=servicers.threads,
             messages=servicers.messages,
@@ -169,10 +173,10 @@ class SpindleServer:
             keys=self.api_keys,
             address=lambda: yandex.advertised_address(self.config.host, self.port),
         )
-        assistant_pb2_grpc.add_AssistantServiceServicer_to_server(servicers.assistants, server)
-        thread_pb2_grpc.add_ThreadServiceServicer_to_server(servicers.threads, server)
-        message_pb2_grpc.add_MessageServiceServicer_to_server(servicers.messages, server)
-        run_pb2_grpc.add_RunServiceServicer_to_server(servicers.runs, server)
+        assistant_pb2_grpc.add_AssistantServiceServicer_to_server(servicers.assistants, api)
+        thread_pb2_grpc.add_ThreadServiceServicer_to_server(servicers.threads, api)
+        message_pb2_grpc.add_MessageServiceServicer_to_server(servicers.messages, api)
+        run_pb2_grpc.add_RunServiceServicer_to_server(servicers.runs, api)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -399,6 +403,9 @@ async def serve(config: ServerConfig) -> None:
     if starting.exception() is not None:
         stopping.cancel()
     port = starting.result()
+    # What start-up loaded (modules, descriptors, the config) lives as long as the process:
+    # kept out of the collector's passes, which under load would walk all of it again and again.
+    gc.freeze()
     # One machine-readable line on stdout (tests and scripts read the port from it).
     serving = {
         "event": "serving",

@@ -1,0 +1,54 @@
+"""One client process of the whole-run row (bench/rpc.py): from START_AT (a wall-clock time, so
+that all processes start together) for SECONDS, CONCURRENCY loops each run thread + Create +
+Listen to DONE; prints {"runs": N, "seconds": S} as JSON.
+
+`python -m bench.rpc_client ADDRESS ASSISTANT_ID START_AT SECONDS CONCURRENCY`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import grpc
+
+from spindle.v1 import message_pb2, run_pb2, run_pb2_grpc, thread_pb2, thread_pb2_grpc
+
+
+async def whole_runs(
+    address: str, assistant_id: str, start_at: float, seconds: float, concurrency: int
+) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        threads = thread_pb2_grpc.ThreadServiceStub(channel)
+        runs = run_pb2_grpc.RunServiceStub(channel)
+        await channel.channel_ready()
+
+        async def loop(stop_at: float) -> int:
+            done = 0
+            while time.perf_counter() < stop_at:
+                thread = await threads.Create(
+                    thread_pb2.CreateThreadRequest(messages=[message_pb2.MessageInput(text="one two three")])
+                )
+                run = await runs.Create(
+                    run_pb2.CreateRunRequest(assistant_id=assistant_id, thread_id=thread.id)
+                )
+                last = None
+                async for event in runs.Listen(run_pb2.ListenRunRequest(run_id=run.id)):
+                    last = event
+                if last is None or last.type != run_pb2.StreamEvent.DONE:
+                    raise RuntimeError(f"run {run.id} ended {last}")
+                done += 1
+            return done
+
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        started = time.perf_counter()
+        counts = await asyncio.gather(*(loop(started + seconds) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    print(json.dumps({"runs": sum(counts), "seconds": elapsed}), flush=True)
+
+
+if __name__ == "__main__":
+    address, assistant_id, start_at, seconds, concurrency = sys.argv[1:6]
+    asyncio.run(whole_runs(address, assistant_id, float(start_at), float(seconds), int(concurrency)))
