@@ -211,6 +211,8 @@ class SpindleServer:
             await self._start_store()
             self.store.add_events_listener(self.hub.publish)
             if isinstance(self.store, WatchesRuns):
+                # Other replicas' commits are read only for runs someone here follows.
+                self.store.watch_runs(self.hub.watched)
                 # Shared by replicas: each counts the runs it writes, not those others execute.
                 self.store.add_events_listener(metrics.RunObserver(), local_only=True)
             else:
