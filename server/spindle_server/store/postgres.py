@@ -632,12 +632,20 @@ class PostgresStore:
         result: DueRuns = await self._read(read)
         return result
 
-    async def release_all_leases(self) -> int:
-        # Not here: other replicas share the database, and a lease found at start-up may be a
-        # live replica's. A dead replica's leases simply run out; the sweepers (reclaim_run)
-        # take its runs over then. Releasing "our own" would need an owner id that survives a
-        # restart, which the engine does not have (a new process is a new owner).
-        return 0
+    async def release_all_leases(self, owner_prefix: str) -> int:
+        # Only this replica's own earlier incarnations' leases (a stable --replica-id): other
+        # replicas share the database and theirs may be live. Another replica's dead leases run
+        # out and the sweepers (reclaim_run) take its runs over then. Were the earlier
+        # incarnation still alive (two processes given one id), its writes are fenced: the
+        # takeover raises the epoch.
+        status = await self._read(
+            lambda c: c.execute(
+                f"UPDATE runs SET lease_expires = 0 WHERE status IN ({_LEASED})"
+                " AND starts_with(lease_owner, $1) AND lease_expires > 0",
+                owner_prefix,
+            )
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     # ---- retention ---------------------------------------------------------------------
 
