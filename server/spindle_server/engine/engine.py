@@ -17,7 +17,7 @@ import socket
 import structlog
 
 from spindle.v1 import run_pb2
-from spindle_server import clock
+from spindle_server import clock, faults
 from spindle_server.engine import transitions
 from spindle_server.engine.config import EngineConfig
 from spindle_server.engine.executor import CANCEL_BY_USER, CANCEL_LOST_RUN, CANCEL_SHUTDOWN, TurnExecutor
@@ -162,6 +162,8 @@ class Engine:
         interval = self.config.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
+            if faults.ENABLED:  # held here, a stalled replica's executor writes before it learns
+                await faults.reached("engine.before_lease_renewal")
             try:
                 still_ours = await self._store.renew_lease(
                     claim.run.id, self.owner, claim.epoch, self.config.lease_seconds
