@@ -45,6 +45,7 @@ BOUND = 60.0  # failure bound for waits; never a timing assertion
 TAKEOVER_BOUND = LEASE + 30.0  # failure bound; the figure measured is printed
 DELTA = "store.after_mutate:IN_PROGRESS"  # after each committed delta of an executing run
 RENEWAL = "engine.before_lease_renewal"
+IN_WRITE = "store.in_mutate:IN_PROGRESS"  # inside a delta's transaction, the run's row locked
 WORDS = " ".join(f"w{i}" for i in range(40))
 NewDatabase = Callable[..., TestDatabase]
 
@@ -411,6 +412,64 @@ def test_a_stalled_replica_writes_nothing_after_its_run_was_taken_over(
             assert_invariants(stubs[survivors[0]], [run.id], history, bound=BOUND)
         finally:
             renewals.stop()
+            for each in stubs:
+                each.close()
+
+
+def test_a_replica_stalled_inside_a_transaction_does_not_block_the_takeover(
+    new_database: NewDatabase, lease_of: Callable[[TestDatabase], Lease], tmp_path: Path
+) -> None:
+    """SIGSTOP the executing replica while its write holds the run's row (transaction open):
+    PostgreSQL ends the stalled session (idle_in_transaction_session_timeout), so a survivor
+    takes the run over and finishes it; the stalled write never commits."""
+    holds = ReplicaHolds(tmp_path / "holds", 3)
+    holds.let_pass(IN_WRITE, 2)
+    database = new_database()
+    lease = lease_of(database)
+    with replicas(shared(database), 3, ["--lease-seconds", str(LEASE)], env=holds.env(IN_WRITE)) as servers:
+        stubs = [Stubs.connect(server.address) for server in servers]
+        history = History()
+        try:
+            run = stubs[0].start("/sleep 2 " + WORDS)
+            followers = Followers(history, run.id, servers)
+            stalled = holds.wait_any(IN_WRITE, 3)  # inside its third delta's transaction
+            owner, epoch = lease.read(run.id)
+            assert replica_of(servers, owner) == stalled
+            survivors = [i for i in range(3) if i != stalled]
+            holds.let_pass(IN_WRITE, 10_000, survivors)
+            process = servers[stalled].process
+            assert process is not None
+            stopped = time.monotonic()
+            os.kill(process.pid, signal.SIGSTOP)
+            try:
+                holds.holds[stalled].release(IN_WRITE, 3)
+                new_owner, _ = lease.wait_epoch_above(run.id, epoch)
+                taken_over = time.monotonic() - stopped
+                assert replica_of(servers, new_owner) in survivors
+                done = stubs[survivors[0]].wait(run.id, timeout=BOUND)
+            finally:
+                os.kill(process.pid, signal.SIGCONT)
+            print(f"\nSIGSTOP inside a transaction (lease {LEASE:g} s): taken over after {taken_over:.2f} s")
+            assert done.status == run_pb2.COMPLETED and done.attempt == 2
+            ended = stubs[survivors[0]].events(run.id)
+            discards = [i for i, e in enumerate(ended) if e.status_change.discard_partial_message]
+            after = "".join(
+                e.message_delta.text for e in ended[discards[0] :] if e.type == EventType.PARTIAL_MESSAGE
+            )
+            assert len(discards) == 1 and after == done.reply.content[0].text.text
+            servers[stalled].wait_for_log(
+                lambda e: (
+                    e.get("run_id") == run.id
+                    and e.get("event") in ("run_execution_store_unavailable", "run_execution_superseded")
+                ),
+                timeout=BOUND,
+            )
+            for each in stubs:
+                assert each.events(run.id) == ended
+            followers.join()
+            followers.assert_clean_endings()
+            assert_invariants(stubs[survivors[0]], [run.id], history, bound=BOUND)
+        finally:
             for each in stubs:
                 each.close()
 

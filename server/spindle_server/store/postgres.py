@@ -99,11 +99,19 @@ class PostgresStore:
         pool_min: int = 2,
         pool_max: int = 10,
         command_timeout: float | None = 60.0,
+        stalled_transaction_seconds: float | None = None,
     ) -> None:
         self.dsn = dsn
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._command_timeout = command_timeout
+        # A replica stalled (SIGSTOP, a frozen VM) inside a transaction keeps its run's row
+        # locked, and no other replica could take the run over; PostgreSQL ends such a session
+        # after this long idle in its transaction (its commit then fails: nothing of it lands).
+        self._settings: dict[str, str] = {}
+        if stalled_transaction_seconds is not None:
+            milliseconds = max(int(stalled_transaction_seconds * 1000), 1)
+            self._settings["idle_in_transaction_session_timeout"] = str(milliseconds)
         self._pool: asyncpg.Pool | None = None
         self.fanout = EventFanout(dsn, self.read_events, self._next_event_index)
         self.migrations_applied: list[int] = []
@@ -117,6 +125,7 @@ class PostgresStore:
                 max_size=self._pool_max,
                 command_timeout=self._command_timeout,
                 reset=_keep_session,
+                server_settings=self._settings,
             )
             async with self._pool.acquire() as conn:
                 self.migrations_applied = await pg_schema.migrate(conn)
@@ -498,7 +507,10 @@ class PostgresStore:
         record: RequestKey | None = None,
     ) -> MutationResult:
         async def write(conn: Conn) -> MutationResult:
-            return await _mutate_run(conn, run_id, mutate, epoch=epoch, project=project)
+            result = await _mutate_run(conn, run_id, mutate, epoch=epoch, project=project)
+            if faults.ENABLED:  # the run's row locked, the transaction open (a stall here)
+                await faults.reached(f"store.in_mutate:{run_pb2.RunStatus.Name(result.run.status)}")
+            return result
 
         result: MutationResult = await self._write(write, record, _run_answer)
         self._publish(result)
@@ -582,10 +594,12 @@ class PostgresStore:
     ) -> ClaimedRun | None:
         async def write(conn: Conn) -> tuple[ClaimedRun, MutationResult] | None:
             # The row lock, then the condition: a renewal or another reclaim committed since
-            # due_runs listed it is seen here (READ COMMITTED re-checks a locked row).
+            # due_runs listed it is seen here. SKIP LOCKED: a row locked by a stalled replica's
+            # open transaction is not waited for (the sweep goes on to the other runs); it is
+            # retried at the next sweep, once PostgreSQL ended that transaction.
             found = await conn.fetchval(
                 f"SELECT 1 FROM runs WHERE id = $1 AND status IN ({_LEASED}) AND lease_expires < $2"
-                " FOR UPDATE",
+                " FOR UPDATE SKIP LOCKED",
                 run_id,
                 clock.now(),
             )
