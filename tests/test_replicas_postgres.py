@@ -102,7 +102,7 @@ class Lease:
 
 
 @pytest.fixture
-def lease_of(new_database: NewDatabase) -> Iterator[Callable[[TestDatabase], Lease]]:
+def lease_of() -> Iterator[Callable[[TestDatabase], Lease]]:
     opened: list[Lease] = []
 
     def open_lease(database: TestDatabase) -> Lease:
