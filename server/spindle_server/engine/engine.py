@@ -212,6 +212,8 @@ class Engine:
         self.cancel_local(run_id, CANCEL_LOST_RUN)
 
     async def _recover(self, run_id: str) -> None:
+        if faults.ENABLED:  # held here, this replica does not take orphaned runs over
+            await faults.reached("engine.before_reclaim")
         try:
             claim = await self._store.reclaim_run(
                 run_id,
