@@ -179,6 +179,13 @@ class PostgresStore:
             raise
         except _UNAVAILABLE as exc:
             raise UnavailableError(f"database unavailable: {exc}") from exc
+        except asyncpg.exceptions.InternalClientError as exc:
+            # Met when PostgreSQL restarts under load: handing back a connection it cut in the
+            # middle of a query, asyncpg's reset finds the protocol still busy ("cannot switch
+            # to state ...") and terminates that connection. The next call gets a fresh one, so
+            # it is "not now" (UNAVAILABLE, retryable), not a bug to answer with INTERNAL.
+            log.warning("pg_connection_reset_failed", error=str(exc))
+            raise UnavailableError(f"database connection lost: {exc}") from exc
 
     async def _read(self, fn: Callable[[Conn], Any]) -> Any:
         async with self._connection() as conn:
