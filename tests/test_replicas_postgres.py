@@ -512,6 +512,7 @@ def private_cluster() -> Iterator[postgres.Cluster]:
         cluster.stop()
 
 
+@pytest.mark.skipif(not postgres.bindir(), reason="needs PostgreSQL's binaries for a cluster of its own")
 def test_postgresql_restart_under_load_loses_no_acknowledged_event(
     private_cluster: postgres.Cluster,
 ) -> None:
