@@ -47,12 +47,19 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if STORE == "sqlite":
+        for item in items:
+            marker = item.get_closest_marker("postgresql_only")
+            if marker is not None:
+                why = marker.args[0] if marker.args else "PostgreSQL only"
+                reason = f"postgresql_only: {why} (SPINDLE_TEST_STORE=postgresql)"
+                item.add_marker(pytest.mark.skip(reason=reason))
         return
     kept: list[pytest.Item] = []
     left_out: list[pytest.Item] = []
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
-        (kept if INTEGRATION_FIXTURES.intersection(fixtures) else left_out).append(item)
+        shared = item.get_closest_marker("postgresql_only") is not None
+        (kept if shared or INTEGRATION_FIXTURES.intersection(fixtures) else left_out).append(item)
     if left_out:
         config.hook.pytest_deselected(items=left_out)
         items[:] = kept

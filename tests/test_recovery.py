@@ -19,9 +19,10 @@ from support.stubs import Stubs
 
 EventType = run_pb2.StreamEvent
 MakeServer = Callable[..., ServerProcess]
-# Failure bound for a killed server's run to end after the restart. SQLite recovers it at start
-# (the file had one owner); on PostgreSQL other replicas may be alive, so the run waits for the
-# dead process's lease (30 s by default) to run out.
+# Failure bound for a killed server's run to end after the restart. The restarted server recovers
+# it at start: SQLite because the file had one owner, PostgreSQL because it is the same replica
+# (ServerProcess keeps its --replica-id). Another replica taking over a dead one's runs after the
+# lease: tests/test_replicas_postgres.py.
 RECOVERY_BOUND = 120.0
 
 

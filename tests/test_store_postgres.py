@@ -257,9 +257,31 @@ async def test_release_all_leases_leaves_other_replicas_leases_alone(
     await queued_run(a)
     (claim,) = await a.claim_runs("a", 30, 10, transitions.start(clock.now(), 3600, 3))
     b = await replicas()
-    assert await b.release_all_leases() == 0
+    assert await b.release_all_leases("b/") == 0
     assert (await b.due_runs(clock.now(), 10)).orphaned == []
     assert await a.renew_lease("run_1", "a", claim.epoch, 30)
+
+
+async def test_release_all_leases_ends_the_own_replicas_earlier_incarnations_leases(
+    replicas: Callable[..., Awaitable[PostgresStore]],
+) -> None:
+    """A replica restarted under its --replica-id takes its previous incarnation's runs over at
+    once; a replica whose id merely starts the same ("r1" and "r10") keeps its lease."""
+    a = await replicas()
+    await queued_run(a, "thread_1", "run_1")
+    await queued_run(a, "thread_2", "run_2")
+    start = transitions.start(clock.now(), 3600, 3)
+    (mine,) = await a.claim_runs("r1/old-incarnation", 30, 1, start)
+    (other,) = await a.claim_runs("r10/live", 30, 1, start)
+    restarted = await replicas()
+    assert await restarted.release_all_leases("r1/") == 1
+    assert (await restarted.due_runs(clock.now(), 10)).orphaned == [mine.run.id]
+    taken = await restarted.reclaim_run(
+        mine.run.id, "r1/new-incarnation", 30, transitions.recover(clock.now(), 3)
+    )
+    assert taken is not None and taken.epoch == mine.epoch + 1
+    assert not await a.renew_lease(mine.run.id, "r1/old-incarnation", mine.epoch, 30)  # fenced
+    assert await a.renew_lease(other.run.id, "r10/live", other.epoch, 30)
 
 
 # ---- one run row, many writers ------------------------------------------------------------------

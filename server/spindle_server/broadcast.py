@@ -8,7 +8,7 @@ Publishing wakes the waiters once; a listener that does not read slows only itse
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 from spindle.v1 import run_pb2
@@ -95,6 +95,13 @@ class EventHub:
             feed = self._feeds.get(run_id)
             if feed is not None:
                 feed.publish(run_events)
+
+    def watched(self) -> Collection[str]:
+        """The runs with live subscribers (Listen and Wait): a live view, `in` is a dict lookup.
+        A store shared by replicas reads another replica's commits only for these; a subscriber
+        reads the store from its own position after subscribing, so whatever was committed
+        before (and not read here) it reads itself."""
+        return self._feeds.keys()
 
     @contextmanager
     def subscribe(self, run_id: str) -> Iterator[RunFeed]:

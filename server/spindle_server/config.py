@@ -52,6 +52,7 @@ class ServerConfig:
     retention: float | None = None  # seconds a finished run is kept; None: forever
 
 
+REPLICA_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _DURATION = re.compile(r"^(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[smhd]?)$")
 _UNIT_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -216,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
         "coalesce-ms", float, engine.coalesce_window * 1000, "text deltas within this many ms share one event"
     )
     option("max-attempts", int, engine.max_attempts, "model attempts of one run across crashes before FAILED")
+    option(
+        "replica-id",
+        str,
+        None,
+        "this replica's identity among those on one PostgreSQL, kept across its restarts (unique "
+        "among live replicas; letters, digits, . _ : -): a restarted replica takes over its own "
+        "runs at once instead of after their lease. Default: random per process",
+    )
     limits = Limits()
     option(
         "max-active-runs-per-project",
@@ -341,6 +350,8 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         value = getattr(args, name)
         if not (math.isfinite(value) and value > 0):
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if args.replica_id is not None and not REPLICA_ID.fullmatch(args.replica_id):
+        parser.error("--replica-id must be 1 to 64 letters, digits, '.', '_', ':' or '-'")
     if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
         parser.error("--metrics-port must be between 0 and 65535")
     try:
@@ -382,6 +393,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
             lease_seconds=args.lease_seconds,
             coalesce_window=max(args.coalesce_ms, 0.0) / 1000,
             max_attempts=args.max_attempts,
+            replica_id=args.replica_id,
         ),
         limits=Limits(**{name: getattr(args, name) for name in limit_names}),
         retention=retention,

@@ -57,6 +57,8 @@ CALL_DRAIN_SECONDS = 1.0
 # A replica whose PostgreSQL is down retries the connection this often (doubling, with jitter).
 STORE_RETRY_FIRST_SECONDS = 0.1
 STORE_RETRY_MAX_SECONDS = 2.0
+# Never shorter: a busy event loop may pause a live replica's transaction for a few seconds.
+STALLED_TRANSACTION_MIN_SECONDS = 10.0
 
 SERVICE_NAMES = (
     assistant_pb2.DESCRIPTOR.services_by_name["AssistantService"].full_name,
@@ -110,7 +112,11 @@ def build_store(config: ServerConfig) -> Store:
     except ImportError as exc:
         raise StartupError(f"the PostgreSQL store cannot be loaded: {exc}") from exc
     store: Store = module.PostgresStore(
-        config.postgres_dsn, pool_min=config.pg_pool_min, pool_max=config.pg_pool_max
+        config.postgres_dsn,
+        pool_min=config.pg_pool_min,
+        pool_max=config.pg_pool_max,
+        # A transaction idle this long belongs to a stalled replica, whose lease is gone by then.
+        stalled_transaction_seconds=max(config.engine.lease_seconds, STALLED_TRANSACTION_MIN_SECONDS),
     )
     return store
 
@@ -215,6 +221,8 @@ class SpindleServer:
             await self._start_store()
             self.store.add_events_listener(self.hub.publish)
             if isinstance(self.store, WatchesRuns):
+                # Other replicas' commits are read only for runs someone here follows.
+                self.store.watch_runs(self.hub.watched)
                 # Shared by replicas: each counts the runs it writes, not those others execute.
                 self.store.add_events_listener(metrics.RunObserver(), local_only=True)
             else:

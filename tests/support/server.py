@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,9 @@ class ServerProcess:
         self.database: TestDatabase = SqliteDatabase(database) if isinstance(database, Path) else database
         self.extra_args = list(extra_args)
         self.env = {**os.environ, **(env or {})}
+        # Kept across start() after kill(): a restarted server is the same replica and takes its
+        # own runs over at once (on PostgreSQL too, rather than after their lease ran out).
+        self.replica_id = f"test-{uuid.uuid4().hex[:12]}"
         self.process: subprocess.Popen[str] | None = None
         self.port = 0
         self.serving: dict[str, object] = {}  # the server's "serving" line (ports it chose)
@@ -156,6 +160,8 @@ class ServerProcess:
             "json",
             *self.extra_args,
         ]
+        if "--replica-id" not in self.extra_args:
+            command += ["--replica-id", self.replica_id]
         self.process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env
         )

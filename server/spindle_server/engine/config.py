@@ -16,3 +16,7 @@ class EngineConfig:
     max_attempts: int = 3  # model attempts of one run across crashes before it fails
     idle_poll_interval: float = 1.0  # claim loop re-check without a wake-up (other replicas)
     request_id_ttl: float = 24 * 3600.0  # a repeated request_id is recognised for this long
+    # This replica's identity, stable across its restarts if given (--replica-id): a restarted
+    # replica takes its previous incarnation's runs at once instead of waiting out their leases.
+    # None: a random one per process (a dead process's runs wait for their leases to run out).
+    replica_id: str | None = None

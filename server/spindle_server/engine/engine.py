@@ -17,12 +17,12 @@ import socket
 import structlog
 
 from spindle.v1 import run_pb2
-from spindle_server import clock
+from spindle_server import clock, faults
 from spindle_server.engine import transitions
 from spindle_server.engine.config import EngineConfig
 from spindle_server.engine.executor import CANCEL_BY_USER, CANCEL_LOST_RUN, CANCEL_SHUTDOWN, TurnExecutor
 from spindle_server.models.registry import ModelRegistry
-from spindle_server.store.base import ClaimedRun, Store
+from spindle_server.store.base import LEASE_OWNER_SEPARATOR, ClaimedRun, Store
 from spindle_server.store.errors import NotFoundError, StateError
 
 log = structlog.get_logger(__name__)
@@ -33,7 +33,10 @@ PURGE_INTERVAL_SECONDS = 60.0
 class Engine:
     def __init__(self, store: Store, models: ModelRegistry, config: EngineConfig) -> None:
         self.config = config
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.replica = config.replica_id or secrets.token_hex(6)
+        # The lease owner: the replica, then this incarnation of it (a restart is a new owner).
+        incarnation = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.owner = f"{self.replica}{LEASE_OWNER_SEPARATOR}{incarnation}"
         self._store = store
         self._executor = TurnExecutor(store, models, config)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -53,9 +56,10 @@ class Engine:
         return len(self._tasks)
 
     async def start(self) -> None:
-        released = await self._store.release_all_leases()
+        released = await self._store.release_all_leases(self.replica + LEASE_OWNER_SEPARATOR)
         if released:
             log.info("runs_to_recover", count=released)
+        log.info("engine_started", replica=self.replica, owner=self.owner)
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="engine-claim"),
             asyncio.create_task(self._sweep_loop(), name="engine-sweep"),
@@ -158,6 +162,8 @@ class Engine:
         interval = self.config.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
+            if faults.ENABLED:  # held here, a stalled replica's executor writes before it learns
+                await faults.reached("engine.before_lease_renewal")
             try:
                 still_ours = await self._store.renew_lease(
                     claim.run.id, self.owner, claim.epoch, self.config.lease_seconds
@@ -206,6 +212,8 @@ class Engine:
         self.cancel_local(run_id, CANCEL_LOST_RUN)
 
     async def _recover(self, run_id: str) -> None:
+        if faults.ENABLED:  # held here, this replica does not take orphaned runs over
+            await faults.reached("engine.before_reclaim")
         try:
             claim = await self._store.reclaim_run(
                 run_id,

@@ -28,6 +28,8 @@ ACTIVE_STATUSES: frozenset[int] = frozenset(
 TERMINAL_STATUSES: frozenset[int] = frozenset(
     {run_pb2.COMPLETED, run_pb2.FAILED, run_pb2.CANCELLED, run_pb2.INCOMPLETE, run_pb2.EXPIRED}
 )
+# A lease owner is "<replica id>/<incarnation>" (the replica id has no "/").
+LEASE_OWNER_SEPARATOR = "/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,8 +271,11 @@ class Store(Protocol):
 
     async def renew_lease(self, run_id: str, owner: str, epoch: int, lease_seconds: float) -> bool: ...
     async def due_runs(self, now: float, limit: int) -> DueRuns: ...
-    async def release_all_leases(self) -> int:
-        """At start-up: end the leases a dead predecessor held, where the store knows it is alone."""
+    async def release_all_leases(self, owner_prefix: str) -> int:
+        """At start-up: end the leases a dead predecessor held, so that its runs are taken over
+        at once. A store with one process (SQLite) ends them all; a shared one (PostgreSQL) those
+        whose owner starts with `owner_prefix` (this replica's identity and the separator: its
+        own earlier incarnations; other replicas' leases may be live)."""
         ...
 
     # Idempotency (AIP-155); the answers themselves are written by the writes above (`record`)

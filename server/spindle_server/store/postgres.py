@@ -99,11 +99,19 @@ class PostgresStore:
         pool_min: int = 2,
         pool_max: int = 10,
         command_timeout: float | None = 60.0,
+        stalled_transaction_seconds: float | None = None,
     ) -> None:
         self.dsn = dsn
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._command_timeout = command_timeout
+        # A replica stalled (SIGSTOP, a frozen VM) inside a transaction keeps its run's row
+        # locked, and no other replica could take the run over; PostgreSQL ends such a session
+        # after this long idle in its transaction (its commit then fails: nothing of it lands).
+        self._settings: dict[str, str] = {}
+        if stalled_transaction_seconds is not None:
+            milliseconds = max(int(stalled_transaction_seconds * 1000), 1)
+            self._settings["idle_in_transaction_session_timeout"] = str(milliseconds)
         self._pool: asyncpg.Pool | None = None
         self.fanout = EventFanout(dsn, self.read_events, self._next_event_index)
         self.migrations_applied: list[int] = []
@@ -117,6 +125,7 @@ class PostgresStore:
                 max_size=self._pool_max,
                 command_timeout=self._command_timeout,
                 reset=_keep_session,
+                server_settings=self._settings,
             )
             async with self._pool.acquire() as conn:
                 self.migrations_applied = await pg_schema.migrate(conn)
@@ -170,6 +179,13 @@ class PostgresStore:
             raise
         except _UNAVAILABLE as exc:
             raise UnavailableError(f"database unavailable: {exc}") from exc
+        except asyncpg.exceptions.InternalClientError as exc:
+            # Met when PostgreSQL restarts under load: handing back a connection it cut in the
+            # middle of a query, asyncpg's reset finds the protocol still busy ("cannot switch
+            # to state ...") and terminates that connection. The next call gets a fresh one, so
+            # it is "not now" (UNAVAILABLE, retryable), not a bug to answer with INTERNAL.
+            log.warning("pg_connection_reset_failed", error=str(exc))
+            raise UnavailableError(f"database connection lost: {exc}") from exc
 
     async def _read(self, fn: Callable[[Conn], Any]) -> Any:
         async with self._connection() as conn:
@@ -498,7 +514,10 @@ class PostgresStore:
         record: RequestKey | None = None,
     ) -> MutationResult:
         async def write(conn: Conn) -> MutationResult:
-            return await _mutate_run(conn, run_id, mutate, epoch=epoch, project=project)
+            result = await _mutate_run(conn, run_id, mutate, epoch=epoch, project=project)
+            if faults.ENABLED:  # the run's row locked, the transaction open (a stall here)
+                await faults.reached(f"store.in_mutate:{run_pb2.RunStatus.Name(result.run.status)}")
+            return result
 
         result: MutationResult = await self._write(write, record, _run_answer)
         self._publish(result)
@@ -582,10 +601,12 @@ class PostgresStore:
     ) -> ClaimedRun | None:
         async def write(conn: Conn) -> tuple[ClaimedRun, MutationResult] | None:
             # The row lock, then the condition: a renewal or another reclaim committed since
-            # due_runs listed it is seen here (READ COMMITTED re-checks a locked row).
+            # due_runs listed it is seen here. SKIP LOCKED: a row locked by a stalled replica's
+            # open transaction is not waited for (the sweep goes on to the other runs); it is
+            # retried at the next sweep, once PostgreSQL ended that transaction.
             found = await conn.fetchval(
                 f"SELECT 1 FROM runs WHERE id = $1 AND status IN ({_LEASED}) AND lease_expires < $2"
-                " FOR UPDATE",
+                " FOR UPDATE SKIP LOCKED",
                 run_id,
                 clock.now(),
             )
@@ -632,12 +653,20 @@ class PostgresStore:
         result: DueRuns = await self._read(read)
         return result
 
-    async def release_all_leases(self) -> int:
-        # Not here: other replicas share the database, and a lease found at start-up may be a
-        # live replica's. A dead replica's leases simply run out; the sweepers (reclaim_run)
-        # take its runs over then. Releasing "our own" would need an owner id that survives a
-        # restart, which the engine does not have (a new process is a new owner).
-        return 0
+    async def release_all_leases(self, owner_prefix: str) -> int:
+        # Only this replica's own earlier incarnations' leases (a stable --replica-id): other
+        # replicas share the database and theirs may be live. Another replica's dead leases run
+        # out and the sweepers (reclaim_run) take its runs over then. Were the earlier
+        # incarnation still alive (two processes given one id), its writes are fenced: the
+        # takeover raises the epoch.
+        status = await self._read(
+            lambda c: c.execute(
+                f"UPDATE runs SET lease_expires = 0 WHERE status IN ({_LEASED})"
+                " AND starts_with(lease_owner, $1) AND lease_expires > 0",
+                owner_prefix,
+            )
+        )
+        return int(status.rsplit(" ", 1)[-1])
 
     # ---- retention ---------------------------------------------------------------------
 

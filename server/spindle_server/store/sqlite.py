@@ -540,9 +540,9 @@ class SqliteStore:
 
         return [_parse(run_pb2.RunStep, body) for body in await self.db.read(read)]
 
-    async def release_all_leases(self) -> int:
+    async def release_all_leases(self, owner_prefix: str) -> int:
         # One process owns the file (see SqliteDatabase.open), so a lease found at start-up
-        # belongs to a process that is gone: its runs can be taken over at once.
+        # belongs to a process that is gone, whatever its owner: its runs are taken over at once.
         def write(conn: sqlite3.Connection) -> int:
             cursor = conn.execute(
                 "UPDATE runs SET lease_expires = 0 WHERE status IN (?, ?)",
