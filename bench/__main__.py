@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import _mode, fanout, load, replicas, rpc, store_throughput, wait_latency
-from bench._report import fanout_section, update_section, wait_latency_section
+from bench._report import update_section, wait_latency_section
 from bench._server import BenchServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,8 +37,8 @@ def _rpc_speed(when: str, started: float) -> str:
 
 def _listen_fanout(when: str, started: float) -> str:
     print("listen fan-out against a bare grpc.aio stream", flush=True)
-    table = fanout.markdown(fanout.run_benchmark())
-    return fanout_section(table, MACHINE, when, time.monotonic() - started)
+    figures = fanout.run_benchmark()
+    return fanout.section(figures, MACHINE, when, time.monotonic() - started)
 
 
 def _load(when: str, started: float) -> str:

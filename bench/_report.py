@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import fanout
 from bench.wait_latency import Row, reply_seconds, samples
 
 HEADER = "# Benchmarks\n\nMeasured by `make bench` (`python -m bench`) against a real server on 127.0.0.1.\n"
@@ -42,25 +41,6 @@ def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: floa
         "",
     ]
     return "\n".join(lines)
-
-
-FANOUT_METHOD = """\
-One run of the builtin model with coalescing off, so its log holds an event per word; then 1 and
-50 concurrent Listen calls replay the whole log from index 0, {rounds} rounds taking turns with the
-baseline, median. The baseline,
-in the same run: a bare grpc.aio server streaming as many messages, each the size of one delta
-event, to as many concurrent streams. Every listener reads the shared log at its own position (no
-per-listener queue), so the ratio is what Spindle's Listen costs beyond gRPC's own streaming.
-Source: `bench/fanout.py`.
-"""
-
-
-def fanout_section(table: str, machine: str, when: str, elapsed: float) -> str:
-    method = FANOUT_METHOD.format(rounds=fanout.ROUNDS)
-    return (
-        f"## Listen fan-out, as a ratio of a bare grpc.aio stream\n\n{method}\n{table}\n\n"
-        f"Measured {when} on {machine}; the whole benchmark took {elapsed:.0f} s.\n"
-    )
 
 
 def update_section(path: Path, name: str, body: str) -> None:

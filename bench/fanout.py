@@ -1,25 +1,32 @@
-"""Listen fan-out: events per second delivered to N listeners replaying one run's log, as a
-ratio of a bare grpc.aio server streaming the same number of same-sized messages to N streams
-(measured in the same run; the machines are shared and noisy, so the ratio is the figure).
+"""Listen, row by row against a bare grpc.aio server (`bench/stream_server.py`, uvloop) measured in
+the same run, taking turns round by round: events delivered live, replay of a finished run to 1
+and 50 listeners, one run broadcast to many listeners, Create to the first text delta, memory per
+idle stream and a burst of streams opened at once.
 
-The run is made by the builtin model with coalescing off (`--coalesce-ms 0`), so its log holds
-one PARTIAL_MESSAGE event per word.
+Every listener is in a separate client process (`bench/_listeners.py`), never in the server's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 
-from bench._server import BenchServer, echo_server
+from bench import _mode
+from bench._listeners import BUCKET_MS, LISTEN, Listeners
+from bench._server import BenchServer, ServedProcess
 from spindle.v1 import (
     assistant_pb2,
     assistant_pb2_grpc,
+    common_pb2,
     message_pb2,
     run_pb2,
     run_pb2_grpc,
@@ -27,89 +34,475 @@ from spindle.v1 import (
     thread_pb2_grpc,
 )
 
-WORDS = 2_000
-ROUNDS = 5
-LISTENERS = (1, 50)
+STREAM = "/bench.Streams/Stream"
+IDLE = "/bench.Streams/Idle"
+TICK = "/bench.Streams/Tick"
+DELTA_BYTES = 80  # about one serialized one-word PARTIAL_MESSAGE event
+
+
+def rounds() -> int:
+    return _mode.sized(3, 1)
+
+
+def replay_words() -> int:
+    return _mode.sized(10_000, 200)
+
+
+def live_words() -> int:
+    return _mode.sized(10_000, 200)
+
+
+def broadcast_listeners() -> int:
+    return _mode.sized(1_000, 20)
+
+
+def broadcast_seconds() -> float:
+    return _mode.seconds(20.0, 0.5)
+
+
+def first_delta_runs() -> int:
+    return _mode.sized(200, 5)
+
+
+def burst_streams() -> int:
+    return _mode.sized(10_000, 100)
+
+
+PROCESSES = 4  # client processes for the many-listener rows
 
 
 @dataclass(frozen=True)
-class FanoutRow:
-    listeners: int
-    events: int
-    per_second: float
+class Ratio:
+    what: str
+    unit: str
+    value: float
     baseline: float
+    load: str
 
     @property
     def ratio(self) -> float:
-        return self.per_second / self.baseline if self.baseline else 0.0
+        return self.value / self.baseline if self.baseline else 0.0
 
 
-async def _drain(call: grpc.aio.UnaryStreamCall) -> int:
-    count = 0
-    async for _ in call:
-        count += 1
-    return count
+@dataclass(frozen=True)
+class Latency:
+    what: str
+    samples: int
+    p50: float
+    p99: float
+    worst: float
+    baseline_p50: float | None
+    baseline_p99: float | None
+    load: str
 
 
-async def _round(open_stream: Callable[[], grpc.aio.UnaryStreamCall], listeners: int) -> tuple[int, float]:
-    """(messages per stream, messages/s) with `listeners` streams drained at once."""
-    started = time.perf_counter()
-    counts = await asyncio.gather(*(_drain(open_stream()) for _ in range(listeners)))
-    return counts[0], sum(counts) / (time.perf_counter() - started)
+@dataclass(frozen=True)
+class Burst:
+    streams: int
+    attached: int
+    lost: int
+    kb_per_stream: float
+    baseline_attached: int
+    baseline_lost: int
+    baseline_kb_per_stream: float
+    processes: int
 
 
-async def measure(spindle_address: str, echo_address: str) -> list[FanoutRow]:
-    channel = grpc.aio.insecure_channel(spindle_address)
-    echo_channel = grpc.aio.insecure_channel(echo_address)
-    runs = run_pb2_grpc.RunServiceStub(channel)
-    assistant = await assistant_pb2_grpc.AssistantServiceStub(channel).Create(
-        assistant_pb2.CreateAssistantRequest(name="fanout")
-    )
-    text = " ".join(f"w{i}" for i in range(WORDS))
-    thread = await thread_pb2_grpc.ThreadServiceStub(channel).Create(
-        thread_pb2.CreateThreadRequest(messages=[message_pb2.MessageInput(text=text)])
-    )
-    run = await runs.Create(run_pb2.CreateRunRequest(assistant_id=assistant.id, thread_id=thread.id))
-    log = [event async for event in runs.Listen(run_pb2.ListenRunRequest(run_id=run.id))]
-    delta = next(e for e in log if e.type == run_pb2.StreamEvent.PARTIAL_MESSAGE)
-    stream = echo_channel.unary_stream("/bench.Echo/Stream")
-    # The baseline streams len(log) messages the size of one delta event.
-    baseline_request = f"{len(log)}:{delta.ByteSize()}".encode()
+@dataclass(frozen=True)
+class Figures:
+    ratios: list[Ratio]
+    latencies: list[Latency]
+    burst: Burst
 
+
+def _spec(address: str, method: str, request: bytes, **more: Any) -> dict[str, Any]:
+    return {"address": address, "method": method, "request": request.hex(), **more}
+
+
+def _split(total: int, parts: int) -> list[int]:
+    parts = max(min(parts, total), 1)
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _drain_rate(specs: Sequence[dict[str, Any]]) -> tuple[int, float]:
+    """(messages per stream, messages/s over all streams) for one round of drain processes."""
+    with Listeners(specs) as group:
+        group.go()
+        results = group.read()
+    errors = [r for r in results if r["errors"]]
+    if errors:
+        raise RuntimeError(f"streams failed: {errors[0]}")
+    messages = sum(r["messages"] for r in results)
+    elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
+    streams = sum(spec["streams"] for spec in specs)
+    return messages // streams, messages / elapsed
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def _percentile(histogram: Counter[int], fraction: float) -> float:
+    total = sum(histogram.values())
+    rank = max(int(total * fraction + 0.5), 1)
+    seen = 0
+    for bucket in sorted(histogram):
+        seen += histogram[bucket]
+        if seen >= rank:
+            return bucket * BUCKET_MS
+    return 0.0
+
+
+def _sorted_percentile(samples: Sequence[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(int(len(ordered) * fraction), len(ordered) - 1)]
+
+
+@dataclass
+class Target:
+    """A Spindle server under test and the assistant the rows use there."""
+
+    address: str
+    pid: int
+    assistant: str = ""
+
+
+class Session:
+    """Stubs of one Spindle server, on a channel of the running event loop."""
+
+    def __init__(self, target: Target) -> None:
+        self.channel = grpc.aio.insecure_channel(target.address)
+        self.runs = run_pb2_grpc.RunServiceStub(self.channel)
+        self.threads = thread_pb2_grpc.ThreadServiceStub(self.channel)
+        self.assistant = target.assistant
+
+    async def new_assistant(self) -> str:
+        """An assistant with one function tool, f."""
+        tool = common_pb2.Tool(function=common_pb2.FunctionTool(name="f"))
+        assistants = assistant_pb2_grpc.AssistantServiceStub(self.channel)
+        created = await assistants.Create(assistant_pb2.CreateAssistantRequest(name="bench", tools=[tool]))
+        return created.id
+
+    async def finished_run(self, words: int) -> tuple[str, int]:
+        """A finished run whose reply is about `words` words (one event each with coalescing
+        off), and the number of events in its log."""
+        run = await self._run(" ".join(f"w{i}" for i in range(words)))
+        count = 0
+        async for _ in self.runs.Listen(run_pb2.ListenRunRequest(run_id=run.id)):
+            count += 1
+        return run.id, count
+
+    async def paused_run(self, text: str = "") -> run_pb2.Run:
+        """A run waiting for the result of its tool call: its listeners idle until submitted."""
+        run = await self._run(f"/tool f {{}}\n{text}")
+        return await self.runs.Wait(run_pb2.WaitRunRequest(run_id=run.id))
+
+    async def submit(self, run: run_pb2.Run, output: str) -> None:
+        result = common_pb2.ToolResult(tool_call_id=run.required_tool_calls[0].id, output=output)
+        await self.runs.SubmitToolResults(
+            run_pb2.SubmitToolResultsRequest(run_id=run.id, tool_results=[result])
+        )
+
+    async def _run(self, text: str) -> run_pb2.Run:
+        thread = await self.threads.Create(
+            thread_pb2.CreateThreadRequest(messages=[message_pb2.MessageInput(text=text)])
+        )
+        return await self.runs.Create(
+            run_pb2.CreateRunRequest(assistant_id=self.assistant, thread_id=thread.id)
+        )
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _listen(run_id: str) -> bytes:
+    return run_pb2.ListenRunRequest(run_id=run_id).SerializeToString()
+
+
+def replay_rows(spindle: Target, bare: str) -> list[Ratio]:
+    run_id, events = _with(spindle, lambda s: s.finished_run(replay_words()))
     rows = []
-    for listeners in LISTENERS:
-        # Baseline and Listen take turns round by round, so load bursts hit both alike.
-        baselines, spindles = [], []
-        events = 0
-        for _ in range(ROUNDS):
-            baselines.append((await _round(lambda: stream(baseline_request), listeners))[1])
-            events, rate = await _round(
-                lambda: runs.Listen(run_pb2.ListenRunRequest(run_id=run.id)), listeners
+    for listeners in (1, 50):
+        processes = _split(listeners, 2)
+        baselines, rates = [], []
+        for _ in range(rounds()):
+            request = f"{events}:{DELTA_BYTES}".encode()
+            _, rate = _drain_rate([_spec(bare, STREAM, request, streams=n, mode="drain") for n in processes])
+            baselines.append(rate)
+            delivered, rate = _drain_rate(
+                [_spec(spindle.address, LISTEN, _listen(run_id), streams=n, mode="drain") for n in processes]
             )
-            spindles.append(rate)
-        rows.append(FanoutRow(listeners, events, statistics.median(spindles), statistics.median(baselines)))
-    await channel.close()
-    await echo_channel.close()
+            if delivered != events:
+                raise RuntimeError(f"a listener got {delivered} events of {events}")
+            rates.append(rate)
+        rows.append(
+            Ratio(
+                f"replay of a finished run's {events:,} events to {listeners} new listener(s)",
+                "events/s delivered",
+                statistics.median(rates),
+                statistics.median(baselines),
+                f"{len(processes)} client process(es)",
+            )
+        )
     return rows
 
 
-def run_benchmark() -> list[FanoutRow]:
-    with BenchServer("--coalesce-ms", "0") as spindle, echo_server() as echo:
-        return asyncio.run(measure(spindle.address, echo.address))
-
-
-def markdown(rows: list[FanoutRow]) -> str:
-    lines = [
-        "| listeners | events each | events/s delivered | bare grpc.aio stream | ratio |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row.listeners} | {row.events} | {row.per_second:,.0f} | {row.baseline:,.0f} "
-            f"| {row.ratio:.2f} |"
+def live_row(spindle: Target, bare: str) -> Ratio:
+    rates, baselines = [], []
+    events = []
+    for _ in range(rounds()):
+        _, rate = _drain_rate(
+            [_spec(bare, STREAM, f"{live_words()}:{DELTA_BYTES}".encode(), streams=1, mode="drain")]
         )
+        baselines.append(rate)
+        with Listeners(
+            [
+                _spec(
+                    spindle.address, LISTEN, b"", mode="live", words=live_words(), assistant=spindle.assistant
+                )
+            ]
+        ) as group:
+            group.go()
+            (result,) = group.read()
+        rates.append(result["words"] / result["seconds"])
+        events.append(result["events"])
+    return Ratio(
+        f"text deltas of a {live_words():,}-word reply appended and delivered live to one listener "
+        f"(median {statistics.median(events):.0f} events after coalescing)",
+        "deltas/s delivered",
+        statistics.median(rates),
+        statistics.median(baselines),
+        "1 client process",
+    )
+
+
+def _with(target: Target, action: Callable[[Session], Any]) -> Any:
+    """Runs one coroutine of a Session of `target`, on a loop and channel of its own."""
+
+    async def run() -> Any:
+        session = Session(target)
+        try:
+            return await action(session)
+        finally:
+            await session.close()
+
+    return asyncio.run(run())
+
+
+def broadcast_row(spindle: Target, bare: str) -> Latency:
+    listeners = broadcast_listeners()
+    words = int(broadcast_seconds() * 50)
+    seconds = broadcast_seconds()
+    processes = _split(listeners, PROCESSES)
+    run = _with(spindle, lambda s: s.paused_run(f"/sleep {seconds}"))
+    specs = [
+        _spec(spindle.address, LISTEN, _listen(run.id), streams=n, mode="attach", follow=True)
+        for n in processes
+    ]
+    with Listeners(specs) as group:
+        group.go()
+        attached = group.read()
+        output = " ".join(f"r{i}" for i in range(words - 4))  # "Tool results: f returned" + output
+        _with(spindle, lambda s: s.submit(run, output))
+        results = group.read()
+    spindle_histogram = _merge(attached, results)
+    bare_specs = [
+        _spec(bare, TICK, str(DELTA_BYTES).encode(), streams=n, mode="attach", follow=True) for n in processes
+    ]
+    with Listeners(bare_specs) as group:
+        group.go()
+        attached = group.read()
+        asyncio.run(_start_ticks(bare, words, int(seconds * 1000 / words)))
+        results = group.read()
+    bare_histogram = _merge(attached, results)
+    return Latency(
+        f"one run streaming 50 events/s for {seconds:g} s to {listeners:,} listeners: delivery latency",
+        sum(spindle_histogram.values()),
+        _percentile(spindle_histogram, 0.5),
+        _percentile(spindle_histogram, 0.99),
+        _percentile(spindle_histogram, 1.0),
+        _percentile(bare_histogram, 0.5),
+        _percentile(bare_histogram, 0.99),
+        f"{len(processes)} client processes",
+    )
+
+
+def _merge(attached: list[dict[str, Any]], results: list[dict[str, Any]]) -> Counter[int]:
+    lost = sum(a["lost"] for a in attached) + sum(r["errors"] for r in results)
+    if lost:
+        raise RuntimeError(f"{lost} listeners failed: {[r['error'] for r in results]}")
+    histogram: Counter[int] = Counter()
+    for result in results:
+        histogram.update({int(bucket): count for bucket, count in result["histogram"].items()})
+    return histogram
+
+
+async def _start_ticks(address: str, count: int, interval_ms: int) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        await channel.unary_unary("/bench.Streams/Start")(f"{count}:{interval_ms}".encode())
+
+
+def first_delta_row(spindle: Target) -> Latency:
+    spec = _spec(
+        spindle.address, LISTEN, b"", mode="first-delta", runs=first_delta_runs(), assistant=spindle.assistant
+    )
+    with Listeners([spec]) as group:
+        group.go()
+        (result,) = group.read()
+    samples = result["samples_ms"]
+    return Latency(
+        "Create -> first PARTIAL_MESSAGE at the client (builtin model, no delay)",
+        len(samples),
+        statistics.median(samples),
+        _sorted_percentile(samples, 0.99),
+        max(samples),
+        None,
+        None,
+        "1 client process, one run at a time",
+    )
+
+
+def burst_row(spindle: Target, bare: str, bare_pid: int) -> Burst:
+    streams = burst_streams()
+    processes = _split(streams, PROCESSES)
+    run = _with(spindle, lambda s: s.paused_run())
+
+    def burst(address: str, pid: int, method: str, request: bytes) -> tuple[int, int, float]:
+        specs = [_spec(address, method, request, streams=n, mode="attach") for n in processes]
+        with Listeners(specs) as group:
+            time.sleep(0.5)  # let the server settle after the clients connected
+            before = _rss_kb(pid)
+            group.go()
+            results = group.read()
+            after = _rss_kb(pid)
+            group.go()  # release the streams
+        attached = sum(r["attached"] for r in results)
+        lost = sum(r["lost"] for r in results)
+        return attached, lost, (after - before) / max(attached, 1)
+
+    bare_attached, bare_lost, bare_kb = burst(bare, bare_pid, IDLE, str(DELTA_BYTES).encode())
+    attached, lost, kb = burst(spindle.address, spindle.pid, LISTEN, _listen(run.id))
+    return Burst(streams, attached, lost, kb, bare_attached, bare_lost, bare_kb, len(processes))
+
+
+def _target(server: ServedProcess) -> Target:
+    target = Target(server.address, server.pid)
+    target.assistant = _with(target, Session.new_assistant)
+    return target
+
+
+def run_benchmark() -> Figures:
+    with ServedProcess([sys.executable, "-m", "bench.stream_server"]) as bare:
+        # Coalescing off: the log holds one event per word, the worst case for replay.
+        with BenchServer("--coalesce-ms", "0") as uncoalesced:
+            ratios = replay_rows(_target(uncoalesced), bare.address)
+        with BenchServer("--max-listen-streams-per-project", "1000000") as server:
+            target = _target(server)
+            ratios.insert(0, live_row(target, bare.address))
+            latencies = [first_delta_row(target), broadcast_row(target, bare.address)]
+            burst = burst_row(target, bare.address, bare.pid)
+    return Figures(ratios, latencies, burst)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def markdown(figures: Figures) -> str:
+    lines = [
+        "| row | Spindle | bare grpc.aio stream | ratio | load |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for row in figures.ratios:
+        lines.append(
+            f"| {row.what} | {row.value:,.0f} {row.unit} | {row.baseline:,.0f} | **{row.ratio:.2f}** "
+            f"| {row.load} |"
+        )
+    lines += [
+        "",
+        "| row | samples | p50 (ms) | p99 (ms) | worst (ms) | bare p50 (ms) | bare p99 (ms) | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for lat in figures.latencies:
+        lines.append(
+            f"| {lat.what} | {lat.samples:,} | {_ms(lat.p50)} | **{_ms(lat.p99)}** | {_ms(lat.worst)} "
+            f"| {_ms(lat.baseline_p50)} | {_ms(lat.baseline_p99)} | {lat.load} |"
+        )
+    b = figures.burst
+    lines += [
+        "",
+        "| streams opened at once | | attached | refused or lost | server memory per idle stream |",
+        "|---|---:|---:|---:|---:|",
+        f"| Listen (run waiting for a tool result) | {b.streams:,} | {b.attached:,} | **{b.lost}** "
+        f"| **{b.kb_per_stream:.1f} KB** |",
+        f"| bare grpc.aio stream (one message, then idle) | {b.streams:,} | {b.baseline_attached:,} "
+        f"| {b.baseline_lost} | {b.baseline_kb_per_stream:.1f} KB |",
+        "",
+        f"The burst comes from {b.processes} client processes, one channel each; memory is the server's "
+        "RSS after every stream has its first message(s), minus before, over the streams.",
+    ]
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    print(markdown(run_benchmark()))
+METHOD = """\
+Each row against a bare grpc.aio server (`bench/stream_server.py`, uvloop, raw bytes) started
+in the same run, the two taking turns round by round; ratios are medians of {rounds} rounds. Every
+listener runs in a separate client process (`bench/_listeners.py`, uvloop), which reads raw bytes
+for the throughput rows so that client-side decoding costs both sides alike. Spindle: SQLite,
+builtin model, default flags but `--max-listen-streams-per-project 1000000` (replay: a server with
+`--coalesce-ms 0`, so the log holds one event per word, the worst case).
+
+- live: one client creates a run whose reply is {live:,} words and listens from its creation;
+  deltas (words) per second from sending Create to reading the last text event, against the bare server
+  streaming as many {size}-byte messages to one stream. Text deltas are coalesced into events
+  (`--coalesce-ms`, 5 ms): the figure is words delivered, the events that carried them are noted.
+- replay: 1 and 50 new listeners read a finished run's whole log from index 0 (2 client
+  processes for 50) against the bare server streaming as many {size}-byte messages to as many
+  streams.
+- broadcast: {listeners:,} listeners ({processes} processes) attach to a run waiting for its tool
+  result; the result is submitted and the reply streams at 50 words/s (`/sleep`); latency = when a
+  listener read a text event minus its `created_at` (stamped in the write transaction, so it
+  includes the commit). Baseline: the bare server's shared ticker broadcasting a wall-clock stamp
+  every 20 ms to as many streams.
+- first delta: one run at a time; from sending Create to reading the first PARTIAL_MESSAGE of a
+  Listen opened right after Create returned.
+- burst: {burst:,} streams opened at once from {processes} processes (one channel each) on a run
+  waiting for a tool result; a stream is attached once it has read the run's TOOL_CALLS event
+  (bare: its first message).
+
+Source: `bench/fanout.py`. Wait latency (`Run.wait()` after the terminal event) is its own
+benchmark, `wait-latency`, above.
+"""
+
+
+def versions() -> str:
+    import platform
+    import sqlite3
+
+    return f"Python {platform.python_version()}, grpcio {grpc.__version__}, SQLite {sqlite3.sqlite_version}"
+
+
+def section(figures: Figures, machine: str, when: str, elapsed: float) -> str:
+    method = METHOD.format(
+        rounds=rounds(),
+        live=live_words(),
+        size=DELTA_BYTES,
+        listeners=broadcast_listeners(),
+        processes=PROCESSES,
+        burst=burst_streams(),
+    )
+    return (
+        f"## Listen: streaming against a bare grpc.aio stream\n\n{method}\n{markdown(figures)}\n\n"
+        f"Measured {when} on {machine}; {versions()}; the whole benchmark took {elapsed:.0f} s.\n\n"
+        f"{PROFILE}\n"
+    )
+
+
+PROFILE = """\
+### Profile
+
+(to be written)
+"""

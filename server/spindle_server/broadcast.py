@@ -1,19 +1,31 @@
 """Fan-out of committed run events to Listen and Wait, without per-listener queues.
 
 A feed per watched run keeps a bounded tail of recent events; every listener keeps only its
-own position and reads from the tail (or from the store when it has fallen behind the tail).
-Publishing wakes the waiters once; a listener that does not read slows only itself.
+own position and reads from the tail (or, behind the tail, from blocks of the store's log that
+the feed reads once for all its listeners). Each event is serialized once, at publish or block
+read, and its bytes are what every listener sends. Publishing wakes the waiters once; a listener
+that does not read slows only itself.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from spindle.v1 import run_pb2
+from spindle_server.engine.events import is_terminal
 
 TAIL_LIMIT = 512
+# Replays read the store in blocks of BLOCK events from a multiple of BLOCK, so listeners replaying
+# the same run share each block; a feed keeps blocks up to BLOCK_CACHE_BYTES while it has listeners.
+BLOCK = 256
+BLOCK_CACHE_BYTES = 8 << 20
+
+Loader = Callable[[int, int], Awaitable[list[run_pb2.StreamEvent]]]
+"""Reads up to `limit` stored events of the run from index `start`: (start, limit) -> events."""
+Block = tuple[list[run_pb2.StreamEvent], list[bytes]]
 
 # Events that come with a change of the run's status; the deltas in between do not.
 _STATUS_EVENTS = frozenset(
@@ -38,13 +50,33 @@ def _resolve(future: asyncio.Future[None] | None) -> None:
 
 
 class RunFeed:
-    __slots__ = ("_changed", "_status_changed", "_tail", "_tail_start", "subscribers")
+    """One run's shared log for its listeners: a tail of recent events and, for replays from the
+    store, blocks of older ones read once and shared. Each event is kept with its wire bytes,
+    serialized once for every listener (each listener only holds its own position)."""
+
+    __slots__ = (
+        "_block_bytes",
+        "_blocks",
+        "_changed",
+        "_loading",
+        "_status_changed",
+        "_tail",
+        "_tail_start",
+        "_wires",
+        "final",
+        "subscribers",
+    )
 
     def __init__(self) -> None:
         self._tail: list[run_pb2.StreamEvent] = []
+        self._wires: list[bytes] = []
         self._tail_start = 0
         self._changed: asyncio.Future[None] | None = None
         self._status_changed: asyncio.Future[None] | None = None
+        self._blocks: dict[int, Block] = {}
+        self._block_bytes = 0
+        self._loading: dict[int, asyncio.Task[Block]] = {}
+        self.final: int | None = None  # index of the run's terminal event, once seen
         self.subscribers = 0
 
     def changed(self) -> asyncio.Future[None]:
@@ -63,23 +95,71 @@ class RunFeed:
             if self._tail and event.index != self._tail_start + len(self._tail):
                 # Out of line (should not happen): restart the tail rather than keep a gap.
                 self._tail.clear()
+                self._wires.clear()
             if not self._tail:
                 self._tail_start = event.index
             self._tail.append(event)
+            self._wires.append(event.SerializeToString())
+            self._note_final(event)
         if len(self._tail) > TAIL_LIMIT:
             drop = len(self._tail) - TAIL_LIMIT
             del self._tail[:drop]
+            del self._wires[:drop]
             self._tail_start += drop
         _resolve(self._changed)
         if any(event.type in _STATUS_EVENTS for event in events):
             _resolve(self._status_changed)
 
-    def cached(self, start: int) -> list[run_pb2.StreamEvent] | None:
-        """Events from `start` if the tail holds it; None if the store must be read."""
+    def cached(self, start: int, wire: bool = False) -> Sequence[Any] | None:
+        """Events (or their wire bytes) from `start` if the tail holds it; None if not."""
         end = self._tail_start + len(self._tail)
         if self._tail and self._tail_start <= start < end:
-            return self._tail[start - self._tail_start :]
+            return (self._wires if wire else self._tail)[start - self._tail_start :]
         return None
+
+    async def read(self, start: int, load: Loader, wire: bool = False) -> Sequence[Any]:
+        """Events (or wire bytes) from `start` on: from the tail, else from the block of the store
+        that holds `start`, read by one listener for all (empty past the end of the log)."""
+        cached = self.cached(start, wire)
+        if cached is not None:
+            return cached
+        first = start - start % BLOCK
+        block = self._blocks.get(first)
+        if block is None:
+            task = self._loading.get(first)
+            if task is None:
+                task = self._loading[first] = asyncio.ensure_future(self._load(first, load))
+                task.add_done_callback(self._loaded)
+            # shield: a listener that goes away does not cancel the read the others await
+            block = await asyncio.shield(task)
+        events, wires = block
+        return (wires if wire else events)[start - first :]
+
+    def _loaded(self, task: asyncio.Task[Block]) -> None:
+        for first, loading in list(self._loading.items()):
+            if loading is task:
+                del self._loading[first]
+        if not task.cancelled():
+            task.exception()  # retrieved: each listener still waiting got it raised
+
+    async def _load(self, first: int, load: Loader) -> Block:
+        events = await load(first, BLOCK)
+        block: Block = (events, [event.SerializeToString() for event in events])
+        for event in events:
+            self._note_final(event)
+        if len(events) == BLOCK or self.final is not None:
+            # Complete for good (full, or holding the end of the log): keep it for the others,
+            # the oldest kept ones first out past the byte budget.
+            self._blocks[first] = block
+            self._block_bytes += sum(map(len, block[1]))
+            while self._block_bytes > BLOCK_CACHE_BYTES and len(self._blocks) > 1:
+                oldest = next(iter(self._blocks))
+                self._block_bytes -= sum(map(len, self._blocks.pop(oldest)[1]))
+        return block
+
+    def _note_final(self, event: run_pb2.StreamEvent) -> None:
+        if self.final is None and is_terminal(event):
+            self.final = event.index
 
 
 class EventHub:

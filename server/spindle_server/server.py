@@ -23,13 +23,12 @@ from spindle.v1 import (
     message_pb2,
     message_pb2_grpc,
     run_pb2,
-    run_pb2_grpc,
     thread_pb2,
     thread_pb2_grpc,
 )
 from spindle_server import keys as api_keys
 from spindle_server import metrics
-from spindle_server.api import idempotency
+from spindle_server.api import idempotency, runs
 from spindle_server.api.assistants import AssistantServicer
 from spindle_server.api.interceptor import ApiKeys, CallInterceptor
 from spindle_server.api.readiness import ReadinessGate
@@ -182,7 +181,7 @@ class SpindleServer:
         assistant_pb2_grpc.add_AssistantServiceServicer_to_server(servicers.assistants, api)
         thread_pb2_grpc.add_ThreadServiceServicer_to_server(servicers.threads, api)
         message_pb2_grpc.add_MessageServiceServicer_to_server(servicers.messages, api)
-        run_pb2_grpc.add_RunServiceServicer_to_server(servicers.runs, api)
+        runs.add_to_server(servicers.runs, api)  # Listen sends the shared log's bytes
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
@@ -25,7 +27,6 @@ from spindle_server.store.errors import StateError
 
 DEFAULT_WAIT_SECONDS = 30.0
 MAX_WAIT_SECONDS = 600.0
-LISTEN_BATCH = 256
 # Every commit of this process wakes its listeners; this re-read is only a safety net (a store
 # written by another process), so it is rare: an idle listener costs nothing in between.
 IDLE_RECHECK_SECONDS = 30.0
@@ -329,52 +330,98 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
     async def Listen(
         self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[run_pb2.StreamEvent]:
+        """The run's events as messages (the facades build on these)."""
+        async with contextlib.aclosing(self._follow(request, ctx, wire=False)) as stream:
+            async for event in stream:
+                yield event
+
+    def listen_wire(
+        self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[bytes, None]:
+        """gRPC's Listen: the same events as the bytes of the shared log, serialized once for
+        every listener (registered with a serializer that passes bytes through)."""
+        return self._follow(request, ctx, wire=True)
+
+    async def _follow(
+        self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext, *, wire: bool
+    ) -> AsyncGenerator[Any, None]:
         v = Validator()
         v.resource_id("run_id", request.run_id, "run")
         if request.events_start_idx < 0:
             v.add("events_start_idx", "must not be negative")
         v.check()
         context.note_run(request.run_id)
-        release = self._listens.open(context.project())
+        project = context.project()
+        release = self._listens.open(project)
         # However the call ends (its end, an error, the client gone), the slot is given back:
         # the finally below when the generator is closed, the callback if it never is.
         ctx.add_done_callback(lambda _: release())
         try:
-            # aclosing: the inner generator's subscription ends with this one, not at collection.
-            async with contextlib.aclosing(self._listen(request)) as stream:
-                async for event in stream:
-                    yield event
+            run = await self._store.get_run(project, request.run_id)
+            next_index = request.events_start_idx
+            stale = False  # woken without finding events: the run's status may have moved on
+            load = functools.partial(self._store.read_events, run.id)
+            with self._hub.subscribe(run.id) as feed, metrics.LISTEN_STREAMS.track_inprogress():
+                while True:
+                    changed = feed.changed()
+                    batch = await feed.read(next_index, load, wire)
+                    if batch:
+                        final = feed.final  # the terminal event ends the stream
+                        if final is not None and final < next_index + len(batch):
+                            for item in batch[: final + 1 - next_index]:
+                                yield item
+                            return
+                        for item in batch:
+                            yield item
+                        next_index += len(batch)
+                        continue
+                    if stale:
+                        stale = False
+                        run = await self._store.get_run(project, run.id)
+                        if run.status in TERMINAL_STATUSES:
+                            # Its terminal event was committed with this status, maybe after our
+                            # read above: read once more before concluding we started past it.
+                            continue
+                    if run.status in TERMINAL_STATUSES:
+                        return  # asked to start past the terminal event
+                    await asyncio.wait({changed}, timeout=IDLE_RECHECK_SECONDS)
+                    stale = True
         finally:
             release()
 
-    async def _listen(self, request: run_pb2.ListenRunRequest) -> AsyncGenerator[run_pb2.StreamEvent, None]:
-        run = await self._store.get_run(context.project(), request.run_id)
-        next_index = request.events_start_idx
-        stale = False  # woken without finding events: the run's status may have moved on
-        with self._hub.subscribe(run.id) as feed, metrics.LISTEN_STREAMS.track_inprogress():
-            while True:
-                changed = feed.changed()
-                batch = feed.cached(next_index)
-                if batch is None:
-                    batch = await self._store.read_events(run.id, next_index, LISTEN_BATCH)
-                if batch:
-                    for event in batch:
-                        yield event
-                        next_index = event.index + 1
-                        if events.is_terminal(event):
-                            return
-                    continue
-                if stale:
-                    stale = False
-                    run = await self._store.get_run(context.project(), run.id)
-                    if run.status in TERMINAL_STATUSES:
-                        # Its terminal event was committed with this status, maybe after our
-                        # read above: read once more before concluding we started past it.
-                        continue
-                if run.status in TERMINAL_STATUSES:
-                    return  # asked to start past the terminal event
-                await asyncio.wait({changed}, timeout=IDLE_RECHECK_SECONDS)
-                stale = True
+
+def wire_event(message: run_pb2.StreamEvent | bytes) -> bytes:
+    """Listen's response serializer: the shared log's bytes as they are, a message serialized."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def add_to_server(servicer: RunServicer, server: grpc.aio.Server) -> None:
+    """RunService as generated, except Listen: it sends the shared log's bytes (wire_event)."""
+    captured = _CapturedHandlers()
+    run_pb2_grpc.add_RunServiceServicer_to_server(servicer, captured)
+    listen = captured.handlers["Listen"]
+    captured.handlers["Listen"] = grpc.unary_stream_rpc_method_handler(
+        servicer.listen_wire,
+        request_deserializer=listen.request_deserializer,
+        response_serializer=wire_event,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.name, captured.handlers),))
+    server.add_registered_method_handlers(captured.name, captured.handlers)
+
+
+class _CapturedHandlers:
+    """Stands in for a server to take the method handlers the generated code registers."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.name = name
+        self.handlers = dict(handlers)
 
 
 def _check_run_id(run_id: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncGenerator
 
 import structlog
@@ -133,10 +134,15 @@ class TurnExecutor:
     async def _stream(
         self, run: run_pb2.Run, epoch: int, chunks: AsyncGenerator[ModelChunk, None], turn: TurnState
     ) -> None:
-        """Consume the model stream, writing coalesced deltas at most every coalesce_window."""
+        """Consume the model stream, writing coalesced deltas at most every coalesce_window.
+
+        Leading edge: a delta after a quiet window is written at once (the first token of a
+        reply reaches listeners without waiting out the window); deltas arriving within the
+        window of the last write share the next one."""
         loop = asyncio.get_running_loop()
         next_chunk: asyncio.Future[ModelChunk] | None = None
         flush_at: float | None = None
+        written_at = -math.inf
         try:
             while True:
                 if next_chunk is None:
@@ -152,11 +158,12 @@ class TurnExecutor:
                     next_chunk = None
                     turn.add(chunk)
                     if turn.pending and flush_at is None:
-                        flush_at = loop.time() + self._config.coalesce_window
+                        flush_at = written_at + self._config.coalesce_window
                 if flush_at is not None and loop.time() >= flush_at:
                     flush_at = None
                     if turn.pending:
                         await self._write(run, epoch, transitions.stream(turn.take_pending()))
+                        written_at = loop.time()
         finally:
             if next_chunk is not None:
                 next_chunk.cancel()

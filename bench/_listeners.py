@@ -1,0 +1,229 @@
+"""Listener processes for the streaming benchmarks: the load comes from these, never from the
+server's own process, and the same code drives Spindle's Listen and the bare baseline.
+
+`python -m bench._listeners SPEC_JSON` connects, prints `{"event": "ready"}`, waits for a line on
+stdin, then does SPEC's `mode` and prints one JSON line per phase:
+
+- drain: open `streams` calls at once and read them to their end (raw bytes, no decoding).
+- attach: open `streams` calls and wait until each has its `attached` message (Spindle: the
+  run's TOOL_CALLS event; baseline: its first message), print `attached`; then, with `follow`,
+  read them to their end and print the latency of every later message (now minus the stamp it
+  carries: the event's created_at, or the baseline's packed time); without, hold them open until
+  the next line on stdin.
+- first-delta / live: Spindle only, one run at a time, see `_first_delta` and `_live`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from spindle.v1 import message_pb2, run_pb2, run_pb2_grpc, thread_pb2, thread_pb2_grpc
+
+LISTEN = "/spindle.v1.RunService/Listen"
+BUCKET_MS = 0.1  # latency histograms count in steps of 0.1 ms
+
+
+def _emit(message: dict[str, Any]) -> None:
+    print(json.dumps(message), flush=True)
+
+
+async def _line() -> str:
+    return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
+def _channel(spec: dict[str, Any]) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(spec["address"], options=[("grpc.max_concurrent_streams", 1 << 20)])
+
+
+def _open(channel: grpc.aio.Channel, spec: dict[str, Any]) -> grpc.aio.UnaryStreamCall:
+    method = channel.unary_stream(spec["method"])
+    return method(bytes.fromhex(spec["request"]))
+
+
+async def _drain(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
+    async def one() -> int:
+        count = 0
+        async for _ in _open(channel, spec):
+            count += 1
+        return count
+
+    start = time.time()
+    results = await asyncio.gather(*(one() for _ in range(spec["streams"])), return_exceptions=True)
+    end = time.time()
+    counts = [r for r in results if isinstance(r, int)]
+    errors = [str(r) for r in results if not isinstance(r, int)]
+    _emit({"messages": sum(counts), "start": start, "end": end, "errors": len(errors), "error": errors[:1]})
+
+
+def _stamp(message: bytes, spindle: bool) -> float | None:
+    """When a message was made, or None if it carries no stamp to measure."""
+    if not spindle:
+        return struct.unpack_from("<d", message)[0]
+    event = run_pb2.StreamEvent.FromString(message)
+    if event.type != run_pb2.StreamEvent.PARTIAL_MESSAGE:
+        return None
+    return event.created_at.seconds + event.created_at.nanos / 1e9
+
+
+def _attached(message: bytes, spindle: bool) -> bool:
+    return not spindle or run_pb2.StreamEvent.FromString(message).type == run_pb2.StreamEvent.TOOL_CALLS
+
+
+async def _attach(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
+    spindle = spec["method"] == LISTEN
+    attached: asyncio.Queue[bool] = asyncio.Queue()
+    latencies: Counter[int] = Counter()
+
+    async def one() -> None:
+        call = _open(channel, spec)
+        is_attached = False
+        try:
+            async for message in call:
+                if not is_attached:
+                    if _attached(message, spindle):
+                        is_attached = True
+                        attached.put_nowait(True)
+                    continue
+                stamp = _stamp(message, spindle)
+                if stamp is not None:
+                    latencies[int((time.time() - stamp) * 1000 / BUCKET_MS)] += 1
+        except grpc.aio.AioRpcError as exc:
+            if not is_attached:
+                attached.put_nowait(False)
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise
+        else:
+            if not is_attached:
+                attached.put_nowait(False)
+
+    streams = [asyncio.ensure_future(one()) for _ in range(spec["streams"])]
+    outcomes = [await attached.get() for _ in streams]
+    _emit({"event": "attached", "attached": outcomes.count(True), "lost": outcomes.count(False)})
+    if not spec.get("follow"):
+        await _line()
+        for stream in streams:
+            stream.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+        return
+    results = await asyncio.gather(*streams, return_exceptions=True)
+    errors = [str(r) for r in results if r is not None]
+    _emit({"histogram": dict(latencies), "errors": len(errors), "error": errors[:1]})
+
+
+async def _first_delta(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
+    """Per run: the time from sending Create to the first PARTIAL_MESSAGE read by Listen (the
+    thread is made first, outside the measured time)."""
+    threads = thread_pb2_grpc.ThreadServiceStub(channel)
+    runs = run_pb2_grpc.RunServiceStub(channel)
+    samples = []
+    for _ in range(spec["runs"]):
+        thread = await threads.Create(
+            thread_pb2.CreateThreadRequest(messages=[message_pb2.MessageInput(text="hello there")])
+        )
+        started = time.perf_counter()
+        run = await runs.Create(run_pb2.CreateRunRequest(assistant_id=spec["assistant"], thread_id=thread.id))
+        first = None
+        async for event in runs.Listen(run_pb2.ListenRunRequest(run_id=run.id)):
+            if first is None and event.type == run_pb2.StreamEvent.PARTIAL_MESSAGE:
+                first = time.perf_counter() - started
+        assert first is not None, "the run streamed no text"
+        samples.append(first * 1000)
+    _emit({"samples_ms": samples})
+
+
+async def _live(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
+    """One run of `words` words, listened to live from its creation: text deltas (words) per
+    second from sending Create to reading the last delta, and the events that carried them."""
+    threads = thread_pb2_grpc.ThreadServiceStub(channel)
+    runs = run_pb2_grpc.RunServiceStub(channel)
+    text = " ".join(f"w{i}" for i in range(spec["words"]))
+    thread = await threads.Create(
+        thread_pb2.CreateThreadRequest(messages=[message_pb2.MessageInput(text=text)])
+    )
+    first = time.perf_counter()
+    run = await runs.Create(run_pb2.CreateRunRequest(assistant_id=spec["assistant"], thread_id=thread.id))
+    words = deltas = 0
+    last = first
+    async for event in runs.Listen(run_pb2.ListenRunRequest(run_id=run.id)):
+        if event.type == run_pb2.StreamEvent.PARTIAL_MESSAGE:
+            last = time.perf_counter()
+            deltas += 1
+            words += len(event.message_delta.text.split())
+    _emit({"words": words, "events": deltas, "seconds": last - first})
+
+
+MODES = {"drain": _drain, "attach": _attach, "first-delta": _first_delta, "live": _live}
+
+
+async def main(spec: dict[str, Any]) -> None:
+    channel = _channel(spec)
+    await channel.channel_ready()
+    _emit({"event": "ready"})
+    await _line()
+    await MODES[spec["mode"]](spec, channel)
+    await channel.close()
+
+
+class Listeners:
+    """``with Listeners(specs) as group:`` one process per spec, all ready; `group.go()` starts
+    them at once and `group.read()` collects each one's next JSON line."""
+
+    def __init__(self, specs: Sequence[dict[str, Any]]) -> None:
+        self._processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "bench._listeners", json.dumps(spec)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for spec in specs
+        ]
+
+    def __enter__(self) -> Listeners:
+        for message in self.read():
+            assert message.get("event") == "ready", message
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for process in self._processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    pipe.close()
+
+    def go(self) -> None:
+        for process in self._processes:
+            assert process.stdin is not None
+            process.stdin.write("go\n")
+            process.stdin.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        messages = []
+        for process in self._processes:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"listener process {process.pid} ended early")
+            messages.append(json.loads(line))
+        return messages
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+
+        uvloop.run(main(json.loads(sys.argv[1])))
+    except ImportError:
+        asyncio.run(main(json.loads(sys.argv[1])))
