@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from spindle.v1 import run_pb2
+from spindle_server import faults
 from spindle_server.engine.events import is_terminal
 
 TAIL_LIMIT = 512
@@ -143,6 +144,8 @@ class RunFeed:
             task.exception()  # retrieved: each listener still waiting got it raised
 
     async def _load(self, first: int, load: Loader) -> Block:
+        if faults.ENABLED:  # tests hold it to see listeners share one read
+            await faults.reached("broadcast.block_read")
         events = await load(first, BLOCK)
         block: Block = (events, [event.SerializeToString() for event in events])
         for event in events:

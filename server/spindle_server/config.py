@@ -38,6 +38,11 @@ class ServerConfig:
     tls_client_ca: Path | None = None  # PEM CA: require client certificates it signed (mutual TLS)
     grace_period: float = 10.0
     max_message_bytes: int = 8 * 1024 * 1024
+    # grpc's defaults refuse a burst of new calls (1000 pending, 3000 hard: 16-40% of 10,000
+    # Listen calls opened at once fail); 0 in these three means grpc's own default.
+    grpc_max_concurrent_streams: int = 20_000  # HTTP/2 streams one connection may have open
+    grpc_max_pending_requests: int = 20_000  # calls arrived, not yet taken up (hard limit: twice)
+    max_concurrent_rpcs: int = 0  # calls in progress at once, more: RESOURCE_EXHAUSTED (0: no limit)
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
@@ -202,6 +207,26 @@ def build_parser() -> argparse.ArgumentParser:
     option("tls-client-ca", Path, None, "PEM CA certificates: require client certificates they signed")
     option("grace-period", float, defaults.grace_period, "seconds to finish calls and runs on SIGTERM")
     option("max-message-bytes", int, defaults.max_message_bytes, "largest gRPC message accepted or sent")
+    option(
+        "grpc-max-concurrent-streams",
+        int,
+        defaults.grpc_max_concurrent_streams,
+        "HTTP/2 streams (calls) one client connection may have open at once (0: grpc's default)",
+    )
+    option(
+        "grpc-max-pending-requests",
+        int,
+        defaults.grpc_max_pending_requests,
+        "calls arrived but not yet started that grpc queues rather than refuses; the hard limit "
+        "is twice this (0: grpc's default, 1000, which refuses bursts of new Listen calls)",
+    )
+    option(
+        "max-concurrent-rpcs",
+        int,
+        defaults.max_concurrent_rpcs,
+        "calls in progress at once (Listen streams included); more are refused RESOURCE_EXHAUSTED "
+        "(0: no limit)",
+    )
     option("log-level", str, defaults.log_level, "debug | info | warning | error")
     option("log-format", str, defaults.log_format, "auto (JSON unless on a terminal) | json | console")
     option("max-concurrent-runs", int, engine.max_concurrent_runs, "runs executed at once by this server")
@@ -358,6 +383,9 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         openai = openai_port(args.openai_port, args.port)
     except ValueError as exc:
         parser.error(f"--openai-port must be auto, off or a port: {exc}")
+    for name in ("grpc_max_concurrent_streams", "grpc_max_pending_requests", "max_concurrent_rpcs"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be 0 or more")
     for name in ("grace_period", "coalesce_ms"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
@@ -379,6 +407,9 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         grace_period=args.grace_period,
         max_message_bytes=args.max_message_bytes,
+        grpc_max_concurrent_streams=args.grpc_max_concurrent_streams,
+        grpc_max_pending_requests=args.grpc_max_pending_requests,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         log_level=args.log_level,
         log_format=args.log_format,
         metrics_port=args.metrics_port,

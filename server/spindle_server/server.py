@@ -82,19 +82,24 @@ def grpc_receive_limit(max_message_bytes: int) -> int:
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
-    return [
+    options = [
         ("grpc.max_receive_message_length", grpc_receive_limit(config.max_message_bytes)),
         ("grpc.max_send_message_length", config.max_message_bytes),
-        # grpc's defaults (1000 pending, 3000 hard) refuse a burst of new Listen calls.
-        ("grpc.server.max_pending_requests", 20_000),
-        ("grpc.server.max_pending_requests_hard_limit", 40_000),
-        ("grpc.max_concurrent_streams", 20_000),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
     ]
+    # grpc's defaults (1000 pending, 3000 hard) refuse a burst of new Listen calls.
+    if config.grpc_max_pending_requests:
+        options += [
+            ("grpc.server.max_pending_requests", config.grpc_max_pending_requests),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * config.grpc_max_pending_requests),
+        ]
+    if config.grpc_max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", config.grpc_max_concurrent_streams))
+    return options
 
 
 class StartupError(Exception):
@@ -157,7 +162,7 @@ class SpindleServer:
         await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
         server = grpc.aio.server(
             options=grpc_options(self.config),
-            maximum_concurrent_rpcs=None,
+            maximum_concurrent_rpcs=self.config.max_concurrent_rpcs or None,
         )
         # One set of servicers behind every API: gRPC, and the OpenAI and Yandex facades over them.
         servicers = Servicers(

@@ -1,0 +1,102 @@
+"""Replays of a finished run's log: listeners read it in blocks that the server reads once for
+all of them, from any start index, and end at the terminal event; a listener that goes away
+while others wait on the same read does not fail them."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from spindle.v1 import run_pb2
+from support.faults import Holds
+from support.server import ServerProcess
+from support.stubs import Stubs
+
+MakeServer = Callable[..., ServerProcess]
+BLOCK_READ = "broadcast.block_read"
+# Coalescing off: one event per word, so the log spans three blocks of 256 (the server's BLOCK).
+WORDS = " ".join(f"w{i}" for i in range(700))
+
+
+def finished_run(stubs: Stubs) -> run_pb2.Run:
+    run = stubs.start(WORDS)
+    # Wait rides the feed's status wake-ups only: it reads no block of the log.
+    finished = stubs.runs.Wait(run_pb2.WaitRunRequest(run_id=run.id), timeout=60)
+    assert finished.status == run_pb2.COMPLETED
+    return finished
+
+
+def open_listens(server: ServerProcess) -> float:
+    url = f"http://127.0.0.1:{server.serving['metrics_port']}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "spindle_listen_streams":
+                return float(sample.value)
+    raise AssertionError("no spindle_listen_streams gauge")
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.02)
+
+
+def test_replays_from_any_start_index_at_once(make_server: MakeServer) -> None:
+    server = make_server("--coalesce-ms", "0")
+    stubs = Stubs.connect(server.address)
+    run = finished_run(stubs)
+    full = stubs.events(run.id)
+    assert [e.index for e in full] == list(range(len(full)))
+    assert full[-1].type == run_pb2.StreamEvent.DONE and len(full) > 512
+    last = len(full) - 1
+    # Block edges, inside blocks, the terminal event and past it, all listening at once.
+    starts = [0, 1, 255, 256, 257, 300, 511, 512, 513, last - 1, last, last + 1, last + 50]
+    with ThreadPoolExecutor(len(starts)) as pool:
+        replays = list(pool.map(lambda start: stubs.events(run.id, start), starts))
+    for start, events in zip(starts, replays, strict=True):
+        assert events == full[start:], f"the replay from {start} differs from the log"
+
+
+def test_a_listener_leaving_does_not_fail_the_read_others_share(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    holds = Holds(tmp_path / "holds")
+    server = make_server("--coalesce-ms", "0", "--metrics-port", "0", env=holds.env(BLOCK_READ))
+    for nth in range(2, 20):
+        holds.release(BLOCK_READ, nth)  # only the first block read is held
+    stubs = Stubs.connect(server.address)
+    run = finished_run(stubs)
+
+    # A starts the read of block 0 and is held there.
+    leaving = stubs.runs.Listen(run_pb2.ListenRunRequest(run_id=run.id), timeout=60)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(next, leaving)
+        holds.wait_reached(BLOCK_READ, 1)
+        # B wants the same block: it waits on A's read (it is subscribed, with no await between
+        # that and waiting on the read, once the server counts it).
+        staying = pool.submit(stubs.events, run.id, 10, 60)
+        wait_until(lambda: open_listens(server) == 2, "both listeners subscribed")
+        leaving.cancel()  # A goes away while B waits on the read A started
+        wait_until(lambda: open_listens(server) == 1, "the leaving listener's stream ended")
+        holds.release(BLOCK_READ, 1)
+        events = staying.result(timeout=60)
+        try:
+            first.result(timeout=60)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.CANCELLED
+    full = stubs.events(run.id)
+    assert events == full[10:]
+    # Block 0 was read once for A and B, then blocks 256 and 512 for B; the last listener's feed
+    # (the first was dropped with its listeners) read the three again: six reads, not seven.
+    assert holds.is_reached(BLOCK_READ, 6)
+    assert not holds.is_reached(BLOCK_READ, 7)
