@@ -83,6 +83,7 @@ async def _attach(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
     spindle = spec["method"] == LISTEN
     attached: asyncio.Queue[bool] = asyncio.Queue()
     latencies: Counter[int] = Counter()
+    reasons: Counter[str] = Counter()  # why streams were lost before they attached
 
     async def one() -> None:
         call = _open(channel, spec)
@@ -99,16 +100,19 @@ async def _attach(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
                     latencies[int((time.time() - stamp) * 1000 / BUCKET_MS)] += 1
         except grpc.aio.AioRpcError as exc:
             if not is_attached:
+                reasons[f"{exc.code().name}: {exc.details()}"[:200]] += 1
                 attached.put_nowait(False)
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise
         else:
             if not is_attached:
+                reasons["ended before attaching"] += 1
                 attached.put_nowait(False)
 
     streams = [asyncio.ensure_future(one()) for _ in range(spec["streams"])]
     outcomes = [await attached.get() for _ in streams]
-    _emit({"event": "attached", "attached": outcomes.count(True), "lost": outcomes.count(False)})
+    lost = outcomes.count(False)
+    _emit({"event": "attached", "attached": outcomes.count(True), "lost": lost, "reasons": dict(reasons)})
     if not spec.get("follow"):
         await _line()
         for stream in streams:

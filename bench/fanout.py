@@ -35,6 +35,7 @@ from spindle.v1 import (
 )
 
 STREAM = "/bench.Streams/Stream"
+BATCHES = "/spindle.v1.RunService/ListenBatches"
 IDLE = "/bench.Streams/Idle"
 TICK = "/bench.Streams/Tick"
 DELTA_BYTES = 80  # about one serialized one-word PARTIAL_MESSAGE event
@@ -106,6 +107,7 @@ class Burst:
     baseline_lost: int
     baseline_kb_per_stream: float
     processes: int
+    reasons: str  # why streams were lost, if any
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,9 @@ def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def _drain_rate(specs: Sequence[dict[str, Any]]) -> tuple[int, float]:
-    """(messages per stream, messages/s over all streams) for one round of drain processes."""
+def _drain_rate(specs: Sequence[dict[str, Any]], items_per_message: float = 1.0) -> tuple[int, float]:
+    """(messages per stream, messages/s over all streams, or items/s if each message carries
+    `items_per_message`) for one round of drain processes."""
     with Listeners(specs) as group:
         group.go()
         results = group.read()
@@ -135,7 +138,7 @@ def _drain_rate(specs: Sequence[dict[str, Any]]) -> tuple[int, float]:
     messages = sum(r["messages"] for r in results)
     elapsed = max(r["end"] for r in results) - min(r["start"] for r in results)
     streams = sum(spec["streams"] for spec in specs)
-    return messages // streams, messages / elapsed
+    return messages // streams, messages * items_per_message / elapsed
 
 
 def _rss_kb(pid: int) -> int:
@@ -227,7 +230,7 @@ def replay_rows(spindle: Target, bare: str) -> list[Ratio]:
     rows = []
     for listeners in (1, 50):
         processes = _split(listeners, 2)
-        baselines, rates = [], []
+        baselines, rates, batched = [], [], []
         for _ in range(rounds()):
             request = f"{events}:{DELTA_BYTES}".encode()
             _, rate = _drain_rate([_spec(bare, STREAM, request, streams=n, mode="drain") for n in processes])
@@ -238,13 +241,24 @@ def replay_rows(spindle: Target, bare: str) -> list[Ratio]:
             if delivered != events:
                 raise RuntimeError(f"a listener got {delivered} events of {events}")
             rates.append(rate)
+            specs = [
+                _spec(spindle.address, BATCHES, _listen(run_id), streams=n, mode="drain") for n in processes
+            ]
+            with Listeners(specs[:1]) as probe:  # how many messages the batches of one stream take
+                probe.go()
+                messages = probe.read()[0]["messages"] / specs[0]["streams"]
+            batched.append(_drain_rate(specs, events / messages)[1])
+        what = f"replay of a finished run's {events:,} events to {listeners} new listener(s)"
+        load = f"{len(processes)} client process(es)"
+        baseline = statistics.median(baselines)
+        rows.append(Ratio(f"{what}: Listen", "events/s", statistics.median(rates), baseline, load))
         rows.append(
             Ratio(
-                f"replay of a finished run's {events:,} events to {listeners} new listener(s)",
-                "events/s delivered",
-                statistics.median(rates),
-                statistics.median(baselines),
-                f"{len(processes)} client process(es)",
+                f"{what}: ListenBatches (in {messages:.0f} message(s))",
+                "events/s",
+                statistics.median(batched),
+                baseline,
+                load,
             )
         )
     return rows
@@ -370,6 +384,8 @@ def burst_row(spindle: Target, bare: str, bare_pid: int) -> Burst:
     processes = _split(streams, PROCESSES)
     run = _with(spindle, lambda s: s.paused_run())
 
+    reasons: Counter[str] = Counter()
+
     def burst(address: str, pid: int, method: str, request: bytes) -> tuple[int, int, float]:
         specs = [_spec(address, method, request, streams=n, mode="attach") for n in processes]
         with Listeners(specs) as group:
@@ -381,11 +397,14 @@ def burst_row(spindle: Target, bare: str, bare_pid: int) -> Burst:
             group.go()  # release the streams
         attached = sum(r["attached"] for r in results)
         lost = sum(r["lost"] for r in results)
+        for result in results:
+            reasons.update(result["reasons"])
         return attached, lost, (after - before) / max(attached, 1)
 
     bare_attached, bare_lost, bare_kb = burst(bare, bare_pid, IDLE, str(DELTA_BYTES).encode())
     attached, lost, kb = burst(spindle.address, spindle.pid, LISTEN, _listen(run.id))
-    return Burst(streams, attached, lost, kb, bare_attached, bare_lost, bare_kb, len(processes))
+    why = "; ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+    return Burst(streams, attached, lost, kb, bare_attached, bare_lost, bare_kb, len(processes), why)
 
 
 def _target(server: ServedProcess) -> Target:
@@ -442,7 +461,8 @@ def markdown(figures: Figures) -> str:
         f"| {b.baseline_lost} | {b.baseline_kb_per_stream:.1f} KB |",
         "",
         f"The burst comes from {b.processes} client processes, one channel each; memory is the server's "
-        "RSS after every stream has its first message(s), minus before, over the streams.",
+        "RSS after every stream has its first message(s), minus before, over the streams."
+        + (f" Lost streams ended with: {b.reasons}." if b.reasons else ""),
     ]
     return "\n".join(lines)
 
@@ -461,7 +481,8 @@ builtin model, default flags but `--max-listen-streams-per-project 1000000` (rep
   (`--coalesce-ms`, 5 ms): the figure is words delivered, the events that carried them are noted.
 - replay: 1 and 50 new listeners read a finished run's whole log from index 0 (2 client
   processes for 50) against the bare server streaming as many {size}-byte messages to as many
-  streams.
+  streams. Listen sends one event a message, like the baseline; ListenBatches (additive, same
+  events) sends a backlog in StreamEventBatch messages of up to 1 MiB, events/s counted alike.
 - broadcast: {listeners:,} listeners ({processes} processes) attach to a run waiting for its tool
   result; the result is submitted and the reply streams at 50 words/s (`/sleep`); latency = when a
   listener read a text event minus its `created_at` (stamped in the write transaction, so it

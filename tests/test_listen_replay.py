@@ -100,3 +100,42 @@ def test_a_listener_leaving_does_not_fail_the_read_others_share(
     # (the first was dropped with its listeners) read the three again: six reads, not seven.
     assert holds.is_reached(BLOCK_READ, 6)
     assert not holds.is_reached(BLOCK_READ, 7)
+
+
+def test_listen_batches_carries_the_same_events_replayed_and_live(make_server: MakeServer) -> None:
+    server = make_server("--coalesce-ms", "0")
+    stubs = Stubs.connect(server.address)
+
+    def batched(run_id: str, start: int = 0) -> list[run_pb2.StreamEvent]:
+        request = run_pb2.ListenRunRequest(run_id=run_id, events_start_idx=start)
+        batches = list(stubs.runs.ListenBatches(request, timeout=60))
+        assert all(batch.events for batch in batches), "an empty batch"
+        return [event for batch in batches for event in batch.events]
+
+    # Live: batches follow the run as it streams, then end after its terminal event.
+    live = stubs.start("/sleep 0.5 " + " ".join(f"w{i}" for i in range(40)))
+    live_events = batched(live.id)
+    assert live_events == stubs.events(live.id)
+    assert live_events[-1].type == run_pb2.StreamEvent.DONE
+    # Replay of a log of three blocks from several starts: the batches hold exactly Listen's events.
+    run = finished_run(stubs)
+    full = stubs.events(run.id)
+    replayed = batched(run.id)
+    assert replayed == full
+    assert len(list(stubs.runs.ListenBatches(run_pb2.ListenRunRequest(run_id=run.id), timeout=60))) < 10
+    for start in (1, 256, len(full) - 1, len(full) + 3):
+        assert batched(run.id, start) == full[start:]
+
+
+def test_batches_split_before_one_mebibyte_and_a_larger_event_goes_alone() -> None:
+    from spindle_server.api.runs import BATCH_BYTES, frame_batches
+
+    def event(index: int, size: int) -> bytes:
+        delta = run_pb2.StreamEvent(index=index, type=run_pb2.StreamEvent.PARTIAL_MESSAGE)
+        delta.message_delta.text = "x" * size
+        return delta.SerializeToString()
+
+    wires = [event(0, 10), event(1, 600_000), event(2, 600_000), event(3, 2 * BATCH_BYTES), event(4, 5)]
+    batches = [run_pb2.StreamEventBatch.FromString(data) for data in frame_batches(wires)]
+    assert [[e.index for e in batch.events] for batch in batches] == [[0, 1], [2], [3], [4]]
+    assert [e.SerializeToString() for batch in batches for e in batch.events] == wires

@@ -84,6 +84,11 @@ class RunServiceStub:
                 request_serializer=spindle_dot_v1_dot_run__pb2.ListenRunRequest.SerializeToString,
                 response_deserializer=spindle_dot_v1_dot_run__pb2.StreamEvent.FromString,
                 _registered_method=True)
+        self.ListenBatches = channel.unary_stream(
+                '/spindle.v1.RunService/ListenBatches',
+                request_serializer=spindle_dot_v1_dot_run__pb2.ListenRunRequest.SerializeToString,
+                response_deserializer=spindle_dot_v1_dot_run__pb2.StreamEventBatch.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -156,6 +161,15 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListenBatches(self, request, context):
+        """Listen with consecutive events grouped into few messages: a replay backlog, or whatever
+        was committed together, arrives in batches (each under 1 MiB, or one larger event alone).
+        The same events in the same order, ending after the terminal event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +222,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.Listen,
                     request_deserializer=spindle_dot_v1_dot_run__pb2.ListenRunRequest.FromString,
                     response_serializer=spindle_dot_v1_dot_run__pb2.StreamEvent.SerializeToString,
+            ),
+            'ListenBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.ListenBatches,
+                    request_deserializer=spindle_dot_v1_dot_run__pb2.ListenRunRequest.FromString,
+                    response_serializer=spindle_dot_v1_dot_run__pb2.StreamEventBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -480,6 +499,33 @@ class RunService:
             '/spindle.v1.RunService/Listen',
             spindle_dot_v1_dot_run__pb2.ListenRunRequest.SerializeToString,
             spindle_dot_v1_dot_run__pb2.StreamEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListenBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spindle.v1.RunService/ListenBatches',
+            spindle_dot_v1_dot_run__pb2.ListenRunRequest.SerializeToString,
+            spindle_dot_v1_dot_run__pb2.StreamEventBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,11 @@ class RunServiceStub:
     ListSteps: _grpc.UnaryUnaryMultiCallable[_run_pb2.ListRunStepsRequest, _run_pb2.ListRunStepsResponse]
     Listen: _grpc.UnaryStreamMultiCallable[_run_pb2.ListenRunRequest, _run_pb2.StreamEvent]
     """Replays stored events from events_start_idx, then live ones; ends after the terminal event."""
+    ListenBatches: _grpc.UnaryStreamMultiCallable[_run_pb2.ListenRunRequest, _run_pb2.StreamEventBatch]
+    """Listen with consecutive events grouped into few messages: a replay backlog, or whatever
+    was committed together, arrives in batches (each under 1 MiB, or one larger event alone).
+    The same events in the same order, ending after the terminal event.
+    """
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -71,6 +76,11 @@ class RunServiceAsyncStub(RunServiceStub):
     ListSteps: _aio.UnaryUnaryMultiCallable[_run_pb2.ListRunStepsRequest, _run_pb2.ListRunStepsResponse]  # type: ignore[assignment]
     Listen: _aio.UnaryStreamMultiCallable[_run_pb2.ListenRunRequest, _run_pb2.StreamEvent]  # type: ignore[assignment]
     """Replays stored events from events_start_idx, then live ones; ends after the terminal event."""
+    ListenBatches: _aio.UnaryStreamMultiCallable[_run_pb2.ListenRunRequest, _run_pb2.StreamEventBatch]  # type: ignore[assignment]
+    """Listen with consecutive events grouped into few messages: a replay backlog, or whatever
+    was committed together, arrives in batches (each under 1 MiB, or one larger event alone).
+    The same events in the same order, ending after the terminal event.
+    """
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -150,5 +160,16 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_run_pb2.StreamEvent], _abc.AsyncIterator[_run_pb2.StreamEvent]]:
         """Replays stored events from events_start_idx, then live ones; ends after the terminal event."""
+
+    @_abc_1.abstractmethod
+    def ListenBatches(
+        self,
+        request: _run_pb2.ListenRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_run_pb2.StreamEventBatch], _abc.AsyncIterator[_run_pb2.StreamEventBatch]]:
+        """Listen with consecutive events grouped into few messages: a replay backlog, or whatever
+        was committed together, arrives in batches (each under 1 MiB, or one larger event alone).
+        The same events in the same order, ending after the terminal event.
+        """
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from spindle.v1 import assistant_pb2, run_pb2, run_pb2_grpc
 from spindle_server import clock, ids, metrics
@@ -342,8 +343,30 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         every listener (registered with a serializer that passes bytes through)."""
         return self._follow(request, ctx, wire=True)
 
+    async def ListenBatches(
+        self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext
+    ) -> AsyncIterator[run_pb2.StreamEventBatch]:
+        """ListenBatches as messages (gRPC itself sends listen_batches_wire's bytes)."""
+        async with contextlib.aclosing(self.listen_batches_wire(request, ctx)) as stream:
+            async for data in stream:
+                yield run_pb2.StreamEventBatch.FromString(data)
+
+    async def listen_batches_wire(
+        self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[bytes, None]:
+        """ListenBatches: what Listen would send, framed as StreamEventBatch messages of up to
+        BATCH_BYTES, straight from the shared log's bytes."""
+        async with contextlib.aclosing(self._follow(request, ctx, wire=True, batches=True)) as stream:
+            async for data in stream:
+                yield data
+
     async def _follow(
-        self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext, *, wire: bool
+        self,
+        request: run_pb2.ListenRunRequest,
+        ctx: grpc.aio.ServicerContext,
+        *,
+        wire: bool,
+        batches: bool = False,
     ) -> AsyncGenerator[Any, None]:
         v = Validator()
         v.resource_id("run_id", request.run_id, "run")
@@ -367,12 +390,17 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                     batch = await feed.read(next_index, load, wire)
                     if batch:
                         final = feed.final  # the terminal event ends the stream
-                        if final is not None and final < next_index + len(batch):
-                            for item in batch[: final + 1 - next_index]:
+                        ended = final is not None and final < next_index + len(batch)
+                        if final is not None and ended:
+                            batch = batch[: final + 1 - next_index]
+                        if batches:
+                            for framed in frame_batches(batch):
+                                yield framed
+                        else:
+                            for item in batch:
                                 yield item
+                        if ended:
                             return
-                        for item in batch:
-                            yield item
                         next_index += len(batch)
                         continue
                     if stale:
@@ -390,21 +418,51 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             release()
 
 
-def wire_event(message: run_pb2.StreamEvent | bytes) -> bytes:
+BATCH_BYTES = 1 << 20
+
+
+def frame_batches(wires: Sequence[bytes]) -> Iterator[bytes]:
+    """StreamEventBatch messages (field 1, length-delimited, once per event) of up to
+    BATCH_BYTES each, built from the events' bytes without decoding them."""
+    parts: list[bytes] = []
+    size = 0
+    for data in wires:
+        framed = b"\x0a" + _varint(len(data)) + data
+        if parts and size + len(framed) > BATCH_BYTES:
+            yield b"".join(parts)
+            parts, size = [], 0
+        parts.append(framed)
+        size += len(framed)
+    if parts:
+        yield b"".join(parts)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def wire_message(message: Message | bytes) -> bytes:
     """Listen's response serializer: the shared log's bytes as they are, a message serialized."""
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
 def add_to_server(servicer: RunServicer, server: grpc.aio.Server) -> None:
-    """RunService as generated, except Listen: it sends the shared log's bytes (wire_event)."""
+    """RunService as generated, except Listen and ListenBatches: they send the shared log's
+    bytes as they are (wire_message)."""
     captured = _CapturedHandlers()
     run_pb2_grpc.add_RunServiceServicer_to_server(servicer, captured)
-    listen = captured.handlers["Listen"]
-    captured.handlers["Listen"] = grpc.unary_stream_rpc_method_handler(
-        servicer.listen_wire,
-        request_deserializer=listen.request_deserializer,
-        response_serializer=wire_event,
-    )
+    for name, behavior in (("Listen", servicer.listen_wire), ("ListenBatches", servicer.listen_batches_wire)):
+        generated = captured.handlers[name]
+        captured.handlers[name] = grpc.unary_stream_rpc_method_handler(
+            behavior,
+            request_deserializer=generated.request_deserializer,
+            response_serializer=wire_message,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.name, captured.handlers),))
     server.add_registered_method_handlers(captured.name, captured.handlers)
 
