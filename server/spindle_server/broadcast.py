@@ -23,6 +23,9 @@ TAIL_LIMIT = 512
 # the same run share each block; a feed keeps blocks up to BLOCK_CACHE_BYTES while it has listeners.
 BLOCK = 256
 BLOCK_CACHE_BYTES = 8 << 20
+# Every commit of this process wakes its listeners; this wake-up is only a safety net (a store
+# written by another process), so it is rare.
+RECHECK_SECONDS = 30.0
 
 Loader = Callable[[int, int], Awaitable[list[run_pb2.StreamEvent]]]
 """Reads up to `limit` stored events of the run from index `start`: (start, limit) -> events."""
@@ -60,6 +63,7 @@ class RunFeed:
         "_blocks",
         "_changed",
         "_loading",
+        "_recheck",
         "_status_changed",
         "_tail",
         "_tail_start",
@@ -77,13 +81,22 @@ class RunFeed:
         self._blocks: dict[int, Block] = {}
         self._block_bytes = 0
         self._loading: dict[int, asyncio.Task[Block]] = {}
+        self._recheck: asyncio.TimerHandle | None = None
         self.final: int | None = None  # index of the run's terminal event, once seen
         self.subscribers = 0
 
     def changed(self) -> asyncio.Future[None]:
-        """A future resolved at the next publish; take it *before* reading, then await it."""
+        """A future resolved at the next publish; take it *before* reading, then await it
+        (shielded: it is shared). It is also resolved at least every RECHECK_SECONDS, by one timer
+        for the feed rather than one per listener: an idle listener costs no timer of its own."""
         self._changed = _next(self._changed)
+        if self._recheck is None:
+            self._recheck = asyncio.get_running_loop().call_later(RECHECK_SECONDS, self._recheck_now)
         return self._changed
+
+    def _recheck_now(self) -> None:
+        self._recheck = None
+        _resolve(self._changed)
 
     def status_changed(self) -> asyncio.Future[None]:
         """Like changed(), but only for events that change the run's status (Wait needs no

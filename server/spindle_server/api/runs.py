@@ -380,11 +380,13 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         # the finally below when the generator is closed, the callback if it never is.
         ctx.add_done_callback(lambda _: release())
         try:
-            run = await self._store.get_run(project, request.run_id)
+            # Only the id and status are kept: an idle stream does not hold the whole Run.
+            run_id = request.run_id
+            status = (await self._store.get_run(project, run_id)).status
             next_index = request.events_start_idx
             stale = False  # woken without finding events: the run's status may have moved on
-            load = functools.partial(self._store.read_events, run.id)
-            with self._hub.subscribe(run.id) as feed, metrics.LISTEN_STREAMS.track_inprogress():
+            load = functools.partial(self._store.read_events, run_id)
+            with self._hub.subscribe(run_id) as feed, metrics.LISTEN_STREAMS.track_inprogress():
                 while True:
                     changed = feed.changed()
                     batch = await feed.read(next_index, load, wire)
@@ -405,14 +407,14 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                         continue
                     if stale:
                         stale = False
-                        run = await self._store.get_run(project, run.id)
-                        if run.status in TERMINAL_STATUSES:
+                        status = (await self._store.get_run(project, run_id)).status
+                        if status in TERMINAL_STATUSES:
                             # Its terminal event was committed with this status, maybe after our
                             # read above: read once more before concluding we started past it.
                             continue
-                    if run.status in TERMINAL_STATUSES:
+                    if status in TERMINAL_STATUSES:
                         return  # asked to start past the terminal event
-                    await asyncio.wait({changed}, timeout=IDLE_RECHECK_SECONDS)
+                    await asyncio.shield(changed)  # shared by the feed's listeners: never cancel it
                     stale = True
         finally:
             release()
