@@ -23,6 +23,7 @@ def test_defaults_take_a_burst_of_listen_calls() -> None:
     assert options["grpc.server.max_pending_requests"] == 20_000
     assert options["grpc.server.max_pending_requests_hard_limit"] == 40_000
     assert options["grpc.max_concurrent_streams"] == 20_000
+    assert options["grpc.server_max_unrequested_time_in_server"] == 120
 
 
 def test_flags_set_the_limits_and_zero_leaves_grpcs_own() -> None:
@@ -34,7 +35,13 @@ def test_flags_set_the_limits_and_zero_leaves_grpcs_own() -> None:
 
 
 @pytest.mark.parametrize(
-    "flag", ["--grpc-max-pending-requests", "--grpc-max-concurrent-streams", "--max-concurrent-rpcs"]
+    "flag",
+    [
+        "--grpc-max-pending-requests",
+        "--grpc-max-pending-seconds",
+        "--grpc-max-concurrent-streams",
+        "--max-concurrent-rpcs",
+    ],
 )
 def test_a_negative_limit_is_a_usage_error(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:

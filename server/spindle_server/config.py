@@ -42,6 +42,7 @@ class ServerConfig:
     # Listen calls opened at once fail); 0 in these three means grpc's own default.
     grpc_max_concurrent_streams: int = 20_000  # HTTP/2 streams one connection may have open
     grpc_max_pending_requests: int = 20_000  # calls arrived, not yet taken up (hard limit: twice)
+    grpc_max_pending_seconds: int = 120  # how long such a call may wait before grpc cancels it
     max_concurrent_rpcs: int = 0  # calls in progress at once, more: RESOURCE_EXHAUSTED (0: no limit)
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
@@ -221,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         "is twice this (0: grpc's default, 1000, which refuses bursts of new Listen calls)",
     )
     option(
+        "grpc-max-pending-seconds",
+        int,
+        defaults.grpc_max_pending_seconds,
+        "seconds a call may wait to be started before grpc cancels it (0: grpc's default, 30, "
+        "which a busy server can exceed in a burst of new calls)",
+    )
+    option(
         "max-concurrent-rpcs",
         int,
         defaults.max_concurrent_rpcs,
@@ -383,7 +391,13 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         openai = openai_port(args.openai_port, args.port)
     except ValueError as exc:
         parser.error(f"--openai-port must be auto, off or a port: {exc}")
-    for name in ("grpc_max_concurrent_streams", "grpc_max_pending_requests", "max_concurrent_rpcs"):
+    grpc_limits = (
+        "grpc_max_concurrent_streams",
+        "grpc_max_pending_requests",
+        "grpc_max_pending_seconds",
+        "max_concurrent_rpcs",
+    )
+    for name in grpc_limits:
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 or more")
     for name in ("grace_period", "coalesce_ms"):
@@ -409,6 +423,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ServerConfig:
         max_message_bytes=args.max_message_bytes,
         grpc_max_concurrent_streams=args.grpc_max_concurrent_streams,
         grpc_max_pending_requests=args.grpc_max_pending_requests,
+        grpc_max_pending_seconds=args.grpc_max_pending_seconds,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         log_level=args.log_level,
         log_format=args.log_format,

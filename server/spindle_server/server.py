@@ -97,6 +97,8 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
             ("grpc.server.max_pending_requests", config.grpc_max_pending_requests),
             ("grpc.server.max_pending_requests_hard_limit", 2 * config.grpc_max_pending_requests),
         ]
+    if config.grpc_max_pending_seconds:
+        options.append(("grpc.server_max_unrequested_time_in_server", config.grpc_max_pending_seconds))
     if config.grpc_max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", config.grpc_max_concurrent_streams))
     return options
