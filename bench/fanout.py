@@ -527,36 +527,39 @@ PROFILE = """\
 
 Figures of this section were taken while the 2-core machine ran at load average 20-40 (several
 engineers' tests and benchmarks): absolute rates swing 5-10x between rounds, so read the ratios,
-and the latency rows are bounded by the machine, not by Spindle (the bare server misses them too).
+and the latency rows are bounded by the machine, not by Spindle (the bare server misses them
+too).
 
 - Replay, py-spy (`py-spy record --native --pid`, 50 listeners): Python frames (servicer,
   interceptor, broadcast) are under 2% of the server's samples; the rest is the event loop and
-  grpc in C, the same shape as the bare server (sendmsg 33-37%, the loop's wake-up writes 14-16%,
-  epoll): one sendmsg per message per stream. Before, every listener re-read the log from the
-  store in its own 256-event batches, parsed them and serialized every event again for itself.
-  Changed: a run's feed reads each 256-event block of the log once for all its listeners (one
-  read in flight per block, shared, kept while the run has listeners, 8 MiB at most) and
+  grpc in C, the same shape as the bare server (sendmsg 33-37%, the loop's wake-up writes
+  14-16%, epoll): one sendmsg per message per stream. Before, every listener re-read the log
+  from the store in its own 256-event batches, parsed them and serialized every event again for
+  itself. Changed: a run's feed reads each 256-event block of the log once for all its listeners
+  (one read in flight per block, shared, kept while the run has listeners, 8 MiB at most) and
   serializes each event once; gRPC's Listen sends those bytes as they are (a pass-through
   serializer), through one generator instead of two. Ratio to the bare stream, base code (one
   run) then this code (two runs): 1 listener 0.50 -> 0.53 and 1.01, 50 listeners 0.63 -> 0.65
-  and 0.64; within this machine's noise. Since the remaining cost is gRPC's per message, the lever beyond parity is fewer messages: `ListenBatches` (additive
-  RPC, same request, `StreamEventBatch` messages of up to 1 MiB framed from the same bytes
-  without decoding) delivers the 10,006 events in 40 messages, 20x (1 listener) and 35x (50) the
-  bare stream's one-event-a-message rate. `Listen` itself is unchanged on the wire.
-- Live: deltas are coalesced (5 ms); now leading-edge: a delta after a quiet window is written at
-  once (a reply's first token does not wait out the window), later ones share a write per window.
-  Words delivered live stay above the bare stream's messages/s (1.28-4.04 in three runs; 1.67
-  before) because 10,000 words travel in 35-50 events.
+  and 0.64; within this machine's noise. Since the remaining cost is gRPC's per message, the
+  lever beyond parity is fewer messages: `ListenBatches` (additive RPC, same request,
+  `StreamEventBatch` messages of up to 1 MiB framed from the same bytes without decoding)
+  delivers the 10,006 events in 40 messages, 20x (1 listener) and 35x (50) the bare stream's
+  one-event-a-message rate. `Listen` itself is unchanged on the wire.
+- Live: deltas are coalesced (5 ms); now leading-edge: a delta after a quiet window is written
+  at once (a reply's first token does not wait out the window), later ones share a write per
+  window. Words delivered live stay above the bare stream's messages/s (1.28-4.04 in three runs;
+  1.67 before) because 10,000 words travel in 35-50 events.
 - Create -> first delta: per stage (p50, this load): Create returns 1.2 ms, IN_PROGRESS stamped
   at 1.4 ms, first delta stamped 3.3 ms, read by the client 4.1 ms (base code: 5.0 ms). The path
-  is three durable commits in series (the run's insert, the claim, the first delta), each with
-  a thread hop: p50 <= 2 ms needs a quiet machine or fewer commits on that path (the store's and
-  engine's design, not Listen's); p99 here is the machine's stalls (fsync p90 3.7 ms, max 20 ms).
+  is three durable commits in series (the run's insert, the claim, the first delta), each with a
+  thread hop: p50 <= 2 ms needs a quiet machine or fewer commits on that path (the store's and
+  engine's design, not Listen's); p99 here is the machine's stalls (fsync p90 3.7 ms, max 20
+  ms).
 - 1,000 listeners at 50 events/s: 50,000 messages/s, about what one core sends (12-17 us each)
   plus the four client processes' reading; on this loaded machine neither side keeps up (bare:
-  p50 10.5 s, p99 21 s; Spindle p50 6.7 s, p99 12 s, base code p50 22.5 s, p99 43 s): the backlog
-  grows for the whole 20 s. One publish wakes the feed's listeners once; each then sends from
-  the shared bytes.
+  p50 10.5 s, p99 21 s; Spindle p50 6.7 s, p99 12 s, base code p50 22.5 s, p99 43 s): the
+  backlog grows for the whole 20 s. One publish wakes the feed's listeners once; each then sends
+  from the shared bytes.
 - Burst and memory: with grpc's defaults (`--grpc-max-pending-requests 0
   --grpc-max-concurrent-streams 0`) 6,938 of 10,000 Listen calls ended CANCELLED; with the
   defaults now (20,000 pending, hard limit 40,000, 20,000 streams per connection, calls may wait
@@ -564,7 +567,7 @@ and the latency rows are bounded by the machine, not by Spindle (the bare server
   none is lost. Server memory per idle stream (10,000 at once): base code 32.3 KB; an idle
   stream now keeps the run's id and status instead of the whole Run (29.2 KB) and awaits the
   feed's shared future, shielded, woken by one recheck timer per feed instead of a timer and
-  waiter per listener (28.1 KB; the bare stream: 19.7-20.7 KB; the table's run: 25.0 KB). What is left beyond the bare
-  stream is the call's interceptor (its generator, metadata dict and handler per call) and
-  Listen's own generator frame.
+  waiter per listener (28.1 KB; the bare stream: 19.7-20.7 KB; the table's run: 25.0 KB). What
+  is left beyond the bare stream is the call's interceptor (its generator, metadata dict and
+  handler per call) and Listen's own generator frame.
 """
