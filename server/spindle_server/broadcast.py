@@ -63,6 +63,7 @@ class RunFeed:
         "_blocks",
         "_changed",
         "_loading",
+        "_publishes",
         "_recheck",
         "_status_changed",
         "_tail",
@@ -80,7 +81,9 @@ class RunFeed:
         self._status_changed: asyncio.Future[None] | None = None
         self._blocks: dict[int, Block] = {}
         self._block_bytes = 0
-        self._loading: dict[int, asyncio.Task[Block]] = {}
+        # Block reads in flight, with the publish count when each began (see read()).
+        self._loading: dict[int, tuple[asyncio.Task[Block], int]] = {}
+        self._publishes = 0
         self._recheck: asyncio.TimerHandle | None = None
         self.final: int | None = None  # index of the run's terminal event, once seen
         self.subscribers = 0
@@ -105,6 +108,7 @@ class RunFeed:
         return self._status_changed
 
     def publish(self, events: Sequence[run_pb2.StreamEvent]) -> None:
+        self._publishes += 1
         for event in events:
             if self._tail and event.index != self._tail_start + len(self._tail):
                 # Out of line (should not happen): restart the tail rather than keep a gap.
@@ -140,9 +144,14 @@ class RunFeed:
         first = start - start % BLOCK
         block = self._blocks.get(first)
         if block is None:
-            task = self._loading.get(first)
-            if task is None:
-                task = self._loading[first] = asyncio.ensure_future(self._load(first, load))
+            loading = self._loading.get(first)
+            # Join a read only if nothing was published since it began: its snapshot then holds
+            # every event committed before the caller took changed(), so no wake-up is missed.
+            if loading is not None and loading[1] == self._publishes:
+                task = loading[0]
+            else:
+                task = asyncio.ensure_future(self._load(first, load))
+                self._loading[first] = (task, self._publishes)
                 task.add_done_callback(self._loaded)
             # shield: a listener that goes away does not cancel the read the others await
             block = await asyncio.shield(task)
@@ -150,7 +159,7 @@ class RunFeed:
         return (wires if wire else events)[start - first :]
 
     def _loaded(self, task: asyncio.Task[Block]) -> None:
-        for first, loading in list(self._loading.items()):
+        for first, (loading, _) in list(self._loading.items()):
             if loading is task:
                 del self._loading[first]
         if not task.cancelled():
