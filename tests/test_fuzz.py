@@ -65,7 +65,11 @@ ALLOWED = {
     Code.ABORTED,
     Code.RESOURCE_EXHAUSTED,
 }
-FOLLOW_METHODS = ("/spindle.v1.RunService/Wait", "/spindle.v1.RunService/Listen")
+FOLLOW_METHODS = (
+    "/spindle.v1.RunService/Wait",
+    "/spindle.v1.RunService/Listen",
+    "/spindle.v1.RunService/ListenBatches",
+)
 NEEDS_ERROR_INFO = ALLOWED - {Code.OK, Code.RESOURCE_EXHAUSTED}
 
 SERVICES = [

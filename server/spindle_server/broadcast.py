@@ -101,6 +101,12 @@ class RunFeed:
         self._recheck = None
         _resolve(self._changed)
 
+    def close(self) -> None:
+        """Its last listener left: drop the timer now (it would hold the feed and its tail)."""
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+
     def status_changed(self) -> asyncio.Future[None]:
         """Like changed(), but only for events that change the run's status (Wait needs no
         wake-up, and no store read, for every streamed delta)."""
@@ -220,3 +226,4 @@ class EventHub:
             feed.subscribers -= 1
             if feed.subscribers == 0:
                 del self._feeds[run_id]
+                feed.close()
