@@ -525,10 +525,10 @@ def section(figures: Figures, machine: str, when: str, elapsed: float) -> str:
 PROFILE = """\
 ### Profile
 
-Figures of this section were taken while the 2-core machine ran at load average 20-40 (several
-engineers' tests and benchmarks): absolute rates swing 5-10x between rounds, so read the ratios,
-and the latency rows are bounded by the machine, not by Spindle (the bare server misses them
-too).
+The table's run had the machine nearly to itself (load average falling from 5 to 1). The
+profiles and the before/after figures below were taken earlier the same day at load average
+20-40 (several engineers' tests and benchmarks), base code and this code in turn: there,
+absolute rates swung 5-10x between rounds, so compare ratios.
 
 - Replay, py-spy (`py-spy record --native --pid`, 50 listeners): Python frames (servicer,
   interceptor, broadcast) are under 2% of the server's samples; the rest is the event loop and
@@ -538,36 +538,39 @@ too).
   itself. Changed: a run's feed reads each 256-event block of the log once for all its listeners
   (one read in flight per block, shared, kept while the run has listeners, 8 MiB at most) and
   serializes each event once; gRPC's Listen sends those bytes as they are (a pass-through
-  serializer), through one generator instead of two. Ratio to the bare stream, base code (one
-  run) then this code (two runs): 1 listener 0.50 -> 0.53 and 1.01, 50 listeners 0.63 -> 0.65
-  and 0.64; within this machine's noise. Since the remaining cost is gRPC's per message, the
-  lever beyond parity is fewer messages: `ListenBatches` (additive RPC, same request,
-  `StreamEventBatch` messages of up to 1 MiB framed from the same bytes without decoding)
-  delivers the 10,006 events in 40 messages, 20x (1 listener) and 35x (50) the bare stream's
+  serializer), through one generator instead of two. Ratio to the bare stream at load 20-40: 1
+  listener 0.50 (base) -> 0.53 and 1.01 (two runs), 50 listeners 0.63 -> 0.65 and 0.64; in the
+  table's quiet run 1.09 and 0.95. The remaining cost is gRPC's per message, so the lever beyond
+  parity is fewer messages: `ListenBatches` (additive RPC, same request, `StreamEventBatch`
+  messages of up to 1 MiB framed from the same bytes without decoding) delivers the 10,006
+  events in 40 messages, 20-24x (1 listener) and 34-35x (50) the bare stream's
   one-event-a-message rate. `Listen` itself is unchanged on the wire.
 - Live: deltas are coalesced (5 ms); now leading-edge: a delta after a quiet window is written
   at once (a reply's first token does not wait out the window), later ones share a write per
-  window. Words delivered live stay above the bare stream's messages/s (1.28-4.04 in three runs;
-  1.67 before) because 10,000 words travel in 35-50 events.
-- Create -> first delta: per stage (p50, this load): Create returns 1.2 ms, IN_PROGRESS stamped
+  window. Words delivered live stay above the bare stream's messages/s (1.28-4.04; 1.67 for the
+  base code) because 10,000 words travel in 31-50 events.
+- Create -> first delta, per stage (p50, load 20-40): Create returns 1.2 ms, IN_PROGRESS stamped
   at 1.4 ms, first delta stamped 3.3 ms, read by the client 4.1 ms (base code: 5.0 ms). The path
   is three durable commits in series (the run's insert, the claim, the first delta), each with a
-  thread hop: p50 <= 2 ms needs a quiet machine or fewer commits on that path (the store's and
-  engine's design, not Listen's); p99 here is the machine's stalls (fsync p90 3.7 ms, max 20
-  ms).
-- 1,000 listeners at 50 events/s: 50,000 messages/s, about what one core sends (12-17 us each)
-  plus the four client processes' reading; on this loaded machine neither side keeps up (bare:
-  p50 10.5 s, p99 21 s; Spindle p50 6.7 s, p99 12 s, base code p50 22.5 s, p99 43 s): the
-  backlog grows for the whole 20 s. One publish wakes the feed's listeners once; each then sends
-  from the shared bytes.
+  thread hop: the quiet run's p99 8.9 ms meets 10 ms, its p50 3.6 ms misses 2 ms; that needs
+  fewer commits on the path (the store's and engine's design, not Listen's). Loaded, p99 is the
+  machine's stalls (fsync p90 3.7 ms, max 20 ms; p99 34-533 ms in three runs).
+- 1,000 listeners at 50 events/s are 50,000 messages/s: about what one core sends (12-17 us
+  each) plus four client processes reading them, more than this 2-core machine has: neither side
+  keeps up and the backlog grows for the whole 20 s (quiet run: Spindle p50 2.6 s, p99 5.0 s;
+  bare p50 3.5 s, p99 7.7 s; loaded: Spindle p99 12 s, base code 43 s, bare 21 s). Spindle beats
+  the bare ticker here because one publish wakes each listener once per commit and it then sends
+  what has accumulated. p99 <= 50 ms needs about a core for the server and more for the clients.
 - Burst and memory: with grpc's defaults (`--grpc-max-pending-requests 0
   --grpc-max-concurrent-streams 0`) 6,938 of 10,000 Listen calls ended CANCELLED; with the
   defaults now (20,000 pending, hard limit 40,000, 20,000 streams per connection, calls may wait
-  120 s to be started: `--grpc-max-pending-seconds`, grpc's 30 s can pass on a busy machine)
-  none is lost. Server memory per idle stream (10,000 at once): base code 32.3 KB; an idle
-  stream now keeps the run's id and status instead of the whole Run (29.2 KB) and awaits the
-  feed's shared future, shielded, woken by one recheck timer per feed instead of a timer and
-  waiter per listener (28.1 KB; the bare stream: 19.7-20.7 KB; the table's run: 25.0 KB). What
-  is left beyond the bare stream is the call's interceptor (its generator, metadata dict and
-  handler per call) and Listen's own generator frame.
+  120 s to be started: `--grpc-max-pending-seconds`, as grpc's 30 s can pass on a busy machine)
+  none was lost in the last three full runs (one earlier run of this branch, before that flag,
+  lost 5,543 at load 30-40; the section now prints why streams are lost). Server memory per idle
+  stream (10,000 at once, load 20-40): base code 32.3 KB; an idle stream now keeps the run's id
+  and status instead of the whole Run (29.2 KB) and awaits the feed's shared future, shielded,
+  woken by one recheck timer per feed instead of a timer and waiter per listener (28.1 KB; bare
+  19.7-20.7 KB); the quiet run: 25.2 KB, bare 20.4 KB. What is left beyond the bare stream is
+  the call's interceptor (its generator, metadata dict and handler per call) and Listen's own
+  generator frame.
 """
