@@ -264,7 +264,9 @@ def replay_rows(spindle: Target, bare: str) -> list[Ratio]:
     return rows
 
 
-def live_row(spindle: Target, bare: str) -> Ratio:
+def live_row(spindle: Target, bare: str, coalesced: bool = True) -> Ratio:
+    """Words of a live reply delivered to one listener; with coalescing off (`--coalesce-ms 0`)
+    each word is an event of its own, so words/s is events appended and delivered per second."""
     rates, baselines = [], []
     events = []
     for _ in range(rounds()):
@@ -283,10 +285,19 @@ def live_row(spindle: Target, bare: str) -> Ratio:
             (result,) = group.read()
         rates.append(result["words"] / result["seconds"])
         events.append(result["events"])
+    if coalesced:
+        what = (
+            f"text deltas of a {live_words():,}-word reply appended and delivered live to one listener "
+            f"(median {statistics.median(events):.0f} events after coalescing)"
+        )
+    else:
+        what = (
+            f"events of a {live_words():,}-word reply, one event per word (`--coalesce-ms 0`), "
+            f"appended and delivered live to one listener (median {statistics.median(events):.0f} events)"
+        )
     return Ratio(
-        f"text deltas of a {live_words():,}-word reply appended and delivered live to one listener "
-        f"(median {statistics.median(events):.0f} events after coalescing)",
-        "deltas/s delivered",
+        what,
+        "deltas/s delivered" if coalesced else "events/s delivered",
         statistics.median(rates),
         statistics.median(baselines),
         "1 client process",
@@ -417,7 +428,9 @@ def run_benchmark() -> Figures:
     with ServedProcess([sys.executable, "-m", "bench.stream_server"]) as bare:
         # Coalescing off: the log holds one event per word, the worst case for replay.
         with BenchServer("--coalesce-ms", "0") as uncoalesced:
-            ratios = replay_rows(_target(uncoalesced), bare.address)
+            target = _target(uncoalesced)
+            ratios = replay_rows(target, bare.address)
+            ratios.insert(0, live_row(target, bare.address, coalesced=False))
         with BenchServer("--max-listen-streams-per-project", "1000000") as server:
             target = _target(server)
             ratios.insert(0, live_row(target, bare.address))
