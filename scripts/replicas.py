@@ -52,6 +52,7 @@ class Replica:
 
     def __init__(self, number: int, dsn: str, state: Path, server_args: Sequence[str]) -> None:
         self.number = number
+        self.exited_before_stop = False
         self.log = state / f"replica{number}.log"
         self._stdout = state / f"replica{number}.out"
         command = [
@@ -91,7 +92,8 @@ class Replica:
 
     def stop(self) -> None:
         """SIGTERM (it finishes or hands on its runs), SIGKILL if it takes too long."""
-        if self.process.poll() is None:
+        self.exited_before_stop = self.process.poll() is not None
+        if not self.exited_before_stop:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=STOP_TIMEOUT)
@@ -131,7 +133,7 @@ def start(args: argparse.Namespace) -> int:
         nginx = NginxProcess(binary, state / "nginx", [replica.address for replica in replicas]).start()
         assert nginx.process is not None
         (state / STATE_FILE).write_text(json.dumps({"database": dsn, "address": nginx.address}))
-        report(dsn, nginx, replicas, state)
+        report(dsn, nginx, replicas, cluster)
         watch(replicas, nginx)
     except Stop as stop:
         print(f"\n{stop}: stopping", flush=True)
@@ -150,11 +152,23 @@ def start(args: argparse.Namespace) -> int:
 
 
 def stopped(nginx: NginxProcess | None, replicas: list[Replica], cluster: object) -> list[str]:
-    names = [f"replica {replica.number} (pid {replica.process.pid})" for replica in replicas]
+    names = [
+        f"replica {replica.number} (pid {replica.process.pid}"
+        + (", had exited already)" if replica.exited_before_stop else ")")
+        for replica in replicas
+    ]
     return (["nginx"] if nginx is not None else []) + names + (["PostgreSQL"] if cluster else [])
 
 
-def report(dsn: str, nginx: NginxProcess, replicas: list[Replica], state: Path) -> None:
+def postgres_line(cluster: postgres.Cluster | None) -> str:
+    if cluster is None:
+        return "PostgreSQL: already running (not stopped at the end; make pg-stop stops it)"
+    pid_file = cluster.data / "postmaster.pid"
+    pid = pid_file.read_text().split("\n", 1)[0] if pid_file.exists() else "?"
+    return f"PostgreSQL: pid {pid} (started here, stopped at the end; data under {cluster.root})"
+
+
+def report(dsn: str, nginx: NginxProcess, replicas: list[Replica], cluster: postgres.Cluster | None) -> None:
     assert nginx.process is not None
     lines = [
         f"Spindle: {len(replicas)} replicas on {dsn}, nginx in front.",
@@ -162,6 +176,7 @@ def report(dsn: str, nginx: NginxProcess, replicas: list[Replica], state: Path) 
         f"  export SPINDLE_TARGET={nginx.address}",
         "or at the replicas themselves (the client balances with round_robin):",
         f"  export SPINDLE_TARGET={','.join(replica.address for replica in replicas)}",
+        postgres_line(cluster),
         f"nginx: pid {nginx.process.pid} at {nginx.address} (access log {nginx.access_log})",
     ]
     for replica in replicas:
@@ -246,10 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=5.0,
         help="the replicas' --lease-seconds: a killed replica's run continues elsewhere after it",
     )
-    parser.add_argument(
-        "server_args", nargs="*", help="more spindle-server flags for every replica (after --)"
-    )
-    args = parser.parse_args(argv)
+    parser.epilog = "Flags after -- go to every replica's spindle-server."
+    # Split at "--" here: argparse drops what follows it once an option comes after the command.
+    given = list(sys.argv[1:] if argv is None else argv)
+    cut = given.index("--") if "--" in given else len(given)
+    args = parser.parse_args(given[:cut])
+    args.server_args = given[cut + 1 :]
     if args.count < 1:
         parser.error("--count must be at least 1")
     if args.command == "runs":
