@@ -266,3 +266,18 @@ async def test_the_database_has_one_owner(tmp_path: Path) -> None:
     again = SqliteStore(tmp_path / "owned.db")
     await again.start()  # released on close
     await again.close()
+
+
+async def test_a_lookup_reads_the_latest_commit_and_keeps_no_snapshot(store: SqliteStore) -> None:
+    """Gets are one autocommit SELECT on the event loop's connection (no BEGIN/COMMIT): each
+    sees what committed before it, and none leaves its read transaction open, which would hold
+    the WAL back (a TRUNCATE checkpoint could not finish past that reader's snapshot)."""
+    await queued_run(store)
+    assert (await store.get_run(PROJECT, "run_1")).labels == {}
+    assert await store.get_run_any_project("run_1") is not None
+    await store.update_run_labels(PROJECT, "run_1", {"k": "v"})
+    assert (await store.get_run(PROJECT, "run_1")).labels == {"k": "v"}
+    with pytest.raises(NotFoundError):
+        await store.get_run("other", "run_1")
+    assert (await store.get_last_run(PROJECT, "thread_1")).labels == {"k": "v"}
+    assert await store.db.checkpoint()

@@ -185,29 +185,41 @@ class SqliteDatabase:
         self._queue.put(_Write(fn, future, after_commit))
         return await future
 
-    async def read(self, fn: Callable[[sqlite3.Connection], T], *, inline: bool = False) -> T:
-        """Run `fn` on a reader connection. `inline` tries it first on the event loop's own
-        thread: for lookups by key, which take a few microseconds, a hop to the reader pool
-        costs more than the query (BENCHMARKS.md: Get goes from about half a bare call's rate
-        to about two thirds). That connection never waits for a lock (busy_timeout 0), since
-        waiting there would stall every call of the server: when the database is busy the
-        read goes to the pool, whose connections may wait."""
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in one read transaction (one snapshot) on a connection of the reader pool."""
         if self._closing:
             raise UnavailableError("the database is closed")
-        if inline:
-            try:
-                return self._read_inline(fn)
-            except sqlite3.Error as exc:
-                if not _is_busy(exc):
-                    raise unavailable(exc, "read", self.path) from exc
-                log.info("sqlite_inline_read_busy", error=str(exc))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._read_in_pool, fn)
 
-    def _read_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._inline is None:
-            self._inline = self._reader(busy_timeout_ms=0)
-        return _in_read_transaction(self._inline, fn)
+    async def read_row(self, sql: str, args: tuple[Any, ...]) -> Any:
+        """The first row of one SELECT (None if it finds none): lookups by key, every Get.
+
+        Run on the event loop's own thread: such a lookup takes a few microseconds and a hop
+        to the reader pool costs more than the query (BENCHMARKS.md, rpc-speed). That
+        connection never waits for a lock (busy_timeout 0), since waiting there would stall
+        every call of the server: when the database is busy the read goes to the pool, whose
+        connections may wait. No BEGIN/COMMIT around it: one statement in autocommit is its
+        own read transaction, so its row comes from one snapshot. Its rows are fetched to the
+        end, which resets the statement and so ends that transaction (a statement left mid-way
+        would keep its snapshot open and hold back checkpoints)."""
+        if self._closing:
+            raise UnavailableError("the database is closed")
+        try:
+            connection = self._inline
+            if connection is None:  # opened here, inside the try: its PRAGMAs can meet a busy file
+                connection = self._inline = self._reader(busy_timeout_ms=0)
+            rows = connection.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            if not _is_busy(exc):
+                raise unavailable(exc, "read", self.path) from exc
+            log.info("sqlite_inline_read_busy", error=str(exc))
+            loop = asyncio.get_running_loop()
+            rows = await loop.run_in_executor(self._readers, self._rows_in_pool, sql, args)
+        return rows[0] if rows else None
+
+    def _rows_in_pool(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        return self._read_in_pool(lambda connection: connection.execute(sql, args).fetchall())
 
     def _read_in_pool(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
