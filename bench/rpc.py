@@ -401,10 +401,20 @@ in `api/interceptor.py`), the readiness gate one attribute read in it: server CP
 from 1/0.626 to 1/0.683 of the echo's (main thread 273 -> 251 us); (2) the debug decision is
 taken once, the call's metadata is read only when a key or a logged request id needs it, and
 `gc.freeze()` after start-up keeps what start-up loaded out of the collections: 1/0.716 (main
-thread 239 us), so 12.5% less CPU per Get in all. The limit: what is left is the store's read
-(about a fifth of the call; `store/sqlite_db.py`, which this work did not touch: a cache of run
-bodies would need invalidation across replicas sharing a database) and the process-level cost;
-with both, Get stays near 0.7 of the echo by CPU.
+thread 239 us), so 12.5% less CPU per Get in all; (3) the store's read (`SqliteDatabase.read_row`
+in `store/sqlite_db.py`): one autocommit SELECT on the event loop's connection instead of BEGIN,
+SELECT, COMMIT through a closure and two wrappers (a single statement is its own snapshot in WAL;
+its rows are fetched to the end so no snapshot stays open; still busy_timeout 0, and a busy
+database still sends the read to the reader pool). Runs were already one serialized protobuf
+column: the Run is one parse, under 1 us. `store.get_run` alone in a loop: 7.6-8.0 -> 5.1-5.4 us;
+under h2load's Get load, py-spy's samples in `get_run` went from 7.5% to 2.5% of the main
+thread's; server CPU per Get, old and new builds in alternating 2 s windows (10 each, medians):
+339 -> 329 us against the echo's 222 (1/0.655 -> 1/0.674). So the read alone was never 51 us
+(that estimate above took in more than the read; alone it was about 8 us); now it is about 5 us
+of the roughly 110 us a Get costs above the echo. The limit: the rest
+is the process-level cost and the per-call Python around the handler (interceptor wrapper,
+metrics, validation), not the store (a cache of run bodies would save the 5 us but need
+invalidation across replicas sharing a database); Get stays near 0.7 of the echo by CPU.
 """
 
 
