@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import grpc
 
+from bench import h2load
 from bench._mode import seconds, sized
 from bench._server import ROOT, BenchServer, ServedProcess, echo_server
 from bench.load import cpu_seconds
@@ -48,7 +47,6 @@ from spindle_server import clock, ids
 from spindle_server.engine import events, transitions
 from spindle_server.store.sqlite import SqliteStore
 
-H2LOAD = "h2load"
 H2_CONNECTIONS = 4
 RUNS_IN_FLIGHT_PER_PROCESS = 4
 EVENTS_PER_APPEND = 16  # one coalesced flush of a run's deltas
@@ -149,23 +147,13 @@ def events_persisted() -> list[dict[str, float]]:
 # ---- MessageService.Create vs echo, with h2load -------------------------------------------
 
 
-def _grpc_frame(body: bytes) -> bytes:
-    return b"\x00" + len(body).to_bytes(4, "big") + body
-
-
-def h2load(address: str, path: str, body_file: str, in_flight: int, duration: float) -> tuple[float, int]:
-    """(requests/s, HTTP 200 answers) of one h2load window."""
-    if shutil.which(H2LOAD) is None:
+def _window(address: str, method: str, request: bytes, in_flight: int) -> tuple[float, int]:
+    """(requests/s, HTTP 200 answers) of one h2load window (bench/h2load.py drives it)."""
+    if not h2load.available():
         raise RuntimeError("h2load is needed to drive unary load: install Debian's nghttp2-client")
-    streams = max(1, in_flight // H2_CONNECTIONS)
-    command = [H2LOAD, "-D", str(max(1, round(duration))), "-c", str(H2_CONNECTIONS), "-m", str(streams)]
-    command += ["-t", "1", "--data", body_file, "-H", "content-type: application/grpc", "-H", "te: trailers"]
-    out = subprocess.run([*command, f"http://{address}{path}"], capture_output=True, text=True).stdout
-    rate = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", out)
-    answered = re.search(r"status codes: (\d+) 2xx", out)
-    if rate is None or answered is None:
-        raise RuntimeError(f"h2load said:\n{out}")
-    return float(rate.group(1)), int(answered.group(1))
+    load = h2load.Load(H2_CONNECTIONS, max(1, in_flight // H2_CONNECTIONS), _window_seconds())
+    window = h2load.run(address, method, request, load)
+    return window.per_second, window.status_2xx
 
 
 async def _new_thread(address: str) -> str:
@@ -188,54 +176,41 @@ def _count_messages(database: Path, thread_id: str) -> int:
 
 def create_vs_echo(spindle: BenchServer, echo: ServedProcess) -> list[Figure]:
     figures = []
-    with tempfile.TemporaryDirectory() as folder:
-        thread_id = asyncio.run(_new_thread(spindle.address))
-        body_file = str(Path(folder) / "create.bin")
-        body = message_pb2.CreateMessageRequest(thread_id=thread_id, text="note").SerializeToString()
-        Path(body_file).write_bytes(_grpc_frame(body))
-        for in_flight in _in_flight():
-            creates, echoes = [], []
-            cpu = {"echo": 0.0, "create": 0.0}
-            calls = {"echo": 0, "create": 0}
-            for _ in range(_windows()):
-                before_cpu = cpu_seconds(echo.pid)
-                rate, answered = h2load(
-                    echo.address, "/bench.Echo/Echo", body_file, in_flight, _window_seconds()
-                )
-                cpu["echo"] += cpu_seconds(echo.pid) - before_cpu
-                calls["echo"] += answered
-                echoes.append(rate)
-                before = _count_messages(spindle.database, thread_id)
-                before_cpu = cpu_seconds(spindle.pid)
-                rate, answered = h2load(
-                    spindle.address,
-                    "/spindle.v1.MessageService/Create",
-                    body_file,
-                    in_flight,
-                    _window_seconds(),
-                )
-                cpu["create"] += cpu_seconds(spindle.pid) - before_cpu
-                created = _count_messages(spindle.database, thread_id) - before
-                # h2load counts HTTP 200, but gRPC says how a call ended in the trailers: every
-                # answer must have created its message (the calls still in flight when h2load
-                # stopped were committed without being counted, hence the slack).
-                if not answered <= created <= answered + in_flight:
-                    raise RuntimeError(
-                        f"h2load counted {answered} answers but {created} messages were created"
-                    )
-                calls["create"] += answered
-                creates.append(rate)
-            figures.append(
-                Figure(
-                    "MessageService.Create (durable write)",
-                    f"h2load, {H2_CONNECTIONS} connections, {in_flight} in flight",
-                    statistics.median(creates),
-                    statistics.median(echoes),
-                    "calls/s",
-                    _per_op_us(cpu["create"], calls["create"]),
-                    _per_op_us(cpu["echo"], calls["echo"]),
-                )
+    thread_id = asyncio.run(_new_thread(spindle.address))
+    body = message_pb2.CreateMessageRequest(thread_id=thread_id, text="note").SerializeToString()
+    for in_flight in _in_flight():
+        creates, echoes = [], []
+        cpu = {"echo": 0.0, "create": 0.0}
+        calls = {"echo": 0, "create": 0}
+        for _ in range(_windows()):
+            before_cpu = cpu_seconds(echo.pid)
+            rate, answered = _window(echo.address, "/bench.Echo/Echo", body, in_flight)
+            cpu["echo"] += cpu_seconds(echo.pid) - before_cpu
+            calls["echo"] += answered
+            echoes.append(rate)
+            before = _count_messages(spindle.database, thread_id)
+            before_cpu = cpu_seconds(spindle.pid)
+            rate, answered = _window(spindle.address, "/spindle.v1.MessageService/Create", body, in_flight)
+            cpu["create"] += cpu_seconds(spindle.pid) - before_cpu
+            created = _count_messages(spindle.database, thread_id) - before
+            # h2load counts HTTP 200, but gRPC says how a call ended in the trailers: every
+            # answer must have created its message (the calls still in flight when h2load
+            # stopped were committed without being counted, hence the slack).
+            if not answered <= created <= answered + in_flight:
+                raise RuntimeError(f"h2load counted {answered} answers but {created} messages were created")
+            calls["create"] += answered
+            creates.append(rate)
+        figures.append(
+            Figure(
+                "MessageService.Create (durable write)",
+                f"h2load, {H2_CONNECTIONS} connections, {in_flight} in flight",
+                statistics.median(creates),
+                statistics.median(echoes),
+                "calls/s",
+                _per_op_us(cpu["create"], calls["create"]),
+                _per_op_us(cpu["echo"], calls["echo"]),
             )
+        )
     return figures
 
 
