@@ -25,7 +25,7 @@ from support.nginx import NginxProcess, nginx_binary
 from support.replicas import (
     calls,
     calls_per_replica,
-    own_sqlite,
+    for_store_under_test,
     replicas,
     served_counts,
     shared,
@@ -48,13 +48,6 @@ GET_RUN = "/spindle.v1.RunService/Get"
 EventType = run_pb2.StreamEvent
 ReplicaDatabase = Callable[[int], TestDatabase | Path]
 shared_only = pytest.mark.skipif(STORE != "postgresql", reason="replicas share a database on PostgreSQL")
-
-
-def replica_databases(directory: Path, databases: Databases) -> ReplicaDatabase:
-    """PostgreSQL: one fresh database for all three; SQLite: a file each."""
-    if STORE == "postgresql":
-        return shared(databases.new(directory))
-    return own_sqlite(directory)
 
 
 @contextlib.contextmanager
@@ -80,7 +73,7 @@ def setup(
 ) -> Iterator[tuple[list[ServerProcess], NginxProcess, Stubs]]:
     """Shared by the tests that leave every replica running."""
     directory = tmp_path_factory.mktemp("nginx")
-    with behind_nginx(directory, replica_databases(directory, databases)) as started:
+    with behind_nginx(directory, for_store_under_test(directory, databases)) as started:
         yield started
 
 
@@ -121,7 +114,7 @@ def test_unary_calls_spread_over_the_replicas(
 
 
 def test_a_replica_down_is_skipped(tmp_path: Path, databases: Databases) -> None:
-    with behind_nginx(tmp_path, replica_databases(tmp_path, databases)) as (servers, nginx, through):
+    with behind_nginx(tmp_path, for_store_under_test(tmp_path, databases)) as (servers, nginx, through):
         for i in range(3):
             through.assistant(name=f"warm{i}")  # nginx now holds a connection to each replica
         assert calls_per_replica(servers, CREATE, 3) == [1, 1, 1]

@@ -25,13 +25,12 @@ from support import certs
 from support.replicas import (
     calls,
     calls_per_replica,
-    own_sqlite,
+    for_store_under_test,
     replicas,
     served_counts,
-    shared,
     who_served,
 )
-from support.server import Databases, ServerProcess, TestDatabase, store_under_test
+from support.server import Databases, ServerProcess, store_under_test
 
 STORE = store_under_test()
 CREATE = "/spindle.v1.AssistantService/Create"
@@ -42,15 +41,12 @@ GET_RUN = "/spindle.v1.RunService/Get"
 WARM_UP_BOUND = 300  # calls; round_robin reaches every replica long before
 
 
-def replica_databases(directory: Path, databases: Databases) -> Callable[[int], TestDatabase | Path]:
-    """PostgreSQL: one fresh database for all; SQLite: a file each."""
-    return shared(databases.new(directory)) if STORE == "postgresql" else own_sqlite(directory)
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory, databases: Databases) -> Iterator[list[ServerProcess]]:
     directory = tmp_path_factory.mktemp("replicas")
-    with replicas(replica_databases(directory, databases), extra_args=["--tool-timeout", "600"]) as started:
+    with replicas(
+        for_store_under_test(directory, databases), extra_args=["--tool-timeout", "600"]
+    ) as started:
         yield started
 
 
@@ -208,7 +204,7 @@ def test_a_killed_replica_is_skipped(
     tmp_path: Path, databases: Databases, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with (
-        replicas(replica_databases(tmp_path, databases)) as servers,
+        replicas(for_store_under_test(tmp_path, databases)) as servers,
         spindle.Client(addresses(servers), timeout=30) as client,
     ):
         reach_every_replica(lambda name: client.assistants.create(name=name), servers)
@@ -233,7 +229,7 @@ def test_tls_over_several_replicas_checks_the_name_given(tmp_path: Path, databas
     ca = certs.make_ca(tmp_path, "ca")
     leaf = certs.issue(ca, tmp_path, "server", server=True)
     tls = ["--tls-cert", str(leaf.cert), "--tls-key", str(leaf.key)]
-    with replicas(replica_databases(tmp_path, databases), count=2, extra_args=tls) as servers:
+    with replicas(for_store_under_test(tmp_path, databases), count=2, extra_args=tls) as servers:
         target = ",".join(f"localhost:{server.port}" for server in servers)
         with spindle.Client(target, root_certificates=ca.cert.read_bytes(), timeout=20) as client:
             reach_every_replica(lambda name: client.assistants.create(name=name), servers)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from support.server import ServerProcess, TestDatabase
+from support.server import Databases, ServerProcess, TestDatabase, store_under_test
 
 # Every call is in the access log at debug level (errors and slow calls also at info).
 DEBUG_LOG = ("--log-level", "debug")
@@ -26,6 +26,13 @@ def own_sqlite(directory: Path) -> Callable[[int], Path]:
 def shared(database: TestDatabase) -> Callable[[int], TestDatabase]:
     """The same database for every replica (PostgreSQL: what replicas are for)."""
     return lambda index: database
+
+
+def for_store_under_test(directory: Path, databases: Databases) -> Callable[[int], TestDatabase | Path]:
+    """PostgreSQL: one fresh database shared by all; SQLite: a file each in ``directory``."""
+    if store_under_test() == "postgresql":
+        return shared(databases.new(directory))
+    return own_sqlite(directory)
 
 
 @contextlib.contextmanager
