@@ -1,5 +1,5 @@
 """Server processes on 127.0.0.1 for the length of a benchmark: a real `spindle-server`
-(SQLite, builtin model) and the bare grpc.aio baseline, `bench.echo_server`."""
+(SQLite or PostgreSQL, builtin model) and the bare grpc.aio baseline, `bench.echo_server`."""
 
 from __future__ import annotations
 
@@ -70,19 +70,23 @@ class ServedProcess:
         self._process = None
 
 
-class BenchServer(ServedProcess):
-    """``with BenchServer(*flags) as server:`` a spindle-server on a free port, with its own database
-    (--log-level warning unless a later flag says otherwise)."""
+def spindle_command(database: str, *args: str) -> list[str]:
+    """A spindle-server on 127.0.0.1, a free port, `database` (a SQLite file or a PostgreSQL
+    DSN), --log-level warning unless a later flag in `args` says otherwise."""
+    command = [sys.executable, "-m", "spindle_server", "--host", "127.0.0.1", "--port", "0"]
+    return [*command, "--database", database, "--log-level", "warning", *args]
 
-    def __init__(self, *args: str) -> None:
+
+class BenchServer(ServedProcess):
+    """``with BenchServer(*flags) as server:`` a spindle-server on a free port, with its own SQLite
+    database, or on `postgres` (a DSN) when given."""
+
+    def __init__(self, *args: str, postgres: str | None = None) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="spindle-bench-")
         database = Path(self._folder.name) / "spindle.db"
         self.database = database  # the SQLite file, for a benchmark that counts what was written
         self.log_path = Path(self._folder.name) / "server.log"  # its stderr: the structlog lines
-        command = [sys.executable, "-m", "spindle_server", "--host", "127.0.0.1", "--port", "0"]
-        super().__init__(
-            [*command, "--database", str(database), "--log-level", "warning", *args], self.log_path
-        )
+        super().__init__(spindle_command(postgres or str(database), *args), self.log_path)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

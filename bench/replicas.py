@@ -12,23 +12,21 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from bench import _mode
-from bench._server import ROOT, BenchServer, ServedProcess
+from bench._postgres import Cluster, available
+from bench._server import ROOT, BenchServer, ServedProcess, spindle_command
 from bench.load import cpu_seconds, percentile
 from spindle.v1 import (
     assistant_pb2,
@@ -39,9 +37,6 @@ from spindle.v1 import (
     thread_pb2,
     thread_pb2_grpc,
 )
-
-sys.path.insert(0, str(ROOT / "tests"))
-from support import postgres  # (tests/ is on the path only from here on)
 
 CALL_TIMEOUT = 120.0  # failure bounds only
 CLIENT_PROCESSES = 6  # pinned to replicas in turn: 6 divides evenly over 1, 2 and 3
@@ -58,77 +53,8 @@ TERMINAL = frozenset(
 # ---- processes -----------------------------------------------------------------------------
 
 
-class Cluster:
-    """A private PostgreSQL cluster in a temporary folder on disk, durable (fsync on): the same
-    footing as the SQLite server's synchronous=FULL file. Deleted when stopped. A smoke run, whose
-    figures are thrown away, takes the tests' cluster instead (in memory, no fsync): it starts
-    and creates databases faster."""
-
-    def __init__(self) -> None:
-        self._folder: Path | None = None
-        if _mode.SMOKE:
-            self.cluster = postgres.Cluster()
-        else:
-            self._folder = Path(tempfile.mkdtemp(prefix="spindle-bench-pg-"))
-            os.chmod(self._folder, 0o755)  # the postgres user walks into it when we are root
-            self.cluster = postgres.Cluster(self._folder / "cluster")
-        self.admin: postgres.Admin | None = None
-
-    def __enter__(self) -> Cluster:
-        try:
-            self.admin = postgres.Admin(self.cluster.start())
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        if self.admin is not None:
-            self.admin.close()
-            self.admin = None
-        self.cluster.stop()  # a temporary one deletes itself
-        if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-
-    def database(self) -> str:
-        assert self.admin is not None
-        return self.admin.create_database(postgres.fresh_name().replace("spindle_test", "bench"))
-
-    def cpu_seconds(self) -> float:
-        """CPU of the whole cluster so far: the postmaster, its live backends, and the backends
-        that ended (the kernel adds a reaped child's time to its parent's cutime/cstime)."""
-        pid = int((self.cluster.data / "postmaster.pid").read_text().split()[0])
-        total = _cpu_with_children(pid)
-        for child in _children(pid):
-            with contextlib.suppress(OSError):
-                total += cpu_seconds(child)
-        return total
-
-
-def _children(parent: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[1]) == parent:
-                    found.append(int(entry.name))
-    return found
-
-
-def _cpu_with_children(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
 def replica(dsn: str, *args: str) -> ServedProcess:
-    command = [sys.executable, "-m", "spindle_server", "--host", "127.0.0.1", "--port", "0"]
-    return ServedProcess(
-        [*command, "--database", dsn, "--log-level", "warning", "--openai-port", "off", *args]
-    )
+    return ServedProcess(spindle_command(dsn, "--openai-port", "off", *args))
 
 
 def start_all(stack: contextlib.ExitStack, servers: Sequence[ServedProcess]) -> None:
@@ -494,7 +420,7 @@ class Figures:
 
 def run_benchmark() -> Figures | None:
     """None when PostgreSQL is not installed (the benchmark says so and is skipped)."""
-    if postgres.bindir() is None:
+    if not available():
         print("replicas: PostgreSQL is not installed (apt-get install postgresql): skipped", flush=True)
         return None
     began = time.monotonic()
@@ -503,8 +429,7 @@ def run_benchmark() -> Figures | None:
         print(f"replicas: {what} ({time.monotonic() - began:.0f} s)", flush=True)
 
     with Cluster() as cluster:
-        assert cluster.admin is not None
-        version = str(cluster.admin.fetchval("SHOW server_version")).split()[0]
+        version = cluster.version()
         say(f"PostgreSQL {version} on 127.0.0.1:{cluster.cluster.port}")
         with contextlib.ExitStack() as stack:
             say("throughput, taking turns window by window")
