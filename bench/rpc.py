@@ -9,6 +9,11 @@ Spindle's own metrics must count no call of the method with any status but OK.
 The whole-run row needs a streaming Listen, which h2load cannot follow: several Python client
 processes (bench/rpc_client.py) run thread + Create + Listen to DONE in loops for the same
 window, and the figure is compared with the echo's calls/s at the same number in flight.
+
+Every Spindle row is measured twice where PostgreSQL is installed: on a SQLite server and on a
+server whose database is a private PostgreSQL cluster this benchmark starts and stops
+(bench/_postgres.py); both take their turns in the same windows as the echo, and PostgreSQL's
+processes' CPU is counted apart from the server's.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import _mode, h2load
+from bench import _mode, _postgres, h2load
 from bench._server import BenchServer, ServedProcess, echo_server
 from bench.load import cpu_seconds
 from spindle.v1 import (
@@ -70,15 +75,18 @@ def create_loads() -> tuple[h2load.Load, ...]:
 
 @dataclass(frozen=True)
 class Sample:
-    """One window: calls (or runs) per second, and the server's CPU time per call (or run)."""
+    """One window: calls (or runs) per second, the server's CPU time per call (or run), and
+    PostgreSQL's (all its processes') when the server's database is there."""
 
     per_second: float
     cpu_us: float
+    postgres_cpu_us: float | None = None
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
+    store: str  # "SQLite", "PostgreSQL", or "" for the floor (no Spindle in it)
     load: str
     windows: list[Sample]
     baseline: list[Sample]
@@ -100,31 +108,69 @@ class Row:
         return statistics.median(w.cpu_us for w in self.windows)
 
     @property
+    def postgres_cpu_us(self) -> float | None:
+        figures = [w.postgres_cpu_us for w in self.windows if w.postgres_cpu_us is not None]
+        return statistics.median(figures) if figures else None
+
+    @property
     def baseline_cpu_us(self) -> float:
         return statistics.median(w.cpu_us for w in self.baseline)
 
     @property
     def cpu_ratio(self) -> float:
         """Echo's CPU per call over this one's: the throughput ratio one core would reach if
-        the server were alone on it (steadier than calls/s while neighbours load the machine)."""
+        the server were alone on it (steadier than calls/s while neighbours load the machine).
+        PostgreSQL's processes are not in it: they run beside the server, on other cores."""
         return self.baseline_cpu_us / self.cpu_us if self.cpu_us else 0.0
 
 
 @dataclass(frozen=True)
 class Fixture:
-    """What the load calls on: a finished run to read, a thread to write to, an assistant."""
+    """What the load calls on, in one Spindle server: a finished run to read, a thread to
+    write to, an assistant; and the exact request bytes with the size of their framed answer."""
 
     assistant_id: str
     run_id: str
     thread_id: str
     get_request: bytes
-    get_response_frame: int
-    floor_response_frame: int
+    get_response: bytes
     create_request: bytes
+
+    @property
+    def get_response_frame(self) -> int:
+        return len(h2load.grpc_frame(self.get_response))
+
+
+@dataclass(frozen=True)
+class Spindle:
+    """A Spindle server under load: its store's name, the process, what the load calls on, and
+    the PostgreSQL cluster whose CPU is counted apart (None on SQLite)."""
+
+    store: str
+    served: ServedProcess
+    fixture: Fixture
+    cluster: _postgres.Cluster | None = None
+
+    def store_cpu_seconds(self) -> float:
+        return self.cluster.cpu_seconds() if self.cluster is not None else 0.0
+
+    def sample(self, per_second: float, calls: float, cpu: float, store_cpu: float) -> Sample:
+        """A window's figures from its calls (or runs) and the CPU seconds they took."""
+        calls = max(calls, 1)
+        postgres_us = store_cpu / calls * 1e6 if self.cluster is not None else None
+        return Sample(per_second, cpu / calls * 1e6, postgres_us)
+
+
+@dataclass(frozen=True)
+class EchoFixture:
+    """The echo's requests: Get's bytes echoed back, and Get's request answered by the floor."""
+
     echo_request: bytes
+    floor_request: bytes
+    floor_response_frame: int
 
 
-def prepare(address: str, echo_address: str) -> Fixture:
+def prepare(address: str) -> Fixture:
     """Creates what the load needs with a real gRPC client, and makes one call of each loaded
     method with the exact bytes h2load will send: the answers must be OK, and give the size of
     a framed response for the windows' check."""
@@ -145,22 +191,18 @@ def prepare(address: str, echo_address: str) -> Fixture:
         got = channel.unary_unary(GET)(get_request)
         run_pb2.Run.FromString(got)
         message_pb2.Message.FromString(channel.unary_unary(CREATE_MESSAGE)(create_request))
-    echo_request = get_request  # the same bytes in, and back
+    return Fixture(assistant.id, run.id, notes.id, get_request, got, create_request)
+
+
+def prepare_echo(echo_address: str, spindle: Fixture) -> EchoFixture:
+    """The echo answers Get's request bytes back; the floor answers Get's request with the Run
+    that Spindle answered (given it once with `Remember`)."""
     with grpc.insecure_channel(echo_address) as channel:
-        assert channel.unary_unary(ECHO)(echo_request) == echo_request
-        channel.unary_unary(f"{ECHO.rsplit('/', 1)[0]}/Remember")(got)
-        floor = channel.unary_unary(FLOOR)(get_request)
-        assert run_pb2.Run.FromString(floor) == run_pb2.Run.FromString(got)
-    return Fixture(
-        assistant_id=assistant.id,
-        run_id=run.id,
-        thread_id=notes.id,
-        get_request=get_request,
-        get_response_frame=len(h2load.grpc_frame(got)),
-        floor_response_frame=len(h2load.grpc_frame(floor)),
-        create_request=create_request,
-        echo_request=echo_request,
-    )
+        assert channel.unary_unary(ECHO)(spindle.get_request) == spindle.get_request
+        channel.unary_unary(f"{ECHO.rsplit('/', 1)[0]}/Remember")(spindle.get_response)
+        floor = channel.unary_unary(FLOOR)(spindle.get_request)
+        assert run_pb2.Run.FromString(floor) == run_pb2.Run.FromString(spindle.get_response)
+    return EchoFixture(spindle.get_request, spindle.get_request, len(h2load.grpc_frame(floor)))
 
 
 def rpc_counts(metrics_port: int, method: str) -> dict[str, float]:
@@ -181,15 +223,16 @@ def rpc_counts(metrics_port: int, method: str) -> dict[str, float]:
 
 
 def _spindle_window(
-    spindle: ServedProcess, method: str, request: bytes, load: h2load.Load, frame: int | None = None
+    spindle: Spindle, method: str, request: bytes, load: h2load.Load, frame: int | None = None
 ) -> Sample:
     """One checked h2load window on Spindle. With `frame` (the size of every framed response,
     when all are alike), the DATA bytes are checked too."""
-    metrics_port = int(spindle.serving["metrics_port"])
+    served = spindle.served
+    metrics_port = int(served.serving["metrics_port"])
     before = rpc_counts(metrics_port, method)
-    cpu = cpu_seconds(spindle.pid)
-    window = h2load.run(spindle.address, method, request, load)
-    cpu = cpu_seconds(spindle.pid) - cpu
+    cpu, store_cpu = cpu_seconds(served.pid), spindle.store_cpu_seconds()
+    window = h2load.run(served.address, method, request, load)
+    cpu, store_cpu = cpu_seconds(served.pid) - cpu, spindle.store_cpu_seconds() - store_cpu
     if frame is not None:
         window.check(frame)
     after = rpc_counts(metrics_port, method)
@@ -199,13 +242,13 @@ def _spindle_window(
     if errors.get("CANCELLED", 0) <= load.in_flight:
         errors.pop("CANCELLED", None)
     if any(errors.values()):
-        raise RuntimeError(f"{method} answered errors under load: {errors}")
+        raise RuntimeError(f"{method} on {spindle.store} answered errors under load: {errors}")
     answered = after.get("OK", 0) - before.get("OK", 0)
     if answered < window.succeeded:
         raise RuntimeError(f"{method}: h2load counted {window.succeeded} calls, the server {answered}")
     if window.failed or window.errored or window.succeeded == 0:
         raise RuntimeError(f"{method}: {window}")
-    return Sample(window.per_second, cpu / answered * 1e6)
+    return spindle.sample(window.per_second, answered, cpu, store_cpu)
 
 
 def _echo_window(
@@ -218,107 +261,132 @@ def _echo_window(
     return Sample(window.per_second, cpu / window.succeeded * 1e6)
 
 
-def _whole_runs_window(spindle: ServedProcess, assistant_id: str, seconds: float) -> Sample:
+def _whole_runs_window(spindle: Spindle, seconds: float) -> Sample:
     """Whole runs from CLIENT_PROCESSES client processes started together."""
     start_at = time.time() + 1.5  # each process imports grpc first; they then start at once
-    command = [sys.executable, "-m", "bench.rpc_client", spindle.address, assistant_id]
+    command = [sys.executable, "-m", "bench.rpc_client", spindle.served.address, spindle.fixture.assistant_id]
     arguments = [str(start_at), str(seconds), str(CLIENT_CONCURRENCY)]
     processes = [
         subprocess.Popen([*command, *arguments], stdout=subprocess.PIPE, text=True)
         for _ in range(CLIENT_PROCESSES)
     ]
-    cpu = cpu_seconds(spindle.pid)  # includes the clients' connecting: a little more, never less
+    # Includes the clients' connecting: a little more, never less.
+    cpu, store_cpu = cpu_seconds(spindle.served.pid), spindle.store_cpu_seconds()
     results = []
     for process in processes:
         out, _ = process.communicate(timeout=seconds + 120)
         if process.returncode != 0:
             raise RuntimeError(f"bench.rpc_client failed ({process.returncode})")
         results.append(json.loads(out))
-    cpu = cpu_seconds(spindle.pid) - cpu
+    cpu, store_cpu = cpu_seconds(spindle.served.pid) - cpu, spindle.store_cpu_seconds() - store_cpu
     runs = sum(r["runs"] for r in results)
-    return Sample(runs / max(r["seconds"] for r in results), cpu / max(runs, 1) * 1e6)
+    return spindle.sample(runs / max(r["seconds"] for r in results), runs, cpu, store_cpu)
 
 
-def measure(spindle: ServedProcess, echo: ServedProcess) -> list[Row]:
-    """Every row's windows, in turns: per turn, each load shape on the echo and then on Spindle,
-    then the whole runs; median of the turns."""
-    fixture = prepare(spindle.address, echo.address)
+GET_NAME = "RunService.Get (read)"
+CREATE_NAME = "MessageService.Create (durable write)"
+WHOLE_NAME = "whole run: thread + Create + Listen to DONE (runs/s, vs echo calls/s)"
+
+
+def measure(spindles: list[Spindle], echo: ServedProcess) -> list[Row]:
+    """Every row's windows, in turns: per turn, each load shape on the echo and then on each
+    Spindle server, then the whole runs on each; median of the turns."""
+    echo_fixture = prepare_echo(echo.address, spindles[0].fixture)
     get_load = read_load()
     loads = create_loads()
     echo_loads = sorted({get_load, *loads}, key=lambda x: x.in_flight)
-    windows_of: dict[str, list[Sample]] = {}
+    windows_of: dict[tuple[str, str, h2load.Load | None], list[Sample]] = {}
 
-    def add(key: str, sample: Sample) -> None:
-        windows_of.setdefault(key, []).append(sample)
+    def add(what: str, store: str, load: h2load.Load | None, sample: Sample) -> None:
+        windows_of.setdefault((what, store, load), []).append(sample)
 
-    warm = h2load.Load(1, 16, _mode.seconds(1.0, 0.2))  # connections, caches, the first allocations
-    _echo_window(echo, fixture.echo_request, warm)
-    _spindle_window(spindle, GET, fixture.get_request, warm, fixture.get_response_frame)
+    # Connections (PostgreSQL's pool opens its connections as the load asks), caches, the first
+    # allocations: by count, not time, so a slow first call cannot leave a warm-up window empty.
+    warm = h2load.Load(1, 16, _mode.seconds(1.0, 0.2), requests=_mode.sized(2000, 100))
+    _echo_window(echo, echo_fixture.echo_request, warm)
+    for spindle in spindles:
+        f = spindle.fixture
+        _spindle_window(spindle, GET, f.get_request, warm, f.get_response_frame)
+        _spindle_window(spindle, CREATE_MESSAGE, f.create_request, warm)
     for _ in range(windows()):
         for load in echo_loads:
-            add(f"echo {load}", _echo_window(echo, fixture.echo_request, load))
+            add("echo", "", load, _echo_window(echo, echo_fixture.echo_request, load))
             if load == get_load:
-                floor = _echo_window(echo, fixture.get_request, load, FLOOR, fixture.floor_response_frame)
-                add(f"floor {load}", floor)
-                add(
-                    f"get {load}",
-                    _spindle_window(spindle, GET, fixture.get_request, load, fixture.get_response_frame),
+                floor = _echo_window(
+                    echo, echo_fixture.floor_request, load, FLOOR, echo_fixture.floor_response_frame
                 )
-            if load in loads:
-                add(f"create {load}", _spindle_window(spindle, CREATE_MESSAGE, fixture.create_request, load))
-        add("whole", _whole_runs_window(spindle, fixture.assistant_id, window_seconds()))
+                add("floor", "", load, floor)
+            for spindle in spindles:
+                f = spindle.fixture
+                if load == get_load:
+                    sample = _spindle_window(spindle, GET, f.get_request, load, f.get_response_frame)
+                    add(GET_NAME, spindle.store, load, sample)
+                if load in loads:
+                    sample = _spindle_window(spindle, CREATE_MESSAGE, f.create_request, load)
+                    add(CREATE_NAME, spindle.store, load, sample)
+        for spindle in spindles:
+            add(WHOLE_NAME, spindle.store, None, _whole_runs_window(spindle, window_seconds()))
+
+    def row(what: str, store: str, load: h2load.Load | None, baseline: h2load.Load) -> Row:
+        described = (
+            load.describe()
+            if load is not None
+            else f"{CLIENT_PROCESSES} Python client processes, {CLIENT_CONCURRENCY} runs in flight each"
+        )
+        return Row(
+            what, store, described, windows_of[(what, store, load)], windows_of[("echo", "", baseline)]
+        )
+
+    stores = [spindle.store for spindle in spindles]
+    in_flight = CLIENT_PROCESSES * CLIENT_CONCURRENCY
+    echo_for_whole = next((x for x in echo_loads if x.in_flight == in_flight), get_load)
     rows = [
         Row(
             "floor: bare grpc.aio method with protobuf in and out, answering the same Run from memory",
+            "",
             get_load.describe(),
-            windows_of[f"floor {get_load}"],
-            windows_of[f"echo {get_load}"],
-        ),
-        Row(
-            "RunService.Get (read)",
-            get_load.describe(),
-            windows_of[f"get {get_load}"],
-            windows_of[f"echo {get_load}"],
-        ),
-    ]
-    rows += [
-        Row(
-            "MessageService.Create (durable write)",
-            load.describe(),
-            windows_of[f"create {load}"],
-            windows_of[f"echo {load}"],
+            windows_of[("floor", "", get_load)],
+            windows_of[("echo", "", get_load)],
         )
-        for load in loads
     ]
-    in_flight = CLIENT_PROCESSES * CLIENT_CONCURRENCY
-    echo_for_whole = next((x for x in echo_loads if x.in_flight == in_flight), get_load)
-    rows.append(
-        Row(
-            "whole run: thread + Create + Listen to DONE (runs/s, vs echo calls/s)",
-            f"{CLIENT_PROCESSES} Python client processes, {CLIENT_CONCURRENCY} runs in flight each",
-            windows_of["whole"],
-            windows_of[f"echo {echo_for_whole}"],
-        )
-    )
+    rows += [row(GET_NAME, store, get_load, get_load) for store in stores]
+    rows += [row(CREATE_NAME, store, load, load) for load in loads for store in stores]
+    rows += [row(WHOLE_NAME, store, None, echo_for_whole) for store in stores]
     return rows
 
 
 def run_benchmark() -> list[Row]:
-    with BenchServer(*SERVER_FLAGS) as spindle, echo_server() as echo:
-        return measure(spindle, echo)
+    """Against SQLite, and against PostgreSQL where it is installed (else said, and left out)."""
+    with contextlib.ExitStack() as stack:
+        echo = stack.enter_context(echo_server())
+        sqlite = stack.enter_context(BenchServer(*SERVER_FLAGS))
+        spindles = [Spindle("SQLite", sqlite, prepare(sqlite.address))]
+        if _postgres.available():
+            cluster = stack.enter_context(_postgres.Cluster())
+            served = stack.enter_context(BenchServer(*SERVER_FLAGS, postgres=cluster.database()))
+            spindles.append(Spindle("PostgreSQL", served, prepare(served.address), cluster))
+            print(
+                f"rpc speed: PostgreSQL {cluster.version()} on 127.0.0.1:{cluster.cluster.port}", flush=True
+            )
+        else:
+            print(
+                "rpc speed: PostgreSQL is not installed (apt-get install postgresql): SQLite only", flush=True
+            )
+        return measure(spindles, echo)
 
 
 def markdown(rows: list[Row]) -> str:
     lines = [
-        "| call | load | calls/s | echo calls/s | vs echo | server CPU per call (us) | echo's (us) "
-        "| vs echo, by CPU | calls/s of each window |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| call | store | load | calls/s | echo calls/s | vs echo | server CPU per call (us) "
+        "| PostgreSQL CPU per call (us) | echo's (us) | vs echo, by CPU | calls/s of each window |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         spread = ", ".join(f"{w.per_second:,.0f}" for w in row.windows)
         figures = f"{row.per_second:,.0f} | {row.baseline_per_second:,.0f} | **{row.ratio:.2f}**"
-        cpu = f"{row.cpu_us:,.0f} | {row.baseline_cpu_us:,.0f} | {row.cpu_ratio:.2f}"
-        lines.append(f"| {row.name} | {row.load} | {figures} | {cpu} | {spread} |")
+        postgres_us = f"{row.postgres_cpu_us:,.0f}" if row.postgres_cpu_us is not None else ""
+        cpu = f"{row.cpu_us:,.0f} | {postgres_us} | {row.baseline_cpu_us:,.0f} | {row.cpu_ratio:.2f}"
+        lines.append(f"| {row.name} | {row.store} | {row.load} | {figures} | {cpu} | {spread} |")
     return "\n".join(lines)
 
 
