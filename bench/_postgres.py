@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -94,3 +95,13 @@ def _children(parent: int) -> list[int]:
 def _cpu_with_children(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def installed_version() -> str:
+    """The installed server's version ("15.18"), without starting it."""
+    found = postgres.bindir()
+    assert found is not None, "PostgreSQL is not installed"
+    answer = subprocess.run(
+        [str(found / "postgres"), "--version"], capture_output=True, text=True, timeout=30
+    )
+    return answer.stdout.split(")", 1)[-1].split()[0]
