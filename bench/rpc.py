@@ -528,23 +528,24 @@ def reading_postgres(rows: list[Row]) -> str:
 READING_POSTGRES = """\
 Every store call is a round trip to a backend (a `write()` to its socket, a wake-up on its
 answer, asyncpg's protocol) where SQLite's is a function call in the process. A Get is one
-SELECT, one round trip, where SQLite reads in about 5 us. A durable Create is five: BEGIN, the thread's
-row locked (`SELECT ... FOR UPDATE`, so that no run can start on the thread meanwhile, across
-replicas), the check for an active run, the INSERT, COMMIT (which waits for the WAL's flush),
-and it holds the thread's row lock over the last four. h2load sends one pre-encoded request,
-so every Create goes to the same thread and they take that lock one at a time:
+SELECT, one round trip, where SQLite reads in about 5 us. A durable Create is five: BEGIN, the
+thread's row locked (`SELECT ... FOR UPDATE`, so that no run can start on the thread meanwhile,
+across replicas), the check for an active run, the INSERT, COMMIT (which waits for the WAL's
+flush), and it holds the thread's row lock over the last four. h2load sends one pre-encoded
+request, so every Create goes to the same thread and they take that lock one at a time:
 `pg_stat_activity` sampled every 20-50 ms under 16 in flight showed on average 7 of the pool's
 10 backends waiting for the row (`Lock:tuple`), 0.8 for the transaction holding it, 0.3 in
-`WALSync`, and the one holding the lock waiting for the server's next statement
-(`ClientRead`) 0.5-1.0 of the time; at 256 in flight the same, and more in flight only queue
-longer (1 in flight gave 252 calls/s, 16 gave 369, 256 gave 165, in one run). So a Create's rate
-is one over a chain of round trips between two processes, each a wake-up of the other: on a
-machine whose 2 cores have ten runnable processes, every wake-up waits for a core, and the rate
-falls with the machine's load much more than a rate that CPU alone bounds (consecutive 3 s
-windows gave 83-738 calls/s as the load average went from 5 to 12). SQLite serializes writes too, but its one
-writer commits the writes waiting together, so one flush serves many Creates and more in flight
-help. A whole run is over twenty round trips on PostgreSQL (see "Replicas on one PostgreSQL"),
-whose backends then cost about as much CPU again as the server's work on SQLite.
+`WALSync`, and the one holding the lock waiting for the server's next statement (`ClientRead`)
+0.5-1.0 of the time; at 256 in flight the same, and more in flight only queue longer (1 in
+flight gave 252 calls/s, 16 gave 369, 256 gave 165, in one run). So a Create's rate is one over
+a chain of round trips between two processes, each a wake-up of the other: on a machine whose 2
+cores have ten runnable processes, every wake-up waits for a core, and the rate falls with the
+machine's load much more than a rate that CPU alone bounds (windows of this load gave 83 to 738
+calls/s over an hour in which the load average went from 5 to 12). SQLite serializes writes too,
+but its one writer commits the writes waiting together, so one flush serves many Creates and
+more in flight help. A whole run is over twenty round trips on PostgreSQL (see "Replicas on one
+PostgreSQL"): the server spends more CPU per run than on SQLite, and PostgreSQL's backends about
+as much again.
 """
 
 # Written when the PostgreSQL rows were added (measured as it says); `make bench` does not re-run it.
@@ -556,13 +557,14 @@ thread's samples (35% of all) were in the store's write (`PostgresStore._write`)
 that in sending statements: asyncpg's protocol writing to the backend's socket (uvloop's
 `UVStream__try_write`, then libc `write`) was 22% of all samples, a syscall per statement. By
 statement: BEGIN 5.4%, the thread's row lock 6.5%, the active-run check 7.0%, the INSERT
-(`executemany`) 8.3%, COMMIT 5.1%; the pool's acquire and release under 2% (it resets nothing
-on release). Server CPU per Create was 930-1,110 us in these runs against SQLite's 310-500 us,
-and PostgreSQL's processes 430-540 us more. What would change it (`store/postgres.py`, not
-changed here): fewer round trips per write (the lock, the check and the INSERT in one statement,
-or sent as one pipelined batch), and a lock narrower than the thread's row for messages, which
-cannot start a run; these are the store's, for its owners to weigh against the cross-replica
-check the lock guards.
+(`executemany`) 8.3%, COMMIT 5.1%; the pool's acquire and release under 2% (it resets nothing on
+release). Server CPU per Create was 930-1,110 us in these runs against SQLite's 310-500 us, and
+PostgreSQL's processes 430-540 us more: about 140 us of the server's CPU per round trip (the
+Get's one costs about 160 us more than SQLite's read in the table). What would change it
+(`store/postgres.py`, not changed here): fewer round trips per write (the lock, the check and
+the INSERT in one statement, or sent as one pipelined batch), and a lock narrower than the
+thread's row for messages, which cannot start a run; these are the store's, for its owners to
+weigh against the cross-replica check the lock guards.
 """
 
 
