@@ -541,7 +541,7 @@ flight gave 252 calls/s, 16 gave 369, 256 gave 165, in one run). So a Create's r
 a chain of round trips between two processes, each a wake-up of the other: on a machine whose 2
 cores have ten runnable processes, every wake-up waits for a core, and the rate falls with the
 machine's load much more than a rate that CPU alone bounds (windows of this load gave 83 to 738
-calls/s over an hour in which the load average went from 5 to 12). SQLite serializes writes too,
+calls/s within 15 minutes, as the load average went from 5 to 12). SQLite serializes writes too,
 but its one writer commits the writes waiting together, so one flush serves many Creates and
 more in flight help. A whole run is over twenty round trips on PostgreSQL (see "Replicas on one
 PostgreSQL"): the server spends more CPU per run than on SQLite, and PostgreSQL's backends about
@@ -559,12 +559,13 @@ that in sending statements: asyncpg's protocol writing to the backend's socket (
 statement: BEGIN 5.4%, the thread's row lock 6.5%, the active-run check 7.0%, the INSERT
 (`executemany`) 8.3%, COMMIT 5.1%; the pool's acquire and release under 2% (it resets nothing on
 release). Server CPU per Create was 930-1,110 us in these runs against SQLite's 310-500 us, and
-PostgreSQL's processes 430-540 us more: about 140 us of the server's CPU per round trip (the
-Get's one costs about 160 us more than SQLite's read in the table). What would change it
+PostgreSQL's processes 430-540 us more: about 140 us of the server's CPU per round trip (in a
+full run, the Get's one cost 160 us more than SQLite's read). What would change it
 (`store/postgres.py`, not changed here): fewer round trips per write (the lock, the check and
-the INSERT in one statement, or sent as one pipelined batch), and a lock narrower than the
-thread's row for messages, which cannot start a run; these are the store's, for its owners to
-weigh against the cross-replica check the lock guards.
+the INSERT in one statement, or sent as one pipelined batch), and for a message a lock that
+other messages share (`FOR SHARE`: messages do not conflict with each other, only with a run's
+start, which would keep `FOR UPDATE`), so that Creates on one thread no longer queue; these are
+the store's, for its owners to weigh against the cross-replica check the lock guards.
 """
 
 
