@@ -166,10 +166,10 @@ class Spindle:
 
 @dataclass(frozen=True)
 class EchoFixture:
-    """The echo's requests: Get's bytes echoed back, and Get's request answered by the floor."""
+    """The echo's request: Get's bytes, echoed back by the echo and answered by the floor with
+    the Run Spindle answered (`floor_response_frame` bytes framed)."""
 
-    echo_request: bytes
-    floor_request: bytes
+    request: bytes
     floor_response_frame: int
 
 
@@ -205,7 +205,7 @@ def prepare_echo(echo_address: str, spindle: Fixture) -> EchoFixture:
         channel.unary_unary(f"{ECHO.rsplit('/', 1)[0]}/Remember")(spindle.get_response)
         floor = channel.unary_unary(FLOOR)(spindle.get_request)
         assert run_pb2.Run.FromString(floor) == run_pb2.Run.FromString(spindle.get_response)
-    return EchoFixture(spindle.get_request, spindle.get_request, len(h2load.grpc_frame(floor)))
+    return EchoFixture(spindle.get_request, len(h2load.grpc_frame(floor)))
 
 
 def rpc_counts(metrics_port: int, method: str) -> dict[str, float]:
@@ -309,17 +309,17 @@ def measure(spindles: list[Spindle], echo: ServedProcess) -> list[Row]:
     # Connections (PostgreSQL's pool opens its connections as the load asks), caches, the first
     # allocations: by count, not time, so a slow first call cannot leave a warm-up window empty.
     warm = h2load.Load(1, 16, _mode.seconds(1.0, 0.2), requests=_mode.sized(2000, 100))
-    _echo_window(echo, echo_fixture.echo_request, warm)
+    _echo_window(echo, echo_fixture.request, warm)
     for spindle in spindles:
         f = spindle.fixture
         _spindle_window(spindle, GET, f.get_request, warm, f.get_response_frame)
         _spindle_window(spindle, CREATE_MESSAGE, f.create_request, warm)
     for _ in range(windows()):
         for load in echo_loads:
-            add("echo", "", load, _echo_window(echo, echo_fixture.echo_request, load))
+            add("echo", "", load, _echo_window(echo, echo_fixture.request, load))
             if load == get_load:
                 floor = _echo_window(
-                    echo, echo_fixture.floor_request, load, FLOOR, echo_fixture.floor_response_frame
+                    echo, echo_fixture.request, load, FLOOR, echo_fixture.floor_response_frame
                 )
                 add("floor", "", load, floor)
             for spindle in spindles:
