@@ -26,7 +26,7 @@ from spindle.v1 import message_pb2, run_pb2, thread_pb2
 from spindle_server import clock, faults
 from spindle_server.engine import events, transitions
 from spindle_server.store.base import PageQuery, RequestKey, RequestReplayed, RunFilter, RunMutation
-from spindle_server.store.errors import FencedError, QuotaError, StateError, UnavailableError
+from spindle_server.store.errors import FencedError, NotFoundError, QuotaError, StateError, UnavailableError
 from spindle_server.store.postgres import PostgresStore
 from support import postgres
 from support.faults import Holds
@@ -645,3 +645,43 @@ async def test_a_lost_listen_connection_is_reopened_and_catches_up(
     await on_b.wait_for("run_1", last)
     assert on_b.indexes("run_1") == list(range(last + 1))
     assert b.fanout.connects == 2
+
+
+# ---- messages and a run's start on one thread ------------------------------------------------
+
+
+async def test_messages_share_the_thread_lock_and_a_run_start_waits_for_them(
+    replicas: Callable[..., Awaitable[PostgresStore]], database: str
+) -> None:
+    store = await replicas()
+    await store.insert_thread(PROJECT, thread_pb2.Thread(id="thread_1"), [])
+    raw = await asyncpg.connect(database)
+    try:
+        # `raw` is a message insert of another replica, between its lock and its commit.
+        in_flight = raw.transaction()
+        await in_flight.start()
+        await raw.execute("SELECT 1 FROM threads WHERE id = 'thread_1' FOR SHARE")
+        # Another message does not queue behind it...
+        async with asyncio.timeout(BOUND):
+            await store.insert_message(PROJECT, message_pb2.Message(id="msg_1", thread_id="thread_1"))
+        # ...but a run's start does, until that message is committed.
+        run = run_pb2.Run(id="run_1", thread_id="thread_1", status=run_pb2.PENDING)
+        start = asyncio.create_task(store.insert_run(PROJECT, run, [], clock.now() + 60, []))
+        watcher = await asyncpg.connect(database)
+        try:
+            await backend_waiting_for_a_lock(watcher)
+        finally:
+            await watcher.close()
+        assert not start.done()
+        await in_flight.commit()
+        async with asyncio.timeout(BOUND):
+            await start
+    finally:
+        await raw.close()
+    # Once the run is active, a message is refused and names it; nothing is written.
+    with pytest.raises(StateError) as refused:
+        await store.insert_message(PROJECT, message_pb2.Message(id="msg_2", thread_id="thread_1"))
+    assert refused.value.reason == "THREAD_HAS_ACTIVE_RUN" and "run_1" in str(refused.value)
+    with pytest.raises(NotFoundError):
+        await store.get_message(PROJECT, "msg_2")
+    assert (await store.get_message(PROJECT, "msg_1")).thread_id == "thread_1"

@@ -388,9 +388,25 @@ class PostgresStore:
         self, project: str, message: message_pb2.Message, *, record: RequestKey | None = None
     ) -> None:
         async def write(conn: Conn) -> None:
-            await _lock_thread(conn, project, message.thread_id)
-            await _require_no_active_run(conn, message.thread_id, "add a message")
-            await _insert_messages(conn, project, [message])
+            # Messages do not conflict with each other, only with a run starting (which locks the
+            # row exclusively): a shared lock lets one thread's messages commit side by side.
+            await _lock_thread(conn, project, message.thread_id, shared=True)
+            body = message.SerializeToString()
+            # The "no active run" check rides in the INSERT (one round trip less); when it fails
+            # the run is named, unless it ended in between (a run's end takes no thread lock),
+            # and then the insert is tried again.
+            while not await conn.fetchval(
+                "INSERT INTO messages(id, project, thread_id, run_id, body)"
+                " SELECT $1, $2, $3, $4, $5"
+                f" WHERE NOT EXISTS (SELECT 1 FROM runs WHERE thread_id = $3 AND status IN ({_ACTIVE}))"
+                " RETURNING true",
+                message.id,
+                project,
+                message.thread_id,
+                message.run_id,
+                body,
+            ):
+                await _require_no_active_run(conn, message.thread_id, "add a message")
 
         await self._write(write, record, lambda _: message.SerializeToString())
 
@@ -785,11 +801,14 @@ def _empty(_: None) -> bytes:
     return b""  # the empty Delete*Response
 
 
-async def _lock_thread(conn: Conn, project: str, thread_id: str) -> None:
+async def _lock_thread(conn: Conn, project: str, thread_id: str, *, shared: bool = False) -> None:
     """Serializes the writes that check "no active run" on this thread (run inserts, messages,
-    deletion) across replicas, so the check cannot be overtaken."""
+    deletion) across replicas, so the check cannot be overtaken. `shared`: for writes that only
+    must not overlap a run's start or the thread's deletion (a message), not each other. The
+    check must be a later statement than the lock: its snapshot then sees what the lock waited for."""
+    mode = "SHARE" if shared else "UPDATE"
     found = await conn.fetchval(
-        "SELECT 1 FROM threads WHERE id = $1 AND project = $2 FOR UPDATE", thread_id, project
+        f"SELECT 1 FROM threads WHERE id = $1 AND project = $2 FOR {mode}", thread_id, project
     )
     if found is None:
         raise NotFoundError("thread", thread_id)
