@@ -528,24 +528,16 @@ def reading_postgres(rows: list[Row]) -> str:
 READING_POSTGRES = """\
 Every store call is a round trip to a backend (a `write()` to its socket, a wake-up on its
 answer, asyncpg's protocol) where SQLite's is a function call in the process. A Get is one
-SELECT, one round trip, where SQLite reads in about 5 us. A durable Create is five: BEGIN, the
-thread's row locked (`SELECT ... FOR UPDATE`, so that no run can start on the thread meanwhile,
-across replicas), the check for an active run, the INSERT, COMMIT (which waits for the WAL's
-flush), and it holds the thread's row lock over the last four. h2load sends one pre-encoded
-request, so every Create goes to the same thread and they take that lock one at a time:
-`pg_stat_activity` sampled every 20-50 ms under 16 in flight showed on average 7 of the pool's
-10 backends waiting for the row (`Lock:tuple`), 0.8 for the transaction holding it, 0.3 in
-`WALSync`, and the one holding the lock waiting for the server's next statement (`ClientRead`)
-0.5-1.0 of the time; at 256 in flight the same, and more in flight only queue longer (1 in
-flight gave 252 calls/s, 16 gave 369, 256 gave 165, in one run). So a Create's rate is one over
-a chain of round trips between two processes, each a wake-up of the other: on a machine whose 2
-cores have ten runnable processes, every wake-up waits for a core, and the rate falls with the
-machine's load much more than a rate that CPU alone bounds (windows of this load gave 83 to 738
-calls/s within 15 minutes, as the load average went from 5 to 12). SQLite serializes writes too,
-but its one writer commits the writes waiting together, so one flush serves many Creates and
-more in flight help. A whole run is over twenty round trips on PostgreSQL (see "Replicas on one
-PostgreSQL"): the server spends more CPU per run than on SQLite, and PostgreSQL's backends about
-as much again.
+SELECT, one round trip, where SQLite reads in about 5 us. A durable Create is four: BEGIN, the
+thread's row locked `FOR SHARE` (so that no run can start on the thread meanwhile, across
+replicas: a run's start locks it `FOR UPDATE`), the INSERT with the active-run check inside it,
+COMMIT (which waits for the WAL's flush). Messages share the lock, so one thread's Creates commit
+side by side and PostgreSQL's concurrent commits share WAL flushes. Still, a Create's rate is one
+over a chain of round trips between two processes, each a wake-up of the other: on a machine
+whose 2 cores have ten runnable processes, every wake-up waits for a core, and the rate falls
+with the machine's load much more than a rate that CPU alone bounds. A whole run is over twenty
+round trips on PostgreSQL (see "Replicas on one PostgreSQL"): the server spends more CPU per run
+than on SQLite, and PostgreSQL's backends about as much again.
 """
 
 # Written when the PostgreSQL rows were added (measured as it says); `make bench` does not re-run it.
@@ -560,12 +552,19 @@ statement: BEGIN 5.4%, the thread's row lock 6.5%, the active-run check 7.0%, th
 (`executemany`) 8.3%, COMMIT 5.1%; the pool's acquire and release under 2% (it resets nothing on
 release). Server CPU per Create was 930-1,110 us in these runs against SQLite's 310-500 us, and
 PostgreSQL's processes 430-540 us more: about 140 us of the server's CPU per round trip (in a
-full run, the Get's one cost 160 us more than SQLite's read). What would change it
-(`store/postgres.py`, not changed here): fewer round trips per write (the lock, the check and
-the INSERT in one statement, or sent as one pipelined batch), and for a message a lock that
-other messages share (`FOR SHARE`: messages do not conflict with each other, only with a run's
-start, which would keep `FOR UPDATE`), so that Creates on one thread no longer queue; these are
-the store's, for its owners to weigh against the cross-replica check the lock guards.
+full run, the Get's one cost 160 us more than SQLite's read). And the Creates queued: h2load
+sends one pre-encoded request, so every Create went to the same thread and took its row lock
+(`FOR UPDATE`) one at a time: `pg_stat_activity` sampled every 20-50 ms under 16 in flight
+showed on average 7 of the pool's 10 backends waiting for the row (`Lock:tuple`) and the one
+holding it waiting for the server's next statement 0.5-1.0 of the time; more in flight only
+queued longer (1, 16 and 256 in flight: 252, 369 and 165 calls/s in one run). Changed
+(`store/postgres.py`): a message takes the thread's row `FOR SHARE` (messages do not conflict
+with each other, only with a run's start or the thread's deletion, which keep `FOR UPDATE`;
+`tests/test_store_postgres.py` shows a message passing another's lock and a run's start waiting
+for it) and checks for an active run inside its INSERT (`INSERT ... SELECT ... WHERE NOT
+EXISTS`, one round trip less). In one rpc-speed run against the echo: Create at 16 in flight
+0.09 -> 0.28 (server CPU per call 1,027 -> 623 us, PostgreSQL's 441 -> 264 us), at 256 in flight
+0.03 -> 0.33 (1,594 -> 630 us, PostgreSQL's 541 -> 262 us).
 """
 
 
