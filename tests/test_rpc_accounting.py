@@ -8,11 +8,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from spindle.v1 import message_pb2
 from spindle_server import metrics
+from spindle_server.api.errors import ApiError
 from spindle_server.api.interceptor import SLOW_CALL_SECONDS
+from spindle_server.api.validation import ID_BODY, Validator, require_id
 from support.faults import Holds
 from support.server import ServerProcess
 from support.stubs import Stubs
@@ -86,3 +90,45 @@ def test_a_slow_successful_call_is_logged_at_info(
     assert isinstance(line["latency_ms"], float) and line["latency_ms"] >= SLOW_CALL_SECONDS * 1000
     assert line["request_id"]
     assert message.thread_id == thread.id
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "run_abc",
+        "run_A-b_9",
+        "run_" + "x" * 124,
+        "run_" + "x" * 125,
+        "",
+        "run_",
+        "thread_abc",
+        "run abc",
+        "run_abc\n",
+        "run_ab.c",
+        "run_é",
+        "RUN_abc",
+        "xrun_abc",
+    ],
+)
+def test_the_fast_id_checks_decide_as_the_rules_say(value: str) -> None:
+    """require_id and Validator.resource_id (one regular expression for a well-formed id, the
+    full rules otherwise) accept and refuse exactly what the rules say: present, the type's
+    prefix and something after it, at most 128 characters, ID_BODY's characters."""
+    well_formed = (
+        value.startswith("run_") and len(value) > 4 and len(value) <= 128 and bool(ID_BODY.match(value))
+    )
+    expected = (
+        []
+        if well_formed
+        else [("run_id", "is required" if not value else "must be an id starting with 'run_'")]
+    )
+    v = Validator()
+    v.resource_id("run_id", value, "run")
+    assert v.violations == expected
+    try:
+        require_id("run_id", value, "run")
+    except ApiError as error:
+        assert expected and error.violations == expected
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    else:
+        assert not expected
