@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from spindle.v1 import message_pb2
@@ -132,3 +134,19 @@ def test_the_fast_id_checks_decide_as_the_rules_say(value: str) -> None:
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     else:
         assert not expected
+
+
+def test_health_and_reflection_answer_without_registered_methods(server: ServerProcess) -> None:
+    """No method is a grpc registered method (they cost every call CPU): health and reflection
+    are still served, as generic handlers, next to the API."""
+    with grpc.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        asked = reflection_pb2.ServerReflectionRequest(file_containing_symbol="spindle.v1.RunService")
+        (answer,) = stub.ServerReflectionInfo(iter([asked]), timeout=10)
+        assert answer.file_descriptor_response.file_descriptor_proto
+        listed = reflection_pb2.ServerReflectionRequest(list_services="")
+        (answer,) = stub.ServerReflectionInfo(iter([listed]), timeout=10)
+        names = {service.name for service in answer.list_services_response.service}
+        assert {"spindle.v1.RunService", "grpc.health.v1.Health"} <= names
