@@ -465,44 +465,62 @@ flight, whole runs >= 0.15. A Create waits for its transaction's fsync (synchron
 in flight few writes share a commit, so the store's write path (`store/sqlite_db.py`), not the
 call, sets the rate; at 256 more writes share each commit. A whole run is four calls plus the
 engine's turn and its events to the listener: its server CPU per run is about {calls:.0f} echo
-calls'.
+calls'. Where Get's remaining distance to the goal goes, microsecond by microsecond, is in the
+Profile below.
 """
 
 # Written when the changes were made (measured as it says); `make bench` does not re-run a profile.
 PROFILE = """\
-**Profile.** `py-spy record --native --gil --pid N` on the server under h2load's Get load (1
-connection, 16 streams), then each suspect measured alone as server CPU per call (from /proc,
-main thread), in alternating 2 s windows against the echo: throughput ratios swung between 0.2
-and 2 while neighbours loaded the shared 2 cores, CPU per call stayed within a few percent.
-Most of the GIL time is grpc's own Cython and C (completion queue, eventfd wake-ups, `sendmsg`),
-the same for the echo. Protobuf is not the gap: the floor row (protobuf in and out, the same Run
-from memory) costs the echo's CPU per call. Per Get, against that floor (main thread, before the
-changes): the two `grpc.aio.ServerInterceptor`s (access and readiness: per call an interceptor
-chain, a new handler, two closures and a metadata dict) about 26 us; the store's read (BEGIN,
-SELECT, COMMIT on the event loop, and the Run's parse) about 51 us; validation and the servicer
-about 8 us; and the Spindle process itself about 30 us even for the floor handler registered in
-it (10-20 us of that is the garbage collector walking a larger heap: shown with `gc.disable()`).
-The access log was already off the success path (errors and slow calls at info, the rest at
-debug), but deciding so asked structlog's lazy proxy every call (2.5 us). What changed: (1) the
-interceptors became one wrapper made once per method at registration (`CallInterceptor.registry`
-in `api/interceptor.py`), the readiness gate one attribute read in it: server CPU per Get went
-from 1/0.626 to 1/0.683 of the echo's (main thread 273 -> 251 us); (2) the debug decision is
-taken once, the call's metadata is read only when a key or a logged request id needs it, and
-`gc.freeze()` after start-up keeps what start-up loaded out of the collections: 1/0.716 (main
-thread 239 us), so 12.5% less CPU per Get in all; (3) the store's read (`SqliteDatabase.read_row`
-in `store/sqlite_db.py`): one autocommit SELECT on the event loop's connection instead of BEGIN,
-SELECT, COMMIT through a closure and two wrappers (a single statement is its own snapshot in WAL;
-its rows are fetched to the end so no snapshot stays open; still busy_timeout 0, and a busy
-database still sends the read to the reader pool). Runs were already one serialized protobuf
-column: the Run is one parse, under 1 us. `store.get_run` alone in a loop: 7.6-8.0 -> 5.1-5.4 us;
-under h2load's Get load, py-spy's samples in `get_run` went from 7.5% to 2.5% of the main
-thread's; server CPU per Get, old and new builds in alternating 2 s windows (10 each, medians):
-339 -> 329 us against the echo's 222 (1/0.655 -> 1/0.674). So the read alone was never 51 us
-(that estimate above took in more than the read; alone it was about 8 us); now it is about 5 us
-of the roughly 110 us a Get costs above the echo. The limit: the rest
-is the process-level cost and the per-call Python around the handler (interceptor wrapper,
-metrics, validation), not the store (a cache of run bodies would save the 5 us but need
-invalidation across replicas sharing a database); Get stays near 0.7 of the echo by CPU.
+**Profile.** `py-spy record --gil --pid N` (and `--native`) on the server under h2load's load
+(1 connection, 16 streams), then each suspect measured alone as server CPU per call (from
+/proc, the whole process and its main thread) in alternating 2 s windows against the echo and
+against the previous build: throughput ratios swung between 0.2 and 2 while neighbours loaded
+the shared 2 cores, CPU per call stayed within a few percent. Most of the GIL time is grpc's
+own Cython and C (completion queue, eventfd wake-ups, `sendmsg`, and its per-call
+`asyncio.wait`), the same for the echo. Earlier rounds: the two `grpc.aio.ServerInterceptor`s
+became one wrapper made once per method at registration (`CallInterceptor.registry` in
+`api/interceptor.py`), the debug-log decision is taken once, the call's metadata read only when
+a key or a logged request id needs it, `gc.freeze()` after start-up, and the store's read
+(`SqliteDatabase.read_row`) one autocommit SELECT (`store.get_run` alone 7.6-8.0 -> 5.1-5.4
+us): server CPU per Get 1/0.626 -> 1/0.674 of the echo's.
+
+Then the "process-level" cost: the floor handler (protobuf in and out, the Run from memory)
+registered inside the Spindle process cost 35-45 us more per call than in a bare process, and
+neither grpc's options, the OpenAI endpoint, the imports nor the garbage collector explained it
+(each switched off in turn: within the noise). What did: grpc registered methods. The generated
+`add_*Servicer_to_server` register every method twice, as a generic handler and with
+`add_registered_method_handlers`; grpc.aio serves a registered method with about 35 us more
+server CPU than the same handler found through a generic handler (the floor registered both ways
+in one process: 328 against 293 us, main thread 229 against 205), and a server with any
+registered method costs its other calls too. Changed: the interceptor's registry keeps every
+wrapped API method in one dict, the server's first generic handler (`_MethodTable`), and
+registers none with grpc; health and reflection are added through a stand-in that forwards only
+their generic handler (`server.py`). The floor inside Spindle's process now costs 3-9 us above
+the bare one. On the call path itself: the unary wrapper no longer builds a call object, sets
+the default project or tests the method name per call (bound once per method; a failing or
+logged call still gets them, with its status, ErrorInfo and log line), and the call figures are
+plain numbers per method (`metrics.RpcStats`, recorded on the event loop only) exported by a
+collector at scrape time with the exposition prometheus_client's Counter and Histogram gave
+(`spindle_rpcs_total`, `spindle_rpc_duration_seconds`; about 2-3 us a call less); a well-formed
+id is one regular expression match (`validation.require_id`) and an enum's numbers are read once
+(`EnumTypeWrapper.values()` built a list a call, visible in Create's samples). Before -> after,
+old and new builds in alternating windows (8 each, medians, three runs): server CPU per Get
+362 -> 309, 356 -> 305 and 378 -> 339 us against the echo's 244, 250 and 261 (by CPU 0.67-0.70
+-> 0.77-0.82); per durable Create at 16 in flight 511 -> 488, 462 -> 412 and 621 -> 502 (0.42-0.54
+-> 0.50-0.61), at 256 in flight 369 -> 309 against 231 (0.63 -> 0.75).
+
+The limit for Get: in one run the floor in a bare process cost 239 us, the floor inside
+Spindle's process 248 (242 with health and reflection generic too) and Get 295 (main
+thread 153, 164, 206). So the 0.85 goal (281 us there)
+is about 14 us away, all of it Spindle's per-call Python on the main thread: the wrapper, the id
+check, the store's read (about 5 us alone), the Run's parse in the store and its serialization
+back by grpc (5-8 us together for the bench's 358-byte Run, in a loop), the metrics (under 1 us),
+about 15 us in a tight loop and 2-3 times that among grpc's own work. The lever left is the
+store's: Get answering the stored Run bytes as they are, through a pass-through serializer as
+Listen does (a store read that returns the body column unparsed), which would save the parse,
+the serialization and a coroutine. Create: the main thread now costs about what Get's does; the
+rest is the store's writer thread (80-145 us of CPU a call on its own thread: the insert, the
+commit and the wake-up of the waiting call), which `store/sqlite_db.py` owns.
 """
 
 

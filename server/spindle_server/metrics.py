@@ -1,8 +1,8 @@
 """Prometheus metrics: every definition, the run-life observer and the HTTP endpoint.
 
-Recording sites stay one line each and cheap: label children are resolved once (per method,
-per method and code, per provider) and cached, so a call costs a dict lookup plus
-prometheus_client's own per-value lock; nothing here takes a lock of its own.
+Recording sites stay one line each and cheap: a gRPC call adds to plain numbers its method's
+RpcStats holds (made once, at registration), exported by a collector at scrape time; the
+other label children are resolved once (per provider, per status) and cached.
 The metrics live in prometheus_client's default registry, which also carries the process
 collectors (memory, CPU, open files) that operators expect next to them.
 
@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Sequence
 from contextlib import aclosing
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from wsgiref.simple_server import WSGIServer
@@ -35,7 +38,8 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from spindle.v1 import run_pb2
 from spindle_server.engine.events import is_terminal
@@ -52,13 +56,6 @@ _RUN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 30
 # Writes per commit: the writer takes at most store.sqlite_db.MAX_BATCH (256) at once.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-RPCS = Counter("spindle_rpcs", "gRPC calls answered, by full method name and status code", ["method", "code"])
-RPC_SECONDS = Histogram(
-    "spindle_rpc_duration_seconds",
-    "Time from a call's arrival to its answer (for Listen, the stream's whole life), by method",
-    ["method"],
-    buckets=_CALL_BUCKETS,
-)
 RUNS_ENDED = Counter("spindle_runs_ended", "Runs that reached a terminal status, by that status", ["status"])
 RUN_SECONDS = Histogram(
     "spindle_run_duration_seconds",
@@ -92,33 +89,82 @@ STORE_BATCH_WRITES = Histogram(
 
 # ---- RPCs (api/interceptor.py) -----------------------------------------------------------------
 
+_RPCS_HELP = "gRPC calls answered, by full method name and status code"
+_RPC_SECONDS_HELP = (
+    "Time from a call's arrival to its answer (for Listen, the stream's whole life), by method"
+)
+_RPC_BOUNDS = (*_CALL_BUCKETS, math.inf)
+_RPC_LE = tuple(floatToGoString(bound) for bound in _RPC_BOUNDS)
 
-class _RpcMethod:
-    __slots__ = ("_codes", "_latency", "_method")
+
+class RpcStats:
+    """One method's calls by status code and its latency histogram, as plain numbers: recorded
+    on the event loop only (the interceptor's one thread), so no lock, no label lookup and no
+    prometheus_client value objects per call (about 3 us a call less than a Counter and a
+    Histogram child); `RpcCollector` exports them as spindle_rpcs_total and
+    spindle_rpc_duration_seconds at scrape time."""
+
+    __slots__ = ("buckets", "codes", "method", "seconds")
 
     def __init__(self, method: str) -> None:
-        self._method = method
-        self._latency = RPC_SECONDS.labels(method)
-        self._codes: dict[str, Counter] = {}
+        self.method = method
+        self.codes: dict[str, int] = {}
+        self.buckets = [0] * len(_RPC_BOUNDS)  # per bucket, not cumulative (as prometheus_client)
+        self.seconds = 0.0
 
     def record(self, code: str, seconds: float) -> None:
-        counter = self._codes.get(code)
-        if counter is None:
-            counter = self._codes[code] = RPCS.labels(self._method, code)
-        counter.inc()
-        self._latency.observe(seconds)
+        codes = self.codes
+        codes[code] = codes.get(code, 0) + 1
+        self.buckets[bisect_left(_RPC_BOUNDS, seconds)] += 1
+        self.seconds += seconds
 
 
-# Keyed by registered method names only (unknown methods never reach the interceptor's
-# recording), and codes are grpc's 17: the label sets stay bounded.
-_rpc_methods: dict[str, _RpcMethod] = {}
+class RpcCollector:
+    """Exports every method's RpcStats. A scrape reads them from its own thread while calls
+    go on: each figure is whole (the GIL), and the histogram's count is its buckets' sum, so
+    count and buckets always agree (the sum may be one call behind, as prometheus_client's
+    own histograms may)."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, RpcStats] = {}
+
+    def stats(self, method: str) -> RpcStats:
+        """The method's figures, made once (at registration) and kept: bounded label sets."""
+        found = self._methods.get(method)
+        if found is None:
+            found = self._methods[method] = RpcStats(method)
+        return found
+
+    def describe(self) -> Iterable[Metric]:
+        return [
+            CounterMetricFamily("spindle_rpcs", _RPCS_HELP, labels=["method", "code"]),
+            HistogramMetricFamily("spindle_rpc_duration_seconds", _RPC_SECONDS_HELP, labels=["method"]),
+        ]
+
+    def collect(self) -> Iterable[Metric]:
+        calls = CounterMetricFamily("spindle_rpcs", _RPCS_HELP, labels=["method", "code"])
+        latency = HistogramMetricFamily("spindle_rpc_duration_seconds", _RPC_SECONDS_HELP, labels=["method"])
+        for method, stats in list(self._methods.items()):
+            buckets = stats.buckets[:]  # one C-level copy: a consistent set of buckets
+            if not any(buckets):
+                continue  # registered but never called: no series, as before
+            for code, count in list(stats.codes.items()):
+                calls.add_metric([method, code], count)
+            cumulative = list(accumulate(buckets))
+            latency.add_metric([method], list(zip(_RPC_LE, cumulative, strict=True)), stats.seconds)
+        return [calls, latency]
+
+
+RPCS = RpcCollector()
+REGISTRY.register(RPCS)
+
+
+def rpc_stats(method: str) -> RpcStats:
+    return RPCS.stats(method)
 
 
 def record_rpc(method: str, code: str, seconds: float) -> None:
-    recorder = _rpc_methods.get(method)
-    if recorder is None:
-        recorder = _rpc_methods[method] = _RpcMethod(method)
-    recorder.record(code, seconds)
+    RPCS.stats(method).record(code, seconds)
 
 
 # ---- store (store/sqlite_db.py, on the writer thread) ------------------------------------------

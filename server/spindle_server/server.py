@@ -10,12 +10,15 @@ import json
 import random
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from spindle.v1 import (
     assistant_pb2,
@@ -104,6 +107,22 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+class _GenericOnly:
+    """Stands in for the server in generated add_*Servicer_to_server functions: their generic
+    handler is registered, their registered methods (the same handlers) are not."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        pass
+
+
 class StartupError(Exception):
     """The server cannot start (port taken, unreadable certificate): a message, not a traceback."""
 
@@ -189,15 +208,21 @@ class SpindleServer:
         thread_pb2_grpc.add_ThreadServiceServicer_to_server(servicers.threads, api)
         message_pb2_grpc.add_MessageServiceServicer_to_server(servicers.messages, api)
         runs.add_to_server(servicers.runs, api)  # Listen sends the shared log's bytes
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                *yandex.service_names(),
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
+        # No grpc registered methods on this server at all: their presence alone costs every
+        # call server CPU (BENCHMARKS.md); health and reflection are found as generic handlers.
+        generic_only = cast(grpc.aio.Server, _GenericOnly(server))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, generic_only)
+        # What reflection.enable_server_reflection does for an aio server, on the stand-in.
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection_aio.ReflectionServicer(
+                (
+                    *SERVICE_NAMES,
+                    *yandex.service_names(),
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                )
             ),
-            server,
+            generic_only,
         )
         address = f"{self.config.host}:{self.config.port}"
         try:

@@ -154,19 +154,42 @@ class CallInterceptor:
             raise not_ready()
 
     def _unary(self, method: str, inner: UnaryBehavior) -> UnaryBehavior:
+        """The success path is the hot one (RunService.Get): no per-call object, no closure, the
+        method's figures bound once here; a call that fails, or must be logged, gets its _Call."""
+        stats = metrics.rpc_stats(method)
+        anonymous = method.startswith(ANONYMOUS_METHODS)
+        keys = self._keys
+        readiness = self._readiness
+        debug = self._debug
+
         async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
-            call = _Call(method, ctx)
+            started = time.perf_counter()
             try:
-                self._admit(call, request)
+                # A call's task starts from a copy of the server's context, where the project
+                # is the default: only a key sets another one.
+                if keys.needed and not anonymous:
+                    context.current_project.set(keys.project_for(_text_metadata(ctx)))
+                if request.__class__ in _STAND_INS:
+                    _require_decoded(request)
+                if not readiness.ready:
+                    raise not_ready()
                 response = await inner(request, ctx)
             except asyncio.CancelledError:
-                call.code = "CANCELLED"  # the client went away
+                self._finish(_Call(method, ctx, started=started, code="CANCELLED"))  # the client went away
                 raise
             except Exception as exc:
-                await self._fail(call, ctx, exc)
+                call = _Call(method, ctx, started=started)
+                try:
+                    await self._fail(call, ctx, exc)
+                finally:
+                    self._finish(call)
                 raise  # not reached: abort raises
-            finally:
-                self._finish(call)
+            elapsed = time.perf_counter() - started
+            stats.record("OK", elapsed)
+            if elapsed >= SLOW_CALL_SECONDS or debug:
+                call = _Call(method, ctx, started=started)
+                call.recorded = True
+                self._log(call, elapsed)
             return response
 
         return behavior
@@ -205,12 +228,14 @@ class CallInterceptor:
 
     def _finish(self, call: _Call) -> None:
         elapsed = call.record()
-        if call.code != "OK" or (elapsed >= SLOW_CALL_SECONDS and not call.streaming):
-            level = log.info
-        elif self._debug:
-            level = log.debug  # every call, at --log-level debug only
-        else:
-            return  # counted in the metrics; a log line would cost about a third of the call
+        if call.code != "OK" or (elapsed >= SLOW_CALL_SECONDS and not call.streaming) or self._debug:
+            self._log(call, elapsed)
+        # else: counted in the metrics; a log line would cost about a third of the call
+
+    def _log(self, call: _Call, elapsed: float) -> None:
+        """Errors and slow calls at info, every call at --log-level debug only."""
+        slow = elapsed >= SLOW_CALL_SECONDS and not call.streaming
+        level = log.info if call.code != "OK" or slow else log.debug
         level(
             "rpc",
             method=call.method,
@@ -225,14 +250,20 @@ class CallInterceptor:
 
 class _Registry:
     """What the generated add_*Servicer_to_server functions call, forwarding to the server with
-    every handler wrapped: the registered handlers (keyed by method name) and the generic ones
-    (asked per call; their wrapped handler is made once per method and kept)."""
+    every handler wrapped. The methods they name (add_registered_method_handlers) go into one
+    table, the server's first generic handler: one dict lookup a call. They are not registered
+    with grpc as registered methods: grpc.aio serves a registered method with more CPU than the
+    same handler found by a generic handler (measured in BENCHMARKS.md, about 30 us a call).
+    Other generic handlers are asked per call after the table; their wrapped handler is made
+    once per method and kept."""
 
     def __init__(
         self, server: grpc.aio.Server, wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
     ) -> None:
         self._server = server
         self._wrap = wrap
+        self._table = _MethodTable()
+        server.add_generic_rpc_handlers((self._table,))
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self._server.add_generic_rpc_handlers(tuple(_WrappedGeneric(h, self._wrap) for h in handlers))
@@ -240,8 +271,19 @@ class _Registry:
     def add_registered_method_handlers(
         self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
-        wrapped = {name: self._wrap(f"/{service}/{name}", handler) for name, handler in handlers.items()}
-        self._server.add_registered_method_handlers(service, wrapped)
+        for name, handler in handlers.items():
+            method = f"/{service}/{name}"
+            self._table.handlers[method] = self._wrap(method, handler)
+
+
+class _MethodTable(grpc.GenericRpcHandler):
+    """Full method name -> wrapped handler, filled before the server starts."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self.handlers.get(details.method)
 
 
 class _WrappedGeneric(grpc.GenericRpcHandler):
@@ -299,6 +341,10 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None, max_bytes: int | None
     return deserialize
 
 
+# What _tolerant hands over instead of a request (checked by class: one set lookup a call).
+_STAND_INS = frozenset((_Undecodable, _TooLarge))
+
+
 def _require_decoded(request: Any) -> None:
     if isinstance(request, _TooLarge):
         raise ApiError(
@@ -320,6 +366,11 @@ def _require_decoded(request: Any) -> None:
         )
 
 
+def _text_metadata(ctx: grpc.aio.ServicerContext) -> dict[str, str]:
+    pairs = ctx.invocation_metadata() or ()
+    return {key: value for key, value in pairs if isinstance(value, str)}
+
+
 class _Call:
     __slots__ = (
         "_ctx",
@@ -333,12 +384,20 @@ class _Call:
         "streaming",
     )
 
-    def __init__(self, method: str, ctx: grpc.aio.ServicerContext, *, streaming: bool = False) -> None:
-        self.started = time.perf_counter()
+    def __init__(
+        self,
+        method: str,
+        ctx: grpc.aio.ServicerContext,
+        *,
+        streaming: bool = False,
+        started: float | None = None,
+        code: str = "OK",
+    ) -> None:
+        self.started = time.perf_counter() if started is None else started
         self.method = method
         self._ctx = ctx
         self._metadata: dict[str, str] | None = None
-        self.code = "OK"
+        self.code = code
         self.reason = ""
         self.streaming = streaming
         self.messages = 0
@@ -347,8 +406,7 @@ class _Call:
     def metadata(self) -> dict[str, str]:
         """The call's text metadata, read when first needed (a key, a logged request id)."""
         if self._metadata is None:
-            pairs = self._ctx.invocation_metadata() or ()
-            self._metadata = {key: value for key, value in pairs if isinstance(value, str)}
+            self._metadata = _text_metadata(self._ctx)
         return self._metadata
 
     def record(self) -> float:

@@ -485,9 +485,7 @@ class _CapturedHandlers:
 
 
 def _check_run_id(run_id: str) -> None:
-    v = Validator()
-    v.resource_id("run_id", run_id, "run")
-    v.check()
+    validation.require_id("run_id", run_id, "run")
     context.note_run(run_id)
 
 
