@@ -188,9 +188,14 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
 
     # ---- read -----------------------------------------------------------------------------
 
-    async def Get(self, request: run_pb2.GetRunRequest, _: grpc.aio.ServicerContext) -> run_pb2.Run:
+    async def Get(self, request: run_pb2.GetRunRequest, ctx: grpc.aio.ServicerContext) -> run_pb2.Run:
+        return run_pb2.Run.FromString(await self.get_wire(request, ctx))
+
+    async def get_wire(self, request: run_pb2.GetRunRequest, _: grpc.aio.ServicerContext) -> bytes:
+        """Get as gRPC serves it: the run's stored bytes (a serialized Run), sent as they are
+        (wire_message), without a parse and a serialization of the same Run in between."""
         _check_run_id(request.run_id)
-        return await self._store.get_run(context.project(), request.run_id)
+        return await self._store.get_run_body(context.project(), request.run_id)
 
     async def GetLastByThread(
         self, request: run_pb2.GetLastRunByThreadRequest, _: grpc.aio.ServicerContext
@@ -454,8 +459,8 @@ def wire_message(message: Message | bytes) -> bytes:
 
 
 def add_to_server(servicer: RunServicer, server: grpc.aio.Server) -> None:
-    """RunService as generated, except Listen and ListenBatches: they send the shared log's
-    bytes as they are (wire_message)."""
+    """RunService as generated, except Get, Listen and ListenBatches: they send the stored run's
+    and the shared log's bytes as they are (wire_message)."""
     captured = _CapturedHandlers()
     run_pb2_grpc.add_RunServiceServicer_to_server(servicer, captured)
     for name, behavior in (("Listen", servicer.listen_wire), ("ListenBatches", servicer.listen_batches_wire)):
@@ -465,6 +470,11 @@ def add_to_server(servicer: RunServicer, server: grpc.aio.Server) -> None:
             request_deserializer=generated.request_deserializer,
             response_serializer=wire_message,
         )
+    captured.handlers["Get"] = grpc.unary_unary_rpc_method_handler(
+        servicer.get_wire,
+        request_deserializer=captured.handlers["Get"].request_deserializer,
+        response_serializer=wire_message,
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.name, captured.handlers),))
     server.add_registered_method_handlers(captured.name, captured.handlers)
 

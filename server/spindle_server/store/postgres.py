@@ -472,6 +472,14 @@ class PostgresStore:
     async def get_run(self, project: str, run_id: str) -> run_pb2.Run:
         return await self._get("runs", run_pb2.Run, "run", project, run_id)
 
+    async def get_run_body(self, project: str, run_id: str) -> bytes:
+        body = await self._read(
+            lambda c: c.fetchval("SELECT body FROM runs WHERE id = $1 AND project = $2", run_id, project)
+        )
+        if body is None:
+            raise NotFoundError("run", run_id)
+        return bytes(body)
+
     async def get_run_any_project(self, run_id: str) -> tuple[str, run_pb2.Run]:
         row = await self._read(lambda c: c.fetchrow("SELECT project, body FROM runs WHERE id = $1", run_id))
         if row is None:
