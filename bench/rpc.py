@@ -515,10 +515,12 @@ thread 153, 164, 206). So the 0.85 goal (281 us there)
 is about 14 us away, all of it Spindle's per-call Python on the main thread: the wrapper, the id
 check, the store's read (about 5 us alone), the Run's parse in the store and its serialization
 back by grpc (5-8 us together for the bench's 358-byte Run, in a loop), the metrics (under 1 us),
-about 15 us in a tight loop and 2-3 times that among grpc's own work. The lever left is the
-store's: Get answering the stored Run bytes as they are, through a pass-through serializer as
-Listen does (a store read that returns the body column unparsed), which would save the parse,
-the serialization and a coroutine. Create: the main thread now costs about what Get's does; the
+about 15 us in a tight loop and 2-3 times that among grpc's own work. Then the store's part:
+Get answers the stored Run bytes as they are (`Store.get_run_body`, the body column unparsed,
+sent through the pass-through serializer Listen uses), without the parse and the serialization:
+server CPU per Get 298 -> 286 us (16 alternating windows each, medians), the rest of those 14 us.
+What remains above the floor is the wrapper, the id check and the read, about 40 us of Python
+among grpc's work. Create: the main thread now costs about what Get's does; the
 rest is the store's writer thread (80-145 us of CPU a call on its own thread: the insert, the
 commit and the wake-up of the waiting call), which `store/sqlite_db.py` owns.
 """
