@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from bench import _mode
-from bench._listeners import BUCKET_MS, LISTEN, Listeners
+from bench._listeners import BATCHES, BUCKET_MS, LISTEN, Listeners
 from bench._server import BenchServer, ServedProcess
 from spindle.v1 import (
     assistant_pb2,
@@ -35,7 +35,6 @@ from spindle.v1 import (
 )
 
 STREAM = "/bench.Streams/Stream"
-BATCHES = "/spindle.v1.RunService/ListenBatches"
 IDLE = "/bench.Streams/Idle"
 TICK = "/bench.Streams/Tick"
 DELTA_BYTES = 80  # about one serialized one-word PARTIAL_MESSAGE event
@@ -317,14 +316,40 @@ def _with(target: Target, action: Callable[[Session], Any]) -> Any:
     return asyncio.run(run())
 
 
-def broadcast_row(spindle: Target, bare: str) -> Latency:
+def broadcast_rows(spindle: Target, bare: str) -> list[Latency]:
+    """The same broadcast through Listen and ListenBatches, each against the bare ticker of the
+    same run (measured once, between the two)."""
     listeners = broadcast_listeners()
-    words = int(broadcast_seconds() * 50)
     seconds = broadcast_seconds()
     processes = _split(listeners, PROCESSES)
+    listen = _broadcast(spindle, LISTEN, processes)
+    bare_histogram = _bare_broadcast(bare, processes)
+    batches = _broadcast(spindle, BATCHES, processes)
+    rows = []
+    for name, histogram in (("Listen", listen), ("ListenBatches", batches)):
+        rows.append(
+            Latency(
+                f"one run streaming 50 events/s for {seconds:g} s to {listeners:,} listeners: "
+                f"delivery latency, {name}",
+                sum(histogram.values()),
+                _percentile(histogram, 0.5),
+                _percentile(histogram, 0.99),
+                _percentile(histogram, 1.0),
+                _percentile(bare_histogram, 0.5),
+                _percentile(bare_histogram, 0.99),
+                f"{len(processes)} client processes",
+            )
+        )
+    return rows
+
+
+def _broadcast(spindle: Target, method: str, processes: list[int]) -> Counter[int]:
+    """Latencies of every text event at every listener of one run streaming 50 events/s."""
+    seconds = broadcast_seconds()
+    words = int(seconds * 50)
     run = _with(spindle, lambda s: s.paused_run(f"/sleep {seconds}"))
     specs = [
-        _spec(spindle.address, LISTEN, _listen(run.id), streams=n, mode="attach", follow=True)
+        _spec(spindle.address, method, _listen(run.id), streams=n, mode="attach", follow=True)
         for n in processes
     ]
     with Listeners(specs) as group:
@@ -333,7 +358,12 @@ def broadcast_row(spindle: Target, bare: str) -> Latency:
         output = " ".join(f"r{i}" for i in range(words - 4))  # "Tool results: f returned" + output
         _with(spindle, lambda s: s.submit(run, output))
         results = group.read()
-    spindle_histogram = _merge(attached, results)
+    return _merge(attached, results)
+
+
+def _bare_broadcast(bare: str, processes: list[int]) -> Counter[int]:
+    seconds = broadcast_seconds()
+    words = int(seconds * 50)
     bare_specs = [
         _spec(bare, TICK, str(DELTA_BYTES).encode(), streams=n, mode="attach", follow=True) for n in processes
     ]
@@ -342,17 +372,7 @@ def broadcast_row(spindle: Target, bare: str) -> Latency:
         attached = group.read()
         asyncio.run(_start_ticks(bare, words, int(seconds * 1000 / words)))
         results = group.read()
-    bare_histogram = _merge(attached, results)
-    return Latency(
-        f"one run streaming 50 events/s for {seconds:g} s to {listeners:,} listeners: delivery latency",
-        sum(spindle_histogram.values()),
-        _percentile(spindle_histogram, 0.5),
-        _percentile(spindle_histogram, 0.99),
-        _percentile(spindle_histogram, 1.0),
-        _percentile(bare_histogram, 0.5),
-        _percentile(bare_histogram, 0.99),
-        f"{len(processes)} client processes",
-    )
+    return _merge(attached, results)
 
 
 def _merge(attached: list[dict[str, Any]], results: list[dict[str, Any]]) -> Counter[int]:
@@ -434,7 +454,7 @@ def run_benchmark() -> Figures:
         with BenchServer("--max-listen-streams-per-project", "1000000") as server:
             target = _target(server)
             ratios.insert(0, live_row(target, bare.address))
-            latencies = [first_delta_row(target), broadcast_row(target, bare.address)]
+            latencies = [first_delta_row(target), *broadcast_rows(target, bare.address)]
             burst = burst_row(target, bare.address, bare.pid)
     return Figures(ratios, latencies, burst)
 
