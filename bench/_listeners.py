@@ -96,6 +96,7 @@ async def _attach(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
     method = spec["method"]
     attached: asyncio.Queue[bool] = asyncio.Queue()
     latencies: Counter[int] = Counter()
+    received = [0]  # messages read after attaching, over all streams
     reasons: Counter[str] = Counter()  # why streams were lost before they attached
 
     async def one() -> None:
@@ -108,6 +109,7 @@ async def _attach(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
                         is_attached = True
                         attached.put_nowait(True)
                     continue
+                received[0] += 1
                 now = time.time()
                 for stamp in _stamps(message, method):
                     latencies[int((now - stamp) * 1000 / BUCKET_MS)] += 1
@@ -132,9 +134,18 @@ async def _attach(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
             stream.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
         return
+    cpu = time.process_time()
     results = await asyncio.gather(*streams, return_exceptions=True)
     errors = [str(r) for r in results if r is not None]
-    _emit({"histogram": dict(latencies), "errors": len(errors), "error": errors[:1]})
+    _emit(
+        {
+            "histogram": dict(latencies),
+            "messages": received[0],
+            "cpu": time.process_time() - cpu,  # this process's CPU seconds while following
+            "errors": len(errors),
+            "error": errors[:1],
+        }
+    )
 
 
 async def _first_delta(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:

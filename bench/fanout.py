@@ -102,6 +102,9 @@ class Burst:
     attached: int
     lost: int
     kb_per_stream: float
+    batches_attached: int
+    batches_lost: int
+    batches_kb_per_stream: float
     baseline_attached: int
     baseline_lost: int
     baseline_kb_per_stream: float
@@ -434,8 +437,11 @@ def burst_row(spindle: Target, bare: str, bare_pid: int) -> Burst:
 
     bare_attached, bare_lost, bare_kb = burst(bare, bare_pid, IDLE, str(DELTA_BYTES).encode())
     attached, lost, kb = burst(spindle.address, spindle.pid, LISTEN, _listen(run.id))
+    batches = burst(spindle.address, spindle.pid, BATCHES, _listen(run.id))
     why = "; ".join(f"{count} {reason}" for reason, count in reasons.most_common())
-    return Burst(streams, attached, lost, kb, bare_attached, bare_lost, bare_kb, len(processes), why)
+    return Burst(
+        streams, attached, lost, kb, *batches, bare_attached, bare_lost, bare_kb, len(processes), why
+    )
 
 
 def _target(server: ServedProcess) -> Target:
@@ -490,6 +496,8 @@ def markdown(figures: Figures) -> str:
         "|---|---:|---:|---:|---:|",
         f"| Listen (run waiting for a tool result) | {b.streams:,} | {b.attached:,} | **{b.lost}** "
         f"| **{b.kb_per_stream:.1f} KB** |",
+        f"| ListenBatches (the same run) | {b.streams:,} | {b.batches_attached:,} | **{b.batches_lost}** "
+        f"| **{b.batches_kb_per_stream:.1f} KB** |",
         f"| bare grpc.aio stream (one message, then idle) | {b.streams:,} | {b.baseline_attached:,} "
         f"| {b.baseline_lost} | {b.baseline_kb_per_stream:.1f} KB |",
         "",
