@@ -326,14 +326,15 @@ def broadcast_rows(spindle: Target, bare: str) -> list[Latency]:
     seconds = broadcast_seconds()
     processes = _split(listeners, PROCESSES)
     listen = _broadcast(spindle, LISTEN, processes)
-    bare_histogram = _bare_broadcast(bare, processes)
+    bare_histogram, _ = _bare_broadcast(bare, processes)
     batches = _broadcast(spindle, BATCHES, processes)
     rows = []
-    for name, histogram in (("Listen", listen), ("ListenBatches", batches)):
+    for name, (histogram, messages) in (("Listen", listen), ("ListenBatches", batches)):
+        per_message = sum(histogram.values()) / max(messages, 1)
         rows.append(
             Latency(
                 f"one run streaming 50 events/s for {seconds:g} s to {listeners:,} listeners: "
-                f"delivery latency, {name}",
+                f"delivery latency, {name} ({per_message:.2f} text events a message)",
                 sum(histogram.values()),
                 _percentile(histogram, 0.5),
                 _percentile(histogram, 0.99),
@@ -346,8 +347,9 @@ def broadcast_rows(spindle: Target, bare: str) -> list[Latency]:
     return rows
 
 
-def _broadcast(spindle: Target, method: str, processes: list[int]) -> Counter[int]:
-    """Latencies of every text event at every listener of one run streaming 50 events/s."""
+def _broadcast(spindle: Target, method: str, processes: list[int]) -> tuple[Counter[int], int]:
+    """Latencies of every text event at every listener of one run streaming 50 events/s, and
+    the messages that carried them."""
     seconds = broadcast_seconds()
     words = int(seconds * 50)
     run = _with(spindle, lambda s: s.paused_run(f"/sleep {seconds}"))
@@ -364,7 +366,7 @@ def _broadcast(spindle: Target, method: str, processes: list[int]) -> Counter[in
     return _merge(attached, results)
 
 
-def _bare_broadcast(bare: str, processes: list[int]) -> Counter[int]:
+def _bare_broadcast(bare: str, processes: list[int]) -> tuple[Counter[int], int]:
     seconds = broadcast_seconds()
     words = int(seconds * 50)
     bare_specs = [
@@ -378,14 +380,14 @@ def _bare_broadcast(bare: str, processes: list[int]) -> Counter[int]:
     return _merge(attached, results)
 
 
-def _merge(attached: list[dict[str, Any]], results: list[dict[str, Any]]) -> Counter[int]:
+def _merge(attached: list[dict[str, Any]], results: list[dict[str, Any]]) -> tuple[Counter[int], int]:
     lost = sum(a["lost"] for a in attached) + sum(r["errors"] for r in results)
     if lost:
         raise RuntimeError(f"{lost} listeners failed: {[r['error'] for r in results]}")
     histogram: Counter[int] = Counter()
     for result in results:
         histogram.update({int(bucket): count for bucket, count in result["histogram"].items()})
-    return histogram
+    return histogram, sum(result["messages"] for result in results)
 
 
 async def _start_ticks(address: str, count: int, interval_ms: int) -> None:
