@@ -502,8 +502,8 @@ def markdown(figures: Figures) -> str:
         "|---|---:|---:|---:|---:|",
         f"| Listen (run waiting for a tool result) | {b.streams:,} | {b.attached:,} | **{b.lost}** "
         f"| **{b.kb_per_stream:.1f} KB** |",
-        f"| ListenBatches (a run waiting for a tool result) | {b.streams:,} | {b.batches_attached:,} | **{b.batches_lost}** "
-        f"| **{b.batches_kb_per_stream:.1f} KB** |",
+        f"| ListenBatches (a run waiting for a tool result) | {b.streams:,} | {b.batches_attached:,} "
+        f"| **{b.batches_lost}** | **{b.batches_kb_per_stream:.1f} KB** |",
         f"| bare grpc.aio stream (one message, then idle) | {b.streams:,} | {b.baseline_attached:,} "
         f"| {b.baseline_lost} | {b.baseline_kb_per_stream:.1f} KB |",
         "",
