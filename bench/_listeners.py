@@ -6,9 +6,10 @@ stdin, then does SPEC's `mode` and prints one JSON line per phase:
 
 - drain: open `streams` calls at once and read them to their end (raw bytes, no decoding).
 - attach: open `streams` calls and wait until each has its `attached` message (Spindle: the
-  run's TOOL_CALLS event; baseline: its first message), print `attached`; then, with `follow`,
-  read them to their end and print the latency of every later message (now minus the stamp it
-  carries: the event's created_at, or the baseline's packed time); without, hold them open until
+  run's TOOL_CALLS event, alone or in a batch; baseline: its first message), print `attached`;
+  then, with `follow`, read them to their end and print the latency of every later message (now
+  minus the stamp it carries: the created_at of each text event, one a message for Listen and
+  all of a batch's for ListenBatches, or the baseline's packed time); without, hold them open until
   the next line on stdin.
 - first-delta / live: Spindle only, one run at a time, see `_first_delta` and `_live`.
 """
@@ -30,6 +31,7 @@ import grpc
 from spindle.v1 import message_pb2, run_pb2, run_pb2_grpc, thread_pb2, thread_pb2_grpc
 
 LISTEN = "/spindle.v1.RunService/Listen"
+BATCHES = "/spindle.v1.RunService/ListenBatches"
 BUCKET_MS = 0.1  # latency histograms count in steps of 0.1 ms
 
 
@@ -65,24 +67,36 @@ async def _drain(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
     _emit({"messages": sum(counts), "start": start, "end": end, "errors": len(errors), "error": errors[:1]})
 
 
-def _stamp(message: bytes, spindle: bool) -> float | None:
-    """When a message was made, or None if it carries no stamp to measure."""
-    if not spindle:
-        return struct.unpack_from("<d", message)[0]
-    event = run_pb2.StreamEvent.FromString(message)
-    if event.type != run_pb2.StreamEvent.PARTIAL_MESSAGE:
-        return None
-    return event.created_at.seconds + event.created_at.nanos / 1e9
+def _events(message: bytes, method: str) -> Sequence[run_pb2.StreamEvent]:
+    """The Spindle events a message carries: one (Listen) or a batch (ListenBatches)."""
+    if method == BATCHES:
+        return run_pb2.StreamEventBatch.FromString(message).events
+    return (run_pb2.StreamEvent.FromString(message),)
 
 
-def _attached(message: bytes, spindle: bool) -> bool:
-    return not spindle or run_pb2.StreamEvent.FromString(message).type == run_pb2.StreamEvent.TOOL_CALLS
+def _stamps(message: bytes, method: str) -> list[float]:
+    """When each timed item of a message was made: the created_at of every text event it
+    carries (Spindle), or the baseline's packed time."""
+    if method not in (LISTEN, BATCHES):
+        return [struct.unpack_from("<d", message)[0]]
+    return [
+        event.created_at.seconds + event.created_at.nanos / 1e9
+        for event in _events(message, method)
+        if event.type == run_pb2.StreamEvent.PARTIAL_MESSAGE
+    ]
+
+
+def _attached(message: bytes, method: str) -> bool:
+    if method not in (LISTEN, BATCHES):
+        return True
+    return any(event.type == run_pb2.StreamEvent.TOOL_CALLS for event in _events(message, method))
 
 
 async def _attach(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
-    spindle = spec["method"] == LISTEN
+    method = spec["method"]
     attached: asyncio.Queue[bool] = asyncio.Queue()
     latencies: Counter[int] = Counter()
+    received = [0]  # messages read after attaching, over all streams
     reasons: Counter[str] = Counter()  # why streams were lost before they attached
 
     async def one() -> None:
@@ -91,13 +105,14 @@ async def _attach(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
         try:
             async for message in call:
                 if not is_attached:
-                    if _attached(message, spindle):
+                    if _attached(message, method):
                         is_attached = True
                         attached.put_nowait(True)
                     continue
-                stamp = _stamp(message, spindle)
-                if stamp is not None:
-                    latencies[int((time.time() - stamp) * 1000 / BUCKET_MS)] += 1
+                received[0] += 1
+                now = time.time()
+                for stamp in _stamps(message, method):
+                    latencies[int((now - stamp) * 1000 / BUCKET_MS)] += 1
         except grpc.aio.AioRpcError as exc:
             if not is_attached:
                 reasons[f"{exc.code().name}: {exc.details()}"[:200]] += 1
@@ -119,9 +134,18 @@ async def _attach(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
             stream.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
         return
+    cpu = time.process_time()
     results = await asyncio.gather(*streams, return_exceptions=True)
     errors = [str(r) for r in results if r is not None]
-    _emit({"histogram": dict(latencies), "errors": len(errors), "error": errors[:1]})
+    _emit(
+        {
+            "histogram": dict(latencies),
+            "messages": received[0],
+            "cpu": time.process_time() - cpu,  # this process's CPU seconds while following
+            "errors": len(errors),
+            "error": errors[:1],
+        }
+    )
 
 
 async def _first_delta(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:

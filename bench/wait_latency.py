@@ -1,6 +1,6 @@
 """How long after a run's terminal event does the caller learn about it?
 
-Compares ``Run.wait()`` (rides Listen) with the plain polling loops of the old SDKs (Get every
+Compares ``Run.wait()`` (rides ListenBatches) with the plain polling loops of the old SDKs (Get every
 0.5 s and every 1 s) and with the server's Wait long-poll, on the same server in the same process.
 Each sample is one run of the builtin model that streams its reply over a random 0.1-1.1 s
 (``/sleep``), so a poller's phase against the run's end is uniform, as it is in real use. The
@@ -99,7 +99,7 @@ def percentile(values: list[float], share: int) -> float:
 
 def measure(address: str, count: int | None = None) -> list[Row]:
     methods = [
-        Method("`Run.wait()` (Listen, fallback Get)", ride_listen),
+        Method("`Run.wait()` (ListenBatches, fallback Get)", ride_listen),
         Method("polling Get every 0.5 s", poll_every(0.5)),
         Method("polling Get every 1 s", poll_every(1.0)),
         Method("server `Wait` long-poll (`client.runs.wait`)", server_long_poll),

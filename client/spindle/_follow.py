@@ -1,4 +1,9 @@
-"""Following a run: ``listen`` (a resumable event stream) and ``wait`` (Listen, else polling Get).
+"""Following a run: ``listen`` (a resumable event stream) and ``wait`` (the stream, else polling Get).
+
+The stream is ListenBatches: the same events as Listen, several to a message when the listener
+is behind (a backlog, a replay), yielded here one by one. A server that answers UNIMPLEMENTED (an
+older one, or a proxy that does not route the method) is asked once per client: from then on the
+transport's ``listen_batches`` is False and every stream is Listen.
 
 Sync and async twins side by side; the decisions are shared: :class:`EventCursor` keeps the place
 (so a reconnect resumes at last index + 1, no gap, no duplicate), :func:`is_ready` says when a
@@ -17,15 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
 from contextlib import aclosing, closing
 from dataclasses import dataclass
+from typing import Any
 
 from spindle._events import EventCursor
 from spindle._requests import get_run
 from spindle._transport import AsyncTransport, SyncTransport
 from spindle.enums import EventType, RunStatus
-from spindle.errors import ApiError, Cancelled, DeadlineExceeded
+from spindle.errors import ApiError, Cancelled, DeadlineExceeded, Unimplemented
 from spindle.results import RunEvent
 from spindle.retry import NO_RETRY, Backoff, Deadline, RetryPolicy
 from spindle.v1 import run_pb2
@@ -101,21 +107,42 @@ class Follow:
         return run_pb2.ListenRunRequest(run_id=self.run_id, events_start_idx=self.cursor.next_index)
 
 
+def _events(raw: Any, batched: bool) -> Sequence[run_pb2.StreamEvent]:
+    """The events of one message: a StreamEventBatch's (ListenBatches) or the StreamEvent itself."""
+    events: Sequence[run_pb2.StreamEvent] = raw.events if batched else (raw,)
+    return events
+
+
 # ---- sync -------------------------------------------------------------------------------------
 
 
 def _stream_once(transport: SyncTransport, follow: Follow) -> Generator[RunEvent, None, None]:
-    """One Listen call from the cursor; yields new events (observed), raises ApiError on failure."""
-    request = follow.listen_request()
-    stream = transport.stream(
-        transport.runs.Listen, request, run_pb2.StreamEvent, timeout=follow.deadline.remaining()
-    )
-    with closing(stream):
-        for raw in stream:
-            event = follow.cursor.accept(raw)
-            if event is not None:
-                follow.on_event(event)
-                yield event
+    """One stream from the cursor (ListenBatches, else Listen: see :func:`_open`); yields new
+    events one by one (observed), raises ApiError on failure."""
+    while True:
+        batched = transport.listen_batches
+        try:
+            with closing(_open(transport, follow, batched)) as stream:
+                for raw in stream:
+                    for item in _events(raw, batched):
+                        event = follow.cursor.accept(item)
+                        if event is not None:
+                            follow.on_event(event)
+                            yield event
+            return
+        except Unimplemented:
+            if not batched:
+                raise
+            transport.listen_batches = False  # asked once per client; Listen from the cursor
+
+
+def _open(transport: SyncTransport, follow: Follow, batched: bool) -> Generator[Any, None, None]:
+    request, timeout = follow.listen_request(), follow.deadline.remaining()
+    if batched:
+        return transport.stream(
+            transport.runs.ListenBatches, request, run_pb2.StreamEventBatch, timeout=timeout
+        )
+    return transport.stream(transport.runs.Listen, request, run_pb2.StreamEvent, timeout=timeout)
 
 
 def listen(transport: SyncTransport, follow: Follow) -> Generator[RunEvent, None, None]:
@@ -181,16 +208,30 @@ def _poll_once(transport: SyncTransport, follow: Follow, poll_timeout: float | N
 
 async def _astream_once(transport: AsyncTransport, follow: Follow) -> AsyncGenerator[RunEvent, None]:
     """Async twin of :func:`_stream_once`."""
-    request = follow.listen_request()
-    stream = transport.stream(
-        transport.runs.Listen, request, run_pb2.StreamEvent, timeout=follow.deadline.remaining()
-    )
-    async with aclosing(stream):
-        async for raw in stream:
-            event = follow.cursor.accept(raw)
-            if event is not None:
-                follow.on_event(event)
-                yield event
+    while True:
+        batched = transport.listen_batches
+        try:
+            async with aclosing(_aopen(transport, follow, batched)) as stream:
+                async for raw in stream:
+                    for item in _events(raw, batched):
+                        event = follow.cursor.accept(item)
+                        if event is not None:
+                            follow.on_event(event)
+                            yield event
+            return
+        except Unimplemented:
+            if not batched:
+                raise
+            transport.listen_batches = False
+
+
+def _aopen(transport: AsyncTransport, follow: Follow, batched: bool) -> AsyncGenerator[Any, None]:
+    request, timeout = follow.listen_request(), follow.deadline.remaining()
+    if batched:
+        return transport.stream(
+            transport.runs.ListenBatches, request, run_pb2.StreamEventBatch, timeout=timeout
+        )
+    return transport.stream(transport.runs.Listen, request, run_pb2.StreamEvent, timeout=timeout)
 
 
 async def alisten(transport: AsyncTransport, follow: Follow) -> AsyncGenerator[RunEvent, None]:

@@ -52,6 +52,7 @@ class SyncTransport(_Stubs):
         self.settings = settings
         self.channel = channel if channel is not None else sync_channel(settings)
         super().__init__(self.channel)
+        self.listen_batches = True  # False once the server answered ListenBatches UNIMPLEMENTED
 
     def call(self, call: Call[R, T], timeout: float | None = None, *, retry: RetryPolicy | None = None) -> T:
         """Make one call of the API (see ``unary``) and read its response."""
@@ -114,6 +115,7 @@ class AsyncTransport(_Stubs):
         self.settings = settings
         self.channel = channel if channel is not None else async_channel(settings)
         super().__init__(self.channel)
+        self.listen_batches = True  # False once the server answered ListenBatches UNIMPLEMENTED
 
     async def call(
         self, call: Call[R, T], timeout: float | None = None, *, retry: RetryPolicy | None = None

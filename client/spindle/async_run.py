@@ -73,7 +73,7 @@ class AsyncRun(RunHandleBase):
         """Wait until the run is finished or paused for tool results, and return its result.
 
         Same contract as ``Run.wait``: one wall-clock ``timeout`` (``RunTimeoutError`` keeps the
-        run), Listen first, polling Get with jittered backoff when the stream fails.
+        run), the event stream first, polling Get with jittered backoff when the stream fails.
         """
         if self.status.is_finished:
             return self.result

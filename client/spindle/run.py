@@ -3,10 +3,12 @@
 A handle carries the run's fields as last seen (``run.status``, ``run.required_tool_calls``,
 ``run.reply``, ...), refreshed by every call and event, and follows the run:
 
-* ``wait()`` rides Listen and returns within milliseconds of the run finishing, falls back to
-  polling Get with jittered backoff when the stream fails, has one wall-clock ``timeout`` and
-  returns a TOOL_CALLS pause as such (``result.tool_calls`` set, ``is_finished`` false);
-* ``listen()`` yields events and reconnects by itself from the last index + 1;
+* ``wait()`` rides the event stream (ListenBatches, else Listen) and returns within milliseconds
+  of the run finishing, falls back to polling Get with jittered backoff when the stream fails,
+  has one wall-clock ``timeout`` and returns a TOOL_CALLS pause as such (``result.tool_calls``
+  set, ``is_finished`` false);
+* ``listen()`` yields events one by one (a backlog arrives batched) and reconnects by itself from
+  the last index + 1;
 * ``stream()`` and ``run_until_done()`` answer tool calls with your Python functions.
 """
 

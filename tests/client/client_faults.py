@@ -48,6 +48,11 @@ class Recorder:
         self.requests.append(request)
         return len(self.requests) <= self.fail_first
 
+    def streams(self) -> dict[str, int]:
+        """Streams opened to follow a run: {"ListenBatches": n, "Listen": m}, both always there."""
+        prefix = "/spindle.v1.RunService/"
+        return {name: self.calls.get(prefix + name, 0) for name in ("ListenBatches", "Listen")}
+
 
 class DropResponses(grpc.UnaryUnaryClientInterceptor):
     """Sends the first `fail_first` calls of `method` to the server, then loses their responses."""
@@ -75,6 +80,17 @@ class BreakStreams(grpc.UnaryStreamClientInterceptor):
     def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
         self.record.see(details.method, request)
         raise LostResponse(self.code)
+
+
+class CountStreams(grpc.UnaryStreamClientInterceptor):
+    """Counts server-streaming calls by method and lets them through (which RPC follows a run)."""
+
+    def __init__(self) -> None:
+        self.record = Recorder("-")
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        self.record.see(details.method, request)
+        return continuation(details, request)
 
 
 class CountUnary(grpc.UnaryUnaryClientInterceptor):
@@ -124,6 +140,17 @@ class AsyncBreakStreams(grpc.aio.UnaryStreamClientInterceptor):
     ) -> Any:
         self.record.see(details.method, request)
         raise _aio_unavailable(self.code)
+
+
+class AsyncCountStreams(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self) -> None:
+        self.record = Recorder("-")
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        self.record.see(details.method, request)
+        return await continuation(details, request)
 
 
 class AsyncCountUnary(grpc.aio.UnaryUnaryClientInterceptor):

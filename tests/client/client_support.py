@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
 
 from support.server import ServerProcess
 
@@ -46,3 +52,83 @@ class Restarter:
         """Wait for every restart begun so far to finish."""
         for thread in self._threads:
             thread.join(timeout)
+
+
+class ListenOnlyProxy:
+    """A real gRPC server in front of a Spindle server that routes every method but ListenBatches
+    (an older server, or a proxy that does not know it): those answer UNIMPLEMENTED, as grpc does
+    for any method it has no handler for. Requests and responses pass as bytes; `calls` counts
+    what it saw by method name, routed or not."""
+
+    STREAMS = frozenset({"/spindle.v1.RunService/Listen"})
+    ABSENT = "/spindle.v1.RunService/ListenBatches"
+
+    def __init__(self, target: str) -> None:
+        self.calls: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._upstream = grpc.insecure_channel(target)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        self._server.add_generic_rpc_handlers((_Routes(self),))
+        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+
+    def __enter__(self) -> ListenOnlyProxy:
+        self._server.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.stop(grace=None)
+        self._upstream.close()
+
+    def count(self, name: str) -> int:
+        """Calls seen of RunService method `name`."""
+        with self._lock:
+            return self.calls.get(f"/spindle.v1.RunService/{name}", 0)
+
+    def route(self, method: str) -> grpc.RpcMethodHandler | None:
+        with self._lock:
+            self.calls[method] = self.calls.get(method, 0) + 1
+        if method == self.ABSENT:
+            return None
+        if method in self.STREAMS:
+            return grpc.unary_stream_rpc_method_handler(functools.partial(self._stream, method))
+        return grpc.unary_unary_rpc_method_handler(functools.partial(self._unary, method))
+
+    def _unary(self, method: str, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            response: bytes = self._upstream.unary_unary(method)(
+                request, metadata=_forwarded(context), timeout=context.time_remaining()
+            )
+            return response
+        except grpc.RpcError as error:
+            _relay(error, context)
+            raise  # not reached: abort raises
+
+    def _stream(self, method: str, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        call = self._upstream.unary_stream(method)(
+            request, metadata=_forwarded(context), timeout=context.time_remaining()
+        )
+        context.add_callback(call.cancel)
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            _relay(error, context)
+
+
+class _Routes(grpc.GenericRpcHandler):
+    def __init__(self, proxy: ListenOnlyProxy) -> None:
+        self._proxy = proxy
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._proxy.route(handler_call_details.method)
+
+
+def _forwarded(context: grpc.ServicerContext) -> list[tuple[str, str | bytes]]:
+    skip = ("grpc-", ":", "user-agent")
+    return [(k, v) for k, v in context.invocation_metadata() if not k.startswith(skip)]
+
+
+def _relay(error: grpc.RpcError, context: grpc.ServicerContext) -> None:
+    """The upstream's status, details and trailers (ErrorInfo), as the proxy's own."""
+    call: Any = error
+    context.set_trailing_metadata(call.trailing_metadata() or ())
+    context.abort(call.code(), call.details() or "")

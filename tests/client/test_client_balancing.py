@@ -35,7 +35,7 @@ from support.server import Databases, ServerProcess, store_under_test
 STORE = store_under_test()
 CREATE = "/spindle.v1.AssistantService/Create"
 GET_ASSISTANT = "/spindle.v1.AssistantService/Get"
-LISTEN = "/spindle.v1.RunService/Listen"
+LISTEN = "/spindle.v1.RunService/ListenBatches"  # what the client follows a run with
 SUBMIT = "/spindle.v1.RunService/SubmitToolResults"
 GET_RUN = "/spindle.v1.RunService/Get"
 WARM_UP_BOUND = 300  # calls; round_robin reaches every replica long before
@@ -254,7 +254,7 @@ def land_on(client: spindle.Client, servers: list[ServerProcess], target: int) -
 @pytest.mark.skipif(STORE != "postgresql", reason="replicas share a database on PostgreSQL")
 def test_one_run_across_three_replicas_with_round_robin(servers: list[ServerProcess]) -> None:
     """Created, listened to, its tool results submitted and read back, each call answered by
-    whichever replica round_robin picks: Listen and SubmitToolResults by different ones."""
+    whichever replica round_robin picks: ListenBatches and SubmitToolResults by different ones."""
     schema = {"type": "object", "properties": {}}
     with spindle.Client(addresses(servers), timeout=20) as client:
         reach_every_replica(lambda name: client.assistants.create(name=name), servers)

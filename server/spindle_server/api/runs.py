@@ -356,14 +356,12 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             async for data in stream:
                 yield run_pb2.StreamEventBatch.FromString(data)
 
-    async def listen_batches_wire(
+    def listen_batches_wire(
         self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncGenerator[bytes, None]:
         """ListenBatches: what Listen would send, framed as StreamEventBatch messages of up to
-        BATCH_BYTES, straight from the shared log's bytes."""
-        async with contextlib.aclosing(self._follow(request, ctx, wire=True, batches=True)) as stream:
-            async for data in stream:
-                yield data
+        BATCH_BYTES, straight from the shared log's bytes (one generator per stream, as Listen)."""
+        return self._follow(request, ctx, wire=True, batches=True)
 
     async def _follow(
         self,
