@@ -21,7 +21,7 @@ def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: floa
         "OpenAI's `create_and_poll` (Get, then sleep the interval, until the status is terminal);",
         "the methods take turns sample by sample, one run at a time, against one server (SQLite).",
         f"{samples()} runs per method, so p99 is close to the worst sample. Calls per run counts every",
-        "RPC the method made (Get, Listen, Wait). Source: `bench/wait_latency.py`.",
+        "RPC the method made (Get, ListenBatches, Listen, Wait). Source: `bench/wait_latency.py`.",
         "",
         "| method | runs | p50 (ms) | p99 (ms) | mean (ms) | calls per run |",
         "|---|---:|---:|---:|---:|---:|",
@@ -37,7 +37,7 @@ def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: floa
         "",
         "Reading it: polling learns of the end half an interval late on average and a whole interval",
         "late at worst, and pays one Get per interval; `Run.wait()` is told by the stream within",
-        "milliseconds (one Get to start, one Listen, one Get to read the finished run).",
+        "milliseconds (one Get to start, one ListenBatches stream, one Get to read the finished run).",
         "",
     ]
     return "\n".join(lines)
