@@ -164,6 +164,8 @@ _GET_BY_ID = {
     for table in ("assistants", "threads", "messages", "runs")
 }
 _GET_RUN = _GET_BY_ID["runs"]
+_THREAD_MESSAGES = "SELECT body FROM messages WHERE thread_id = ? ORDER BY seq"
+_RUN_STEPS = "SELECT body FROM run_steps WHERE run_id = ? ORDER BY seq"
 
 
 def _parse(cls: type[M], body: bytes) -> M:
@@ -413,11 +415,9 @@ class SqliteStore:
         return await self._list("messages", message_pb2.Message, where, args, query)
 
     async def thread_messages(self, thread_id: str) -> list[message_pb2.Message]:
-        def read(conn: sqlite3.Connection) -> list[bytes]:
-            rows = conn.execute("SELECT body FROM messages WHERE thread_id = ? ORDER BY seq", (thread_id,))
-            return [row[0] for row in rows]
-
-        return [_parse(message_pb2.Message, body) for body in await self.db.read(read)]
+        # Read by every turn: one statement on the loop's connection, not a reader-pool hop.
+        rows = await self.db.read_rows(_THREAD_MESSAGES, (thread_id,))
+        return [message_pb2.Message.FromString(row[0]) for row in rows]
 
     # ---- runs --------------------------------------------------------------------------
 
@@ -533,13 +533,8 @@ class SqliteStore:
         return result
 
     async def run_steps(self, run_id: str) -> list[run_pb2.RunStep]:
-        def read(conn: sqlite3.Connection) -> list[bytes]:
-            return [
-                row[0]
-                for row in conn.execute("SELECT body FROM run_steps WHERE run_id = ? ORDER BY seq", (run_id,))
-            ]
-
-        return [_parse(run_pb2.RunStep, body) for body in await self.db.read(read)]
+        rows = await self.db.read_rows(_RUN_STEPS, (run_id,))
+        return [run_pb2.RunStep.FromString(row[0]) for row in rows]
 
     async def release_all_leases(self, owner_prefix: str) -> int:
         # One process owns the file (see SqliteDatabase.open), so a lease found at start-up
@@ -568,11 +563,8 @@ class SqliteStore:
         return [_parse(run_pb2.StreamEvent, body) for body in await self.db.read(read)]
 
     async def tool_round_texts(self, run_id: str) -> dict[str, str]:
-        def read(conn: sqlite3.Connection) -> dict[str, str]:
-            rows = conn.execute("SELECT step_id, said FROM step_texts WHERE run_id = ?", (run_id,))
-            return {row[0]: row[1] for row in rows}
-
-        return await self.db.read(read)
+        rows = await self.db.read_rows("SELECT step_id, said FROM step_texts WHERE run_id = ?", (run_id,))
+        return {row[0]: row[1] for row in rows}
 
     # ---- engine ------------------------------------------------------------------------
 
