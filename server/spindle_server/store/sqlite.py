@@ -25,6 +25,7 @@ from spindle_server.store.base import (
     RequestKey,
     RequestReplayed,
     RunChange,
+    RunClaim,
     RunFilter,
     RunMutation,
 )
@@ -431,6 +432,7 @@ class SqliteStore:
         *,
         record: RequestKey | None = None,
         max_active_runs: int | None = None,
+        claim: RunClaim | None = None,
     ) -> MutationResult:
         def write(conn: sqlite3.Connection) -> MutationResult:
             _require_thread(conn, project, run.thread_id)
@@ -453,8 +455,17 @@ class SqliteStore:
                 ),
             )
             stored = _append_events(conn, run.id, 0, events)
-            conn.execute("UPDATE runs SET next_event_idx = ? WHERE id = ?", (len(stored), run.id))
-            return MutationResult(run, stored)
+            if claim is None:
+                conn.execute("UPDATE runs SET next_event_idx = ? WHERE id = ?", (len(stored), run.id))
+                return MutationResult(run, stored)
+            # Its first claim, in the same transaction: the epoch is 1 (a claim increments from 0).
+            conn.execute(
+                "UPDATE runs SET next_event_idx = ?, lease_owner = ?, lease_epoch = 1, lease_expires = ?"
+                " WHERE id = ?",
+                (len(stored), claim.owner, clock.now() + claim.lease_seconds, run.id),
+            )
+            started = _mutate_run(conn, run.id, claim.mutate, epoch=1)
+            return MutationResult(run, stored + started.events, ClaimedRun(started.run, 1))
 
         return await self._write(write, record, _run_answer, self._publish)
 
