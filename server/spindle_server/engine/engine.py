@@ -239,7 +239,8 @@ class Engine:
             del self._tasks[run_id]
             self._cancel_reasons.pop(run_id, None)
             self._started.discard(run_id)
-        self._wakeup.set()  # a slot is free
+        if self._backlog:  # a slot is free for a queued run; with none queued, nothing to claim
+            self._wakeup.set()
 
     async def _run(self, claim: ClaimedRun) -> None:
         run_id = claim.run.id
