@@ -167,6 +167,7 @@ _GET_BY_ID = {
 _GET_RUN = _GET_BY_ID["runs"]
 _THREAD_MESSAGES = "SELECT body FROM messages WHERE thread_id = ? ORDER BY seq"
 _RUN_STEPS = "SELECT body FROM run_steps WHERE run_id = ? ORDER BY seq"
+_READ_EVENTS = "SELECT body FROM run_events WHERE run_id = ? AND idx >= ? ORDER BY idx LIMIT ?"
 
 
 def _parse(cls: type[M], body: bytes) -> M:
@@ -564,14 +565,10 @@ class SqliteStore:
         return await self._list("run_steps", run_pb2.RunStep, "run_id = ?", [run_id], query)
 
     async def read_events(self, run_id: str, start: int, limit: int) -> list[run_pb2.StreamEvent]:
-        def read(conn: sqlite3.Connection) -> list[bytes]:
-            rows = conn.execute(
-                "SELECT body FROM run_events WHERE run_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
-                (run_id, start, limit),
-            )
-            return [row[0] for row in rows]
-
-        return [_parse(run_pb2.StreamEvent, body) for body in await self.db.read(read)]
+        # A block of the log (Listen's feed reads it once for all of a run's listeners): one
+        # statement on the loop's connection, not a reader-pool hop, like the reads above.
+        rows = await self.db.read_rows(_READ_EVENTS, (run_id, start, limit))
+        return [run_pb2.StreamEvent.FromString(row[0]) for row in rows]
 
     async def tool_round_texts(self, run_id: str) -> dict[str, str]:
         rows = await self.db.read_rows("SELECT step_id, said FROM step_texts WHERE run_id = ?", (run_id,))
