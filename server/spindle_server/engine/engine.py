@@ -246,7 +246,13 @@ class Engine:
         run_id = claim.run.id
         # No await before execute() enters its try: from here on a cancel lands where it is handled.
         self._started.add(run_id)
-        renewer = asyncio.create_task(self._renew_lease(claim))
+        # The first renewal is a third of a lease away: a timer until then, and a renewing task
+        # only for a run that lasts that long (most runs end first: no task to make and cancel).
+        renewer: list[asyncio.Task[None]] = []
+        interval = self.config.lease_seconds / 3
+        timer = asyncio.get_running_loop().call_later(
+            interval, lambda: renewer.append(asyncio.create_task(self._renew_lease(claim, interval)))
+        )
         try:
             await self._executor.execute(claim, self._cancel_reasons)
         except Exception:
@@ -254,12 +260,13 @@ class Engine:
             # renewed, so the sweeper takes the run over once it runs out.
             log.exception("run_task_failed", run_id=run_id)
         finally:
-            renewer.cancel()
+            timer.cancel()
+            for task in renewer:
+                task.cancel()
 
-    async def _renew_lease(self, claim: ClaimedRun) -> None:
-        interval = self.config.lease_seconds / 3
+    async def _renew_lease(self, claim: ClaimedRun, interval: float) -> None:
+        """Renews the lease now, then every `interval`, until it is lost or the task cancelled."""
         while True:
-            await asyncio.sleep(interval)
             if faults.ENABLED:  # held here, a stalled replica's executor writes before it learns
                 await faults.reached("engine.before_lease_renewal")
             try:
@@ -268,11 +275,12 @@ class Engine:
                 )
             except Exception:
                 log.exception("lease_renewal_failed", run_id=claim.run.id)
-                continue
+                still_ours = True  # tried again at the next interval
             if not still_ours:
                 log.warning("lease_lost", run_id=claim.run.id, epoch=claim.epoch)
                 self.cancel_local(claim.run.id, CANCEL_LOST_RUN)
                 return
+            await asyncio.sleep(interval)
 
     # ---- deadlines and recovery ------------------------------------------------------------
 
