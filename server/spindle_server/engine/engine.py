@@ -200,6 +200,7 @@ class Engine:
         while not self._stopping:
             free = self.config.max_concurrent_runs - len(self._tasks)
             claimed: list[ClaimedRun] = []
+            drained = False  # the claim took fewer than it could: nothing else was queued
             # Cleared before the state is looked at, whether or not a slot is free: a wake-up
             # left set with every slot taken would turn the wait below into a busy loop.
             self._wakeup.clear()
@@ -212,7 +213,8 @@ class Engine:
                         min(free, 32),
                         transitions.start(clock.now(), self.config.run_timeout, self.config.max_attempts),
                     )
-                    if len(claimed) < min(free, 32) and self._queued == queued:
+                    drained = len(claimed) < min(free, 32)
+                    if drained and self._queued == queued:
                         self._backlog = False  # nothing left queued as of that claim
                 except Exception:
                     log.exception("claim_failed")
@@ -223,7 +225,9 @@ class Engine:
                     self._spawn(claim)
                 else:  # claimed only to be ended: its attempts were used up
                     log.info("run_not_started", run_id=claim.run.id, error=claim.run.last_error.message)
-            if len(claimed) == 0 or len(self._tasks) >= self.config.max_concurrent_runs:
+            # Claim again at once only if more may be waiting (a wake-up since is not lost: it
+            # left the event set); a claim that found nothing costs a transaction on the writer.
+            if drained or len(claimed) == 0 or len(self._tasks) >= self.config.max_concurrent_runs:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), self.config.idle_poll_interval)
 
