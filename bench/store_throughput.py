@@ -287,9 +287,9 @@ Limits on this design (goals not reached, and why):
   under load.
 - SQLite events/s >= 50,000: met in CPU (about 9-10 us an event, over 100,000 per CPU-second,
   plus an fsync per commit of about 900 events); on the wall clock it depends on the neighbours
-  of a shared 2-core machine: 66,000/s in a run at load average about 6, 40,000/s in an earlier
-  one at 11-13. The writer thread does all of it serially: the loop thread only queues the
-  writes.
+  of a shared 2-core machine: 66,000-103,000/s in runs at load average 4-6, 40,000/s in an
+  earlier one at 11-13. The writer thread does all of it serially: the loop thread only queues
+  the writes.
 """
 
 
