@@ -49,7 +49,7 @@ def _load(when: str, started: float) -> str:
 
 
 def _store_throughput(when: str, started: float) -> str:
-    print("durable writes, whole runs and events persisted on SQLite", flush=True)
+    print("events persisted on SQLite, and what a whole run asks of the store", flush=True)
     figures = store_throughput.run_benchmark()
     return store_throughput.section(figures, MACHINE, when, time.monotonic() - started)
 

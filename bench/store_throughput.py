@@ -1,16 +1,12 @@
-"""The durable write path on SQLite: what a durable write, a whole run and an event append cost.
+"""The durable write path on SQLite: what an event append and a whole run cost the store.
 
-Three figures, each from processes of its own:
+Two figures, each from processes of its own:
 - SQLite events/s persisted by one process: the store's own append path (`mutate_run` with a
   run's coalesced deltas, many runs' appends sharing each commit, synchronous=FULL), in a
   process that runs nothing else (`python -m bench.store_throughput append ...`).
-- MessageService.Create (a durable write) vs a bare grpc.aio echo, driven by h2load with 16
-  and 256 calls in flight; a call counts only if it was answered OK (h2load counts HTTP 200,
-  so the messages it created are counted in the database afterwards).
-- whole runs/s (thread + Create + Listen to DONE, builtin model, short reply) vs echo calls/s,
-  driven by several Python client processes (`python -m bench.store_throughput client ...`).
-
-Spindle and the baseline take turns window by window; each figure is the median of the windows.
+- what one whole run (thread + Create + Listen to DONE, builtin model, short reply) asks of
+  the store, one run at a time: durable writes, commits, events, and the server's CPU. Whole
+  runs/s against a bare echo is rpc-speed's row (bench/rpc.py); this is the account behind it.
 """
 
 from __future__ import annotations
@@ -18,21 +14,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from bench import h2load
-from bench._mode import seconds, sized
-from bench._server import ROOT, BenchServer, ServedProcess, echo_server
+from bench._mode import sized
+from bench._server import ROOT, BenchServer
 from bench.load import cpu_seconds
 from spindle.v1 import (
     assistant_pb2,
@@ -47,8 +43,6 @@ from spindle_server import clock, ids
 from spindle_server.engine import events, transitions
 from spindle_server.store.sqlite import SqliteStore
 
-H2_CONNECTIONS = 4
-RUNS_IN_FLIGHT_PER_PROCESS = 4
 EVENTS_PER_APPEND = 16  # one coalesced flush of a run's deltas
 REPLY = "one two three"
 
@@ -58,32 +52,8 @@ class Figure:
     name: str
     load: str
     value: float
-    baseline: float | None  # None: an absolute figure (events/s), no baseline
     unit: str
-    # Server CPU per operation (us), Spindle's and the baseline's: steadier than rates on a
-    # shared machine, since a neighbour's burst slows a window but does not add to its CPU.
-    cpu_us: float | None = None
-    baseline_cpu_us: float | None = None
-
-    @property
-    def ratio(self) -> float | None:
-        return self.value / self.baseline if self.baseline else None
-
-
-def _in_flight() -> tuple[int, ...]:
-    return (16, 256) if sized(1, 0) else (16,)
-
-
-def _client_processes() -> int:
-    return sized(4, 2)
-
-
-def _windows() -> int:
-    return sized(5, 1)
-
-
-def _window_seconds() -> float:
-    return seconds(3.0, 1.0)
+    cpu_us: float | None = None  # CPU per operation (us) of the process doing the work
 
 
 # ---- events/s persisted, in a process of its own ------------------------------------------
@@ -144,223 +114,90 @@ def events_persisted() -> list[dict[str, float]]:
     return rates
 
 
-# ---- MessageService.Create vs echo, with h2load -------------------------------------------
+# ---- one whole run at a time: what it asks of the store -------------------------------------
 
 
-def _window(address: str, method: str, request: bytes, in_flight: int) -> tuple[float, int]:
-    """(requests/s, HTTP 200 answers) of one h2load window (bench/h2load.py drives it)."""
-    if not h2load.available():
-        raise RuntimeError("h2load is needed to drive unary load: install Debian's nghttp2-client")
-    load = h2load.Load(H2_CONNECTIONS, max(1, in_flight // H2_CONNECTIONS), _window_seconds())
-    window = h2load.run(address, method, request, load)
-    return window.per_second, window.status_2xx
+def _store_counts(metrics_port: int) -> tuple[float, float, float]:
+    """(commits, durable writes, seconds in commits) so far, from the server's histograms
+    spindle_store_commit_batch_size and spindle_store_commit_duration_seconds."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    found = dict(re.findall(r"^(spindle_store_commit_\w+_(?:count|sum)) (\S+)$", text, re.MULTILINE))
+    return (
+        float(found["spindle_store_commit_batch_size_count"]),
+        float(found["spindle_store_commit_batch_size_sum"]),
+        float(found["spindle_store_commit_duration_seconds_sum"]),
+    )
 
 
-async def _new_thread(address: str) -> str:
-    async with grpc.aio.insecure_channel(address) as channel:
-        thread = await thread_pb2_grpc.ThreadServiceStub(channel).Create(thread_pb2.CreateThreadRequest())
-    return thread.id
-
-
-def _count_messages(database: Path, thread_id: str) -> int:
-    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
-    try:
-        return int(
-            connection.execute("SELECT COUNT(*) FROM messages WHERE thread_id = ?", (thread_id,)).fetchone()[
-                0
-            ]
-        )
-    finally:
-        connection.close()
-
-
-def create_vs_echo(spindle: BenchServer, echo: ServedProcess) -> list[Figure]:
-    figures = []
-    thread_id = asyncio.run(_new_thread(spindle.address))
-    body = message_pb2.CreateMessageRequest(thread_id=thread_id, text="note").SerializeToString()
-    for in_flight in _in_flight():
-        creates, echoes = [], []
-        cpu = {"echo": 0.0, "create": 0.0}
-        calls = {"echo": 0, "create": 0}
-        for _ in range(_windows()):
-            before_cpu = cpu_seconds(echo.pid)
-            rate, answered = _window(echo.address, "/bench.Echo/Echo", body, in_flight)
-            cpu["echo"] += cpu_seconds(echo.pid) - before_cpu
-            calls["echo"] += answered
-            echoes.append(rate)
-            before = _count_messages(spindle.database, thread_id)
-            before_cpu = cpu_seconds(spindle.pid)
-            rate, answered = _window(spindle.address, "/spindle.v1.MessageService/Create", body, in_flight)
-            cpu["create"] += cpu_seconds(spindle.pid) - before_cpu
-            created = _count_messages(spindle.database, thread_id) - before
-            # h2load counts HTTP 200, but gRPC says how a call ended in the trailers: every
-            # answer must have created its message (the calls still in flight when h2load
-            # stopped were committed without being counted, hence the slack).
-            if not answered <= created <= answered + in_flight:
-                raise RuntimeError(f"h2load counted {answered} answers but {created} messages were created")
-            calls["create"] += answered
-            creates.append(rate)
-        figures.append(
-            Figure(
-                "MessageService.Create (durable write)",
-                f"h2load, {H2_CONNECTIONS} connections, {in_flight} in flight",
-                statistics.median(creates),
-                statistics.median(echoes),
-                "calls/s",
-                _per_op_us(cpu["create"], calls["create"]),
-                _per_op_us(cpu["echo"], calls["echo"]),
-            )
-        )
-    return figures
-
-
-# ---- whole runs vs echo, from several client processes ------------------------------------
-
-
-async def _client(kind: str, address: str, in_flight: int, duration: float) -> int:
-    """Calls (echo) or whole runs (run) completed in `duration` seconds, counted from the `go`
-    line the parent writes to stdin once every client process is connected and ready."""
-    channel = grpc.aio.insecure_channel(address)
-    await channel.channel_ready()
-    call: Callable[[], Awaitable[object]]
-    if kind == "echo":
-        echo = channel.unary_unary("/bench.Echo/Echo")
-        payload = b"\x0a\x1crun_000000000000000000000000"
-
-        async def call() -> None:
-            await echo(payload)
-    else:
-        threads = thread_pb2_grpc.ThreadServiceStub(channel)
-        runs = run_pb2_grpc.RunServiceStub(channel)
-        assistant = await assistant_pb2_grpc.AssistantServiceStub(channel).Create(
+def whole_runs_one_at_a_time() -> list[Figure]:
+    """Whole runs one after the other (so no two share a commit): per run, the durable writes
+    and commits (from the server's own metrics), the events Listen delivered, the server's CPU."""
+    runs = sized(200, 5)
+    with BenchServer("--metrics-port", "0") as spindle, grpc.insecure_channel(spindle.address) as channel:
+        metrics_port = int(spindle.serving["metrics_port"])
+        assistant = assistant_pb2_grpc.AssistantServiceStub(channel).Create(
             assistant_pb2.CreateAssistantRequest(name="bench")
         )
+        threads = thread_pb2_grpc.ThreadServiceStub(channel)
+        runs_stub = run_pb2_grpc.RunServiceStub(channel)
 
-        async def call() -> None:
-            thread = await threads.Create(
+        def whole_run() -> int:
+            thread = threads.Create(
                 thread_pb2.CreateThreadRequest(messages=[message_pb2.MessageInput(text=REPLY)])
             )
-            run = await runs.Create(run_pb2.CreateRunRequest(assistant_id=assistant.id, thread_id=thread.id))
-            done = False
-            async for event in runs.Listen(run_pb2.ListenRunRequest(run_id=run.id)):
-                done = event.type == run_pb2.StreamEvent.DONE
-            if not done:
+            run = runs_stub.Create(run_pb2.CreateRunRequest(assistant_id=assistant.id, thread_id=thread.id))
+            seen = list(runs_stub.Listen(run_pb2.ListenRunRequest(run_id=run.id)))
+            if not seen or seen[-1].type != run_pb2.StreamEvent.DONE:
                 raise RuntimeError(f"run {run.id} ended without DONE")
+            return len(seen)
 
-    await call()  # warm: the first call of a process pays for imports and caches
-    print("ready", flush=True)
-    await asyncio.to_thread(sys.stdin.readline)
-    stop_at = time.perf_counter() + duration
-
-    async def loop() -> int:
-        count = 0
-        while time.perf_counter() < stop_at:
-            await call()
-            count += 1
-        return count
-
-    counts = await asyncio.gather(*(loop() for _ in range(in_flight)))
-    await channel.close()
-    return sum(counts)
-
-
-def _per_op_us(cpu: float, operations: int) -> float:
-    return cpu / operations * 1e6 if operations else 0.0
-
-
-def _clients(kind: str, address: str, in_flight: int, duration: float) -> int:
-    """Calls of _client_processes() client processes over one window, all started at once."""
-    command = [sys.executable, "-m", "bench.store_throughput", "client", kind, address]
-    command += [str(in_flight), repr(duration)]
-    processes = [
-        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        for _ in range(_client_processes())
+        whole_run()  # warm: the first run pays for caches
+        commits, writes, committing = _store_counts(metrics_port)
+        cpu = cpu_seconds(spindle.pid)
+        delivered = sum(whole_run() for _ in range(runs))
+        cpu = cpu_seconds(spindle.pid) - cpu
+        commits_after, writes_after, committing_after = _store_counts(metrics_port)
+    load = f"{runs} runs, one at a time, 1 client"
+    return [
+        Figure("durable writes per whole run", load, (writes_after - writes) / runs, "writes"),
+        Figure("commits per whole run", load, (commits_after - commits) / runs, "commits"),
+        Figure("events Listen delivers per whole run", load, delivered / runs, "events"),
+        Figure("server CPU per whole run, one at a time", load, cpu / runs * 1e3, "ms"),
+        Figure(
+            "one commit, BEGIN to COMMIT (fsync included), mean",
+            load,
+            (committing_after - committing) / max(commits_after - commits, 1) * 1e3,
+            "ms",
+        ),
     ]
-    try:
-        for process in processes:
-            assert process.stdout is not None
-            if process.stdout.readline().strip() != "ready":
-                raise RuntimeError("a client process did not start")
-        for process in processes:
-            assert process.stdin is not None
-            process.stdin.write("go\n")
-            process.stdin.flush()
-        total = 0
-        for process in processes:
-            out, _ = process.communicate(timeout=duration + 120)
-            if process.returncode != 0:
-                raise RuntimeError(f"a client process failed ({process.returncode})")
-            total += int(out.strip().splitlines()[-1])
-        return total
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
-
-def runs_vs_echo(spindle: BenchServer, echo: ServedProcess) -> Figure:
-    runs: list[float] = []
-    echoes: list[float] = []
-    cpu = {"echo": 0.0, "run": 0.0}
-    done = {"echo": 0, "run": 0}
-    window = _window_seconds()
-    for _ in range(_windows()):
-        for kind, served, rates in (("echo", echo, echoes), ("run", spindle, runs)):
-            # The client processes' start-up and warm-up call land outside the CPU count
-            # only roughly (they overlap it): CPU is read around the whole window.
-            before = cpu_seconds(served.pid)
-            count = _clients(kind, served.address, RUNS_IN_FLIGHT_PER_PROCESS, window)
-            cpu[kind] += cpu_seconds(served.pid) - before
-            done[kind] += count + _client_processes()  # the warm-up calls
-            rates.append(count / window)
-    return Figure(
-        "whole runs: thread + Create + Listen to DONE",
-        f"{_client_processes()} client processes x {RUNS_IN_FLIGHT_PER_PROCESS} in flight",
-        statistics.median(runs),
-        statistics.median(echoes),
-        "runs/s (baseline: echo calls/s)",
-        _per_op_us(cpu["run"], done["run"]),
-        _per_op_us(cpu["echo"], done["echo"]),
-    )
 
 
 # ---- the report ---------------------------------------------------------------------------
 
 
 def run_benchmark() -> list[Figure]:
-    with BenchServer() as spindle, echo_server() as echo:
-        figures = create_vs_echo(spindle, echo)
-        figures.append(runs_vs_echo(spindle, echo))
     rounds = events_persisted()
     load = f"{sized(64, 4)} runs appending {EVENTS_PER_APPEND} deltas a write, concurrently"
-    figures.append(
+    figures = [
         Figure(
             "SQLite events/s persisted, one process",
             load,
             statistics.median(r["events_per_second"] for r in rounds),
-            None,
             "events/s",
             1e6 / statistics.median(r["events_per_cpu_second"] for r in rounds),
         )
-    )
-    return figures
+    ]
+    return [*figures, *whole_runs_one_at_a_time()]
 
 
 def markdown(figures: list[Figure]) -> str:
-    lines = [
-        "| what | load | figure | bare echo | ratio | server CPU per op (us) | echo's (us) |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
+    lines = ["| what | load | figure | CPU per op (us) |", "|---|---|---:|---:|"]
     for f in figures:
-        baseline = f"{f.baseline:,.0f}" if f.baseline else "-"
-        ratio = f"{f.ratio:.2f}" if f.ratio is not None else "-"
+        value = f"{f.value:,.0f}" if f.value >= 100 else f"{f.value:.2f}"
         cpu = f"{f.cpu_us:,.1f}" if f.cpu_us else "-"
-        baseline_cpu = f"{f.baseline_cpu_us:,.0f}" if f.baseline_cpu_us else "-"
-        lines.append(
-            f"| {f.name} | {f.load} | {f.value:,.0f} {f.unit} | {baseline} | {ratio} "
-            f"| {cpu} | {baseline_cpu} |"
-        )
+        lines.append(f"| {f.name} | {f.load} | {value} {f.unit} | {cpu} |")
     return "\n".join(lines)
 
 
@@ -369,25 +206,22 @@ def versions() -> str:
 
 
 METHOD = """\
-Three measurements, each against a server process of its own on 127.0.0.1 (SQLite in WAL mode,
-synchronous=FULL: every answered write is on disk). MessageService.Create is driven by h2load
-({connections} connections, the in-flight calls spread over them; a call counts only if its
-message is in the database, since h2load counts HTTP 200 and gRPC puts its status in the
-trailers). Whole runs (a thread with one message, the run of the builtin model replying
-"{reply}", Listen until DONE: 4 calls) are driven by {processes} Python client processes with
-{per_process} in flight each, released together once all are connected. The baseline is
-a bare grpc.aio echo server (uvloop) driven the same way, taking turns with Spindle window by
-window ({windows} windows of {window:g} s, median). Events persisted: a process that runs only
+Two measurements, each in processes of their own on 127.0.0.1 (SQLite in WAL mode,
+synchronous=FULL: every answered write is on disk). Events persisted: a process that runs only
 the store (`python -m bench.store_throughput append`), {runs} runs each appending
 {per_append} deltas per write (one coalesced flush) concurrently, so the writer thread commits
-many runs' appends in one transaction; median of {rounds} fresh databases. Server CPU per
-operation is read from /proc around each window: it is the steadier figure on a machine whose
-neighbours come and go (a burst slows a window but does not add to the server's CPU).
-Source: `bench/store_throughput.py`.
+many runs' appends in one transaction; median of {rounds} fresh databases; CPU per event is the
+process's own. What a whole run asks of the store: {one} whole runs (a thread with one
+message, the run of the builtin model replying "You said: {reply}", Listen until DONE) one
+after the other from one client, so no two share a commit; durable writes and commits come from
+the server's own metrics (`spindle_store_commit_batch_size`), CPU from /proc. Whole runs/s against a
+bare grpc.aio echo, under load from 4 client processes, is rpc-speed's row ("RPC speed" above,
+`bench/rpc.py`): the figures here are the account behind it. Source: `bench/store_throughput.py`.
 """
 
 PROFILE = """\
-Profile (py-spy on the server under each load; `--gil` to see who holds the interpreter):
+Profile (py-spy `record --native --gil` and `--gil` on the server, `strace -c -f` for its
+system calls; old and new code as two servers taking turns window by window):
 
 - Events appended: `_mutate_run`'s UPDATE of the run row and the events' INSERT spent most of
   their time outside Python. Each write in a group commit runs under its own SAVEPOINT (so one
@@ -396,52 +230,77 @@ Profile (py-spy on the server under each load; `--gil` to see who holds the inte
   per CPU-second of the appending process went from 42,000-49,000 to 81,000-97,000 (same
   machine, the two alternating, 3 rounds each of 102,400 events); on the wall clock, which the
   neighbours move more than the change does, from 12,000-25,000 to 12,000-43,000 events/s.
-- A durable Create costs the store 30-60 us of CPU (measured in a process running only the
-  store: 30-34 us a write at 256 in flight, 60 at 16), against about 150 us more than echo in
-  the call path (interceptor, validation, handler): with the store stubbed out, Create cost
-  360-410 us of server CPU per call, against 430-630 us with it and 220-290 us for echo. Group
-  commit already shares one fsync (2.2-2.6 ms on this disk) among all waiting writes: about 125
-  writes a commit at 256 in flight, about 8 at 16.
-- A whole run costs the server about 4.5 ms of CPU (echo: 0.25 ms a call): four calls, five
-  commits (thread, run, claim, the deltas, the end), three reads on the reader pool (thread
-  messages, steps, the log's replay for Listen) and the fan-out. The engine already wakes on a
-  new run (no polling) and claims up to 32 runs a commit. Reads made inline on the event loop
-  wait for the interpreter lock while the writer thread holds it.
+- A durable Create (rpc-speed's MessageService.Create rows) costs the store 30-60 us of CPU (in
+  a process running only the store: 30-34 us a write at 256 in flight, 60 at 16); with the
+  store stubbed out Create still cost 360-410 us of server CPU against echo's 220-290: the rest
+  is the call path. Group commit shares one fsync among all waiting writes (about 125 writes a
+  commit at 256 in flight, about 8 at 16).
+- A whole run, before: seven durable writes, one at a time: the thread; the run; the claim (a
+  second trip through the writer on the way to the first delta); two empty claim transactions
+  (after a claim that took a run the loop claimed again at once, and the run's end woke it
+  again: both found nothing); the first delta; the end. And three reader-pool hops (the
+  thread's messages, the run's steps, the log's first block for Listen). `strace -c` counted
+  about 700 futex calls per run: the interpreter lock and wake-ups passing between the event
+  loop, the writer and four reader threads. What changed: (1) a Create that finds a free
+  execution slot and no queued run claims its run in its own transaction
+  (`Store.insert_run(claim=...)`: the same lease, epoch 1, the same fencing; Create still
+  answers the run as inserted, PENDING) and spawns its task at once; a Create that finds runs
+  queued, or no slot, queues as before, so no run overtakes a waiting one; (2) a run's end
+  wakes the claim loop only when runs may be queued, and the loop claims again at once only
+  when its claim took all it asked for; (3) the thread's messages, the steps and the log's
+  blocks are one autocommit SELECT each on the loop's connection (like every Get), not pool
+  hops; (4) the executor awaits a model chunk directly when no write is due (no task and
+  `asyncio.wait` per chunk), and a run's lease renewal is a timer that becomes a task only if
+  the run lasts a third of a lease. By how much: durable writes per run 7.0 -> 4.0 (this
+  table's row, one run at a time, both builds); futex calls per run under strace 696 -> 68;
+  server CPU per whole run under rpc-speed's load (4 client processes x 4 in flight), old and
+  new builds as two servers in alternating 3 s windows, medians: 4.08 -> 3.25 ms (-20%, 6
+  windows each, load average 5-6; runs/s of those windows 196 -> 248), 5.28 -> 4.34 ms at load
+  average 14-23 (8 each, before the last claim-loop change), 5.68 -> 5.04 ms with changes 1 and
+  3 only; Create -> first PARTIAL_MESSAGE, one run at a time, 360 runs of each build between
+  the windows: p50 3.95 -> 3.08 ms, p99 35.4 -> 12.8 ms at load 5-6 (9.1 -> 6.0 ms p50 at load
+  14-23).
+- Where a whole run's CPU goes now (py-spy `--gil`, runs one at a time): about 60% of the
+  samples holding the interpreter are the event loop and gRPC's own code with no Spindle frame
+  (the calls, the streams, the wake-ups), 12% the API handlers (their store calls included),
+  12% the run's task (executor, model, its store calls), 5% answering committed writes on the
+  loop (futures, publishing to listeners), 3% the writer and reader threads. Natively, under
+  load, `sendmsg` was 63% of the samples holding the interpreter and the event-fd wake-ups 11%:
+  a whole run makes about 10 `sendmsg` calls (strace: the three calls' answers, and Listen
+  sends each of the run's 6 events as a message of its own), a unary echo call about one.
 
 Limits on this design (goals not reached, and why):
 
-- Create vs echo >= 0.6: the server's CPU per Create is 2.0-2.4x echo's, a ceiling of
-  0.43-0.49 when the cores are the limit; even a free store leaves 360-410 us (<= 0.65), so the
-  rest is the call path (owned by the rpc-speed work). At 16 in flight the fsync bounds it
-  too: a write waits for the commit in progress and then its own, so a process running only
-  the store makes about 3,300 durable writes/s at 16 in flight (16 / (2 x 2.4 ms)) whatever
-  its CPU.
-- whole runs/s vs echo >= 0.15: needs at most 1.7 ms of server CPU per run (four calls at
-  0.25 ms are 1 ms of it); the run measured 4.5 ms, so the ceiling is about 0.06.
-- SQLite events/s >= 50,000: reached in CPU (10 us an event, 100,000 per CPU-second, plus a
-  2.4 ms fsync per commit of about 900 events: about 80,000/s on a core of its own), not on the
-  wall clock of this run (40,000/s), where the process shared 2 cores at load average 11-13
-  (other engineers' test suites). The writer thread does all of it serially: the loop thread
-  only queues the writes.
+- whole runs/s vs echo >= 0.15 (rpc-speed's row): needs at most 1.7 ms of server CPU per run;
+  it is now 3.3 ms under that load (4.1 before), about 13 echo calls' worth. Engine and store
+  together are under a fifth of it (about 0.6 ms: the run's task and the commits' delivery);
+  even free they would leave about 2.7 ms, most of it gRPC sending about 10 messages per run
+  where an echo call sends one. The lever left is fewer messages per run: Listen sending the
+  events of one commit together (the end's delta, usage and DONE are one commit;
+  `ListenBatches` already frames them as one message), which is Listen's code, not the store's.
+- Create -> first PARTIAL_MESSAGE p50 <= 2 ms: the path is now two durable commits in series
+  (the run's insert with its claim; the first delta), each an fsync (this table's mean commit:
+  0.4-1.1 ms in its runs); it was three. The rest of the 3.1 ms p50 (load 5-6) is the Create
+  call's answer, the Listen call and the run task's start (its three key reads and the model's
+  first chunk). A durable first delta cannot be shown before its commit: 2 ms p50 needs both
+  commits and the two calls to fit in it, which this shared machine's fsync does not allow
+  under load.
+- SQLite events/s >= 50,000: met in CPU (about 9-10 us an event, over 100,000 per CPU-second,
+  plus an fsync per commit of about 900 events); on the wall clock it depends on the neighbours
+  of a shared 2-core machine: 66,000-103,000/s in runs at load average 4-6, 40,000/s in an
+  earlier one at 11-13. The writer thread does all of it serially: the loop thread only queues
+  the writes.
 """
 
 
 def section(figures: list[Figure], machine: str, when: str, elapsed: float) -> str:
     method = METHOD.format(
-        connections=H2_CONNECTIONS,
-        reply=REPLY,
-        processes=_client_processes(),
-        per_process=RUNS_IN_FLIGHT_PER_PROCESS,
-        windows=_windows(),
-        window=_window_seconds(),
-        runs=sized(64, 4),
-        per_append=EVENTS_PER_APPEND,
-        rounds=sized(3, 1),
+        runs=sized(64, 4), per_append=EVENTS_PER_APPEND, rounds=sized(3, 1), reply=REPLY, one=sized(200, 5)
     )
     return (
-        f"## The durable write path on SQLite: Create, whole runs, events persisted\n\n{method}\n"
-        f"{markdown(figures)}\n\nMeasured {when} on {machine}, {versions()}; the whole benchmark "
-        f"took {elapsed:.0f} s.\n\n{PROFILE}"
+        f"## The durable write path on SQLite: events persisted, what a whole run costs the store\n\n"
+        f"{method}\n{markdown(figures)}\n\nMeasured {when} on {machine}, {versions()}; the whole "
+        f"benchmark took {elapsed:.0f} s.\n\n{PROFILE}"
     )
 
 
@@ -449,10 +308,6 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "append":
         folder, runs, appends, per_append = argv[1], int(argv[2]), int(argv[3]), int(argv[4])
         print(json.dumps(asyncio.run(_append_worker(folder, runs, appends, per_append))))
-        return 0
-    if argv and argv[0] == "client":
-        kind, address, in_flight, duration = argv[1], argv[2], int(argv[3]), float(argv[4])
-        print(asyncio.run(_client(kind, address, in_flight, duration)))
         return 0
     print(markdown(run_benchmark()))
     return 0

@@ -54,6 +54,8 @@ SHARED_TESTS = [
     transition_tests.test_runs_are_found_by_any_valid_label_key,
     transition_tests.test_a_cancel_with_a_stale_tool_step_leaves_the_answered_step_alone,
     transition_tests.test_an_expiry_with_a_stale_tool_step_leaves_the_answered_step_alone,
+    transition_tests.test_a_run_claimed_at_insert_is_leased_and_fenced_like_a_claimed_one,
+    transition_tests.test_a_claim_at_insert_refused_with_its_insert_leaves_nothing,
     retention_tests.test_expired_runs_are_deleted_in_bounded_batches,
     limits_tests.test_active_runs_limit_in_the_store,
     api_edge_tests.test_a_caller_that_goes_away_does_not_let_a_retry_act_twice,

@@ -1,5 +1,6 @@
 """Store and state machine edges: shutdown of the SQLite plumbing,
-deadlines re-checked inside the transaction, attempts, no-op mutations, label filters."""
+deadlines re-checked inside the transaction, attempts, no-op mutations, label filters, runs
+claimed in the transaction that inserts them."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from spindle.v1 import common_pb2, message_pb2, run_pb2, thread_pb2
 from spindle_server import clock
 from spindle_server.engine import events, transitions
 from spindle_server.engine.executor import _step
-from spindle_server.store.base import PageQuery, RunFilter
-from spindle_server.store.errors import StateError, UnavailableError
+from spindle_server.store.base import PageQuery, RunClaim, RunFilter
+from spindle_server.store.errors import FencedError, StateError, UnavailableError
 from spindle_server.store.sqlite import SqliteStore
 
 PROJECT = "p"
@@ -247,3 +248,42 @@ async def test_an_expiry_with_a_stale_tool_step_leaves_the_answered_step_alone(s
     expired = await store.mutate_run(run.id, transitions.expire(clock.now() + 10_000, stale))
     assert expired.run.status == run_pb2.EXPIRED
     await assert_first_step_answered(store, run.id, stale.id)
+
+
+# ---- a run claimed in the transaction that inserts it ------------------------------------------
+
+
+async def test_a_run_claimed_at_insert_is_leased_and_fenced_like_a_claimed_one(store: SqliteStore) -> None:
+    thread_id = "thread_of_run_1"
+    await store.insert_thread(PROJECT, thread_pb2.Thread(id=thread_id), [])
+    run = run_pb2.Run(id="run_1", thread_id=thread_id, assistant_id="asst_1", status=run_pb2.PENDING)
+    run.created_at.CopyFrom(clock.timestamp(clock.now()))
+    claim = RunClaim("owner", -1, transitions.start(clock.now(), 3600, 3))  # lease already run out
+    result = await store.insert_run(
+        PROJECT, run, [], clock.now() + 3600, [events.status_change(run)], claim=claim
+    )
+    assert result.run.status == run_pb2.PENDING  # Create's answer: the run as inserted
+    assert result.claimed is not None and result.claimed.epoch == 1
+    assert result.claimed.run.status == run_pb2.IN_PROGRESS and result.claimed.run.attempt == 1
+    assert [(e.index, e.status) for e in result.events] == [(0, run_pb2.PENDING), (1, run_pb2.IN_PROGRESS)]
+    assert [e.index for e in await store.read_events("run_1", 0, 10)] == [0, 1]
+    assert (await store.get_run(PROJECT, "run_1")).status == run_pb2.IN_PROGRESS
+    assert await store.claim_runs("other", 30, 10, transitions.start(clock.now(), 3600, 3)) == []
+    # Its lease ran out: another owner takes it over with a new epoch, and the first is fenced.
+    taken = await store.reclaim_run("run_1", "other", 30, transitions.recover(clock.now(), 3))
+    assert taken is not None and taken.epoch == 2
+    with pytest.raises(FencedError):
+        await store.mutate_run("run_1", transitions.stream([events.message_delta("late")]), epoch=1)
+    assert not await store.renew_lease("run_1", "owner", 1, 30)
+
+
+async def test_a_claim_at_insert_refused_with_its_insert_leaves_nothing(store: SqliteStore) -> None:
+    await queued_run(store)  # thread_of_run_1 has an active run
+    run = run_pb2.Run(id="run_2", thread_id="thread_of_run_1", assistant_id="asst_1", status=run_pb2.PENDING)
+    run.created_at.CopyFrom(clock.timestamp(clock.now()))
+    claim = RunClaim("owner", 30, transitions.start(clock.now(), 3600, 3))
+    with pytest.raises(StateError):
+        await store.insert_run(PROJECT, run, [], clock.now() + 3600, [events.status_change(run)], claim=claim)
+    assert await store.read_events("run_2", 0, 10) == []
+    (claimed,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 3))
+    assert claimed.run.id == "run_1" and claimed.epoch == 1

@@ -89,6 +89,11 @@ def _hold_files(action: _Action, name: str, count: int) -> tuple[Path, Path]:
     return reached, action.directory / f"{name}.{count}.release"
 
 
+def configured(point: str) -> bool:
+    """Whether an entry names `point` (the code may take another path while a test steers it)."""
+    return point in _ACTIONS
+
+
 async def reached(point: str) -> None:
     """Call at a fault point on the event loop."""
     found = _lookup(point)

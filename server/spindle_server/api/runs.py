@@ -121,7 +121,8 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             run.expires_at.CopyFrom(clock.timestamp(deadline))
             for message in messages:
                 message.run_id = ""
-            result = await self._store.insert_run(
+            # The engine inserts it, and claims it in that transaction when it has a free slot.
+            result = await self._engine.create_run(
                 project,
                 run,
                 messages,
@@ -130,7 +131,6 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                 record=record,
                 max_active_runs=self._limits.max_active_runs_per_project,
             )
-            self._engine.wake()
             return result.run
 
         created = await idempotency.once(self._store, project, "runs.create", request, run_pb2.Run, create)

@@ -9,20 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import os
 import secrets
 import socket
+from collections.abc import Awaitable, Sequence
 
 import structlog
 
-from spindle.v1 import run_pb2
+from spindle.v1 import message_pb2, run_pb2
 from spindle_server import clock, faults
 from spindle_server.engine import transitions
 from spindle_server.engine.config import EngineConfig
 from spindle_server.engine.executor import CANCEL_BY_USER, CANCEL_LOST_RUN, CANCEL_SHUTDOWN, TurnExecutor
 from spindle_server.models.registry import ModelRegistry
-from spindle_server.store.base import LEASE_OWNER_SEPARATOR, ClaimedRun, Store
+from spindle_server.store.base import (
+    LEASE_OWNER_SEPARATOR,
+    ClaimedRun,
+    MutationResult,
+    RequestKey,
+    RunClaim,
+    Store,
+)
 from spindle_server.store.errors import NotFoundError, StateError
 
 log = structlog.get_logger(__name__)
@@ -50,16 +59,88 @@ class Engine:
         self._stopping = False
         self._loops: list[asyncio.Task[None]] = []
         self._next_purge = 0.0
+        # Runs being claimed by their Create (create_run): each holds a slot until spawned.
+        self._admitting: set[asyncio.Task[MutationResult]] = set()
+        # Runs may be queued that this replica has not claimed (a Create found no free slot, a
+        # run was re-queued): until the claim loop has drained the queue, Creates queue too,
+        # so a new run never overtakes one that waits.
+        self._backlog = True
+        self._queued = 0  # counts runs queued for the claim loop: it clears _backlog only if none came
+        self._context = contextvars.copy_context()  # run tasks start from the engine's, not a call's
 
     @property
     def running(self) -> int:
         return len(self._tasks)
+
+    def _claim_at_create(self) -> bool:
+        if self._stopping or self._backlog or not self._loops:
+            return False
+        if faults.ENABLED and faults.configured("store.claim"):
+            return False  # a test holds the claim loop: queued runs must stay PENDING
+        return len(self._tasks) + len(self._admitting) < self.config.max_concurrent_runs
+
+    async def create_run(
+        self,
+        project: str,
+        run: run_pb2.Run,
+        messages: Sequence[message_pb2.Message],
+        deadline: float,
+        events: Sequence[run_pb2.StreamEvent],
+        *,
+        record: RequestKey | None = None,
+        max_active_runs: int | None = None,
+    ) -> MutationResult:
+        """Store.insert_run for RunService.Create. With a free execution slot and no queued
+        run waiting, the run is claimed in the same transaction (one durable commit less
+        between Create and the first delta, and no claim-loop round) and its task spawned at
+        once; otherwise it is queued and the claim loop woken."""
+        if not self._claim_at_create():
+            self._note_queued()  # this run waits for the claim loop
+            try:
+                return await self._store.insert_run(
+                    project, run, messages, deadline, events, record=record, max_active_runs=max_active_runs
+                )
+            finally:
+                self.wake()
+        claim = RunClaim(
+            self.owner,
+            self.config.lease_seconds,
+            transitions.start(clock.now(), self.config.run_timeout, self.config.max_attempts),
+        )
+        insert = self._store.insert_run(
+            project,
+            run,
+            messages,
+            deadline,
+            events,
+            record=record,
+            max_active_runs=max_active_runs,
+            claim=claim,
+        )
+        # A task of its own, shielded: a Create cancelled by its client while the write is
+        # queued still commits a claimed run, which must get its executor.
+        admitting = asyncio.create_task(self._admit(insert))
+        self._admitting.add(admitting)  # the slot is taken now: concurrent Creates see it
+        admitting.add_done_callback(self._admitted)
+        return await asyncio.shield(admitting)
+
+    def _admitted(self, task: asyncio.Task[MutationResult]) -> None:
+        self._admitting.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: its Create, if still waiting, raises it
+
+    async def _admit(self, insert: Awaitable[MutationResult]) -> MutationResult:
+        result = await insert
+        if result.claimed is not None:
+            self._spawn(result.claimed)
+        return result
 
     async def start(self) -> None:
         released = await self._store.release_all_leases(self.replica + LEASE_OWNER_SEPARATOR)
         if released:
             log.info("runs_to_recover", count=released)
         log.info("engine_started", replica=self.replica, owner=self.owner)
+        self._context = contextvars.copy_context()
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="engine-claim"),
             asyncio.create_task(self._sweep_loop(), name="engine-sweep"),
@@ -67,7 +148,12 @@ class Engine:
 
     def wake(self) -> None:
         """A run was queued: claim it now rather than at the next periodic check."""
+        self._note_queued()
         self._wakeup.set()
+
+    def _note_queued(self) -> None:
+        self._backlog = True
+        self._queued += 1
 
     def cancel_local(self, run_id: str, reason: str = CANCEL_BY_USER) -> bool:
         """Stop this process's task of a run. A task not yet started only learns the reason (it
@@ -88,6 +174,10 @@ class Engine:
         self._stopping = True
         self._wakeup.set()
         self._stop_event.set()
+        # Creates claiming their run now spawn it when their commit is answered: wait for them,
+        # so those runs get the grace period and are re-queued below like the rest.
+        if self._admitting:
+            await asyncio.wait(list(self._admitting), timeout=grace)
         # Let the loops finish their round rather than cancel them: a claim cancelled while its
         # write is queued still commits, and the runs it took would be left IN_PROGRESS with no
         # task until the next start (which would count a lost attempt). Runs claimed now are
@@ -110,8 +200,12 @@ class Engine:
         while not self._stopping:
             free = self.config.max_concurrent_runs - len(self._tasks)
             claimed: list[ClaimedRun] = []
+            drained = False  # the claim took fewer than it could: nothing else was queued
+            # Cleared before the state is looked at, whether or not a slot is free: a wake-up
+            # left set with every slot taken would turn the wait below into a busy loop.
+            self._wakeup.clear()
             if free > 0:
-                self._wakeup.clear()
+                queued = self._queued
                 try:
                     claimed = await self._store.claim_runs(
                         self.owner,
@@ -119,20 +213,27 @@ class Engine:
                         min(free, 32),
                         transitions.start(clock.now(), self.config.run_timeout, self.config.max_attempts),
                     )
+                    drained = len(claimed) < min(free, 32)
+                    if drained and self._queued == queued:
+                        self._backlog = False  # nothing left queued as of that claim
                 except Exception:
                     log.exception("claim_failed")
+            else:
+                self._backlog = True  # no slot free: runs may queue meanwhile
             for claim in claimed:
                 if claim.run.status == run_pb2.IN_PROGRESS:
                     self._spawn(claim)
                 else:  # claimed only to be ended: its attempts were used up
                     log.info("run_not_started", run_id=claim.run.id, error=claim.run.last_error.message)
-            if len(claimed) == 0 or len(self._tasks) >= self.config.max_concurrent_runs:
+            # Claim again at once only if more may be waiting (a wake-up since is not lost: it
+            # left the event set); a claim that found nothing costs a transaction on the writer.
+            if drained or len(claimed) == 0 or len(self._tasks) >= self.config.max_concurrent_runs:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), self.config.idle_poll_interval)
 
     def _spawn(self, claim: ClaimedRun) -> None:
         run_id = claim.run.id
-        task = asyncio.create_task(self._run(claim), name=f"run-{run_id}")
+        task = asyncio.create_task(self._run(claim), name=f"run-{run_id}", context=self._context.copy())
         self._tasks[run_id] = task
         # A done callback runs however the task ends, even cancelled before its first step.
         task.add_done_callback(functools.partial(self._forget, run_id))
@@ -142,13 +243,20 @@ class Engine:
             del self._tasks[run_id]
             self._cancel_reasons.pop(run_id, None)
             self._started.discard(run_id)
-        self._wakeup.set()  # a slot is free
+        if self._backlog:  # a slot is free for a queued run; with none queued, nothing to claim
+            self._wakeup.set()
 
     async def _run(self, claim: ClaimedRun) -> None:
         run_id = claim.run.id
         # No await before execute() enters its try: from here on a cancel lands where it is handled.
         self._started.add(run_id)
-        renewer = asyncio.create_task(self._renew_lease(claim))
+        # The first renewal is a third of a lease away: a timer until then, and a renewing task
+        # only for a run that lasts that long (most runs end first: no task to make and cancel).
+        renewer: list[asyncio.Task[None]] = []
+        interval = self.config.lease_seconds / 3
+        timer = asyncio.get_running_loop().call_later(
+            interval, lambda: renewer.append(asyncio.create_task(self._renew_lease(claim, interval)))
+        )
         try:
             await self._executor.execute(claim, self._cancel_reasons)
         except Exception:
@@ -156,12 +264,13 @@ class Engine:
             # renewed, so the sweeper takes the run over once it runs out.
             log.exception("run_task_failed", run_id=run_id)
         finally:
-            renewer.cancel()
+            timer.cancel()
+            for task in renewer:
+                task.cancel()
 
-    async def _renew_lease(self, claim: ClaimedRun) -> None:
-        interval = self.config.lease_seconds / 3
+    async def _renew_lease(self, claim: ClaimedRun, interval: float) -> None:
+        """Renews the lease now, then every `interval`, until it is lost or the task cancelled."""
         while True:
-            await asyncio.sleep(interval)
             if faults.ENABLED:  # held here, a stalled replica's executor writes before it learns
                 await faults.reached("engine.before_lease_renewal")
             try:
@@ -170,11 +279,12 @@ class Engine:
                 )
             except Exception:
                 log.exception("lease_renewal_failed", run_id=claim.run.id)
-                continue
+                still_ours = True  # tried again at the next interval
             if not still_ours:
                 log.warning("lease_lost", run_id=claim.run.id, epoch=claim.epoch)
                 self.cancel_local(claim.run.id, CANCEL_LOST_RUN)
                 return
+            await asyncio.sleep(interval)
 
     # ---- deadlines and recovery ------------------------------------------------------------
 

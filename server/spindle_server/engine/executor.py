@@ -145,17 +145,26 @@ class TurnExecutor:
         written_at = -math.inf
         try:
             while True:
-                if next_chunk is None:
-                    next_chunk = asyncio.ensure_future(anext(chunks))
-                timeout = None if flush_at is None else max(flush_at - loop.time(), 0.0)
-                done, _ = await asyncio.wait({next_chunk}, timeout=timeout)
-                if done:
+                chunk: ModelChunk | None = None
+                if next_chunk is None and flush_at is None:
+                    # No write is due: the next chunk is awaited as it is (no task, no wait).
                     try:
-                        chunk = next_chunk.result()
+                        chunk = await anext(chunks)
                     except StopAsyncIteration:
-                        next_chunk = None
                         return
-                    next_chunk = None
+                else:
+                    if next_chunk is None:
+                        next_chunk = asyncio.ensure_future(anext(chunks))
+                    timeout = None if flush_at is None else max(flush_at - loop.time(), 0.0)
+                    done, _ = await asyncio.wait({next_chunk}, timeout=timeout)
+                    if done:
+                        try:
+                            chunk = next_chunk.result()
+                        except StopAsyncIteration:
+                            next_chunk = None
+                            return
+                        next_chunk = None
+                if chunk is not None:
                     turn.add(chunk)
                     if turn.pending and flush_at is None:
                         flush_at = written_at + self._config.coalesce_window

@@ -78,15 +78,26 @@ RunMutation = Callable[[run_pb2.Run], RunChange]
 
 
 @dataclass(frozen=True, slots=True)
-class MutationResult:
-    run: run_pb2.Run
-    events: list[run_pb2.StreamEvent]
-
-
-@dataclass(frozen=True, slots=True)
 class ClaimedRun:
     run: run_pb2.Run
     epoch: int  # fencing token: writes with an older epoch are refused
+
+
+@dataclass(frozen=True, slots=True)
+class MutationResult:
+    run: run_pb2.Run
+    events: list[run_pb2.StreamEvent]
+    claimed: ClaimedRun | None = None  # insert_run with a claim: the run as claimed, its epoch
+
+
+@dataclass(frozen=True, slots=True)
+class RunClaim:
+    """Claim a run in the transaction that inserts it (Store.insert_run): the lease a claim by
+    claim_runs would take (owner, a new epoch, expiry) and its PENDING -> IN_PROGRESS change."""
+
+    owner: str
+    lease_seconds: float
+    mutate: RunMutation
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,10 +235,14 @@ class Store(Protocol):
         *,
         record: RequestKey | None = None,
         max_active_runs: int | None = None,
+        claim: RunClaim | None = None,
     ) -> MutationResult:
         """Adds `messages` to the thread and the run; StateError when the thread has an active run,
         QuotaError when the project already has `max_active_runs` active runs (counted in the
-        same transaction as the insert)."""
+        same transaction as the insert). With `claim`, the same transaction also claims the run
+        as claim_runs would (lease, epoch, `claim.mutate`'s events after the insert's): the
+        result's `run` is the run as inserted (Create's answer), `claimed` the run as claimed,
+        `events` all of them."""
         ...
 
     async def get_run(self, project: str, run_id: str) -> run_pb2.Run: ...

@@ -44,6 +44,7 @@ from spindle_server.store.base import (
     RequestKey,
     RequestReplayed,
     RunChange,
+    RunClaim,
     RunFilter,
     RunMutation,
 )
@@ -441,6 +442,7 @@ class PostgresStore:
         *,
         record: RequestKey | None = None,
         max_active_runs: int | None = None,
+        claim: RunClaim | None = None,
     ) -> MutationResult:
         async def write(conn: Conn) -> MutationResult:
             await _lock_thread(conn, project, run.thread_id)
@@ -463,7 +465,13 @@ class PostgresStore:
                 len(stored),
             )
             await _insert_events(conn, run.id, stored)
-            return MutationResult(run, stored)
+            if claim is None:
+                return MutationResult(run, stored)
+            # Claimed in the inserting transaction, as claim_runs would: nobody else can have
+            # seen the row yet, so the lease is this one's from the start.
+            epoch = await _take_lease(conn, run.id, claim.owner, claim.lease_seconds)
+            started = await _mutate_run(conn, run.id, claim.mutate, epoch=epoch)
+            return MutationResult(run, stored + started.events, ClaimedRun(started.run, epoch))
 
         result: MutationResult = await self._write(write, record, _run_answer)
         self._publish(result)

@@ -25,6 +25,7 @@ from spindle_server.store.base import (
     RequestKey,
     RequestReplayed,
     RunChange,
+    RunClaim,
     RunFilter,
     RunMutation,
 )
@@ -164,6 +165,9 @@ _GET_BY_ID = {
     for table in ("assistants", "threads", "messages", "runs")
 }
 _GET_RUN = _GET_BY_ID["runs"]
+_THREAD_MESSAGES = "SELECT body FROM messages WHERE thread_id = ? ORDER BY seq"
+_RUN_STEPS = "SELECT body FROM run_steps WHERE run_id = ? ORDER BY seq"
+_READ_EVENTS = "SELECT body FROM run_events WHERE run_id = ? AND idx >= ? ORDER BY idx LIMIT ?"
 
 
 def _parse(cls: type[M], body: bytes) -> M:
@@ -413,11 +417,9 @@ class SqliteStore:
         return await self._list("messages", message_pb2.Message, where, args, query)
 
     async def thread_messages(self, thread_id: str) -> list[message_pb2.Message]:
-        def read(conn: sqlite3.Connection) -> list[bytes]:
-            rows = conn.execute("SELECT body FROM messages WHERE thread_id = ? ORDER BY seq", (thread_id,))
-            return [row[0] for row in rows]
-
-        return [_parse(message_pb2.Message, body) for body in await self.db.read(read)]
+        # Read by every turn: one statement on the loop's connection, not a reader-pool hop.
+        rows = await self.db.read_rows(_THREAD_MESSAGES, (thread_id,))
+        return [message_pb2.Message.FromString(row[0]) for row in rows]
 
     # ---- runs --------------------------------------------------------------------------
 
@@ -431,6 +433,7 @@ class SqliteStore:
         *,
         record: RequestKey | None = None,
         max_active_runs: int | None = None,
+        claim: RunClaim | None = None,
     ) -> MutationResult:
         def write(conn: sqlite3.Connection) -> MutationResult:
             _require_thread(conn, project, run.thread_id)
@@ -453,8 +456,17 @@ class SqliteStore:
                 ),
             )
             stored = _append_events(conn, run.id, 0, events)
-            conn.execute("UPDATE runs SET next_event_idx = ? WHERE id = ?", (len(stored), run.id))
-            return MutationResult(run, stored)
+            if claim is None:
+                conn.execute("UPDATE runs SET next_event_idx = ? WHERE id = ?", (len(stored), run.id))
+                return MutationResult(run, stored)
+            # Its first claim, in the same transaction: the epoch is 1 (a claim increments from 0).
+            conn.execute(
+                "UPDATE runs SET next_event_idx = ?, lease_owner = ?, lease_epoch = 1, lease_expires = ?"
+                " WHERE id = ?",
+                (len(stored), claim.owner, clock.now() + claim.lease_seconds, run.id),
+            )
+            started = _mutate_run(conn, run.id, claim.mutate, epoch=1)
+            return MutationResult(run, stored + started.events, ClaimedRun(started.run, 1))
 
         return await self._write(write, record, _run_answer, self._publish)
 
@@ -533,13 +545,8 @@ class SqliteStore:
         return result
 
     async def run_steps(self, run_id: str) -> list[run_pb2.RunStep]:
-        def read(conn: sqlite3.Connection) -> list[bytes]:
-            return [
-                row[0]
-                for row in conn.execute("SELECT body FROM run_steps WHERE run_id = ? ORDER BY seq", (run_id,))
-            ]
-
-        return [_parse(run_pb2.RunStep, body) for body in await self.db.read(read)]
+        rows = await self.db.read_rows(_RUN_STEPS, (run_id,))
+        return [run_pb2.RunStep.FromString(row[0]) for row in rows]
 
     async def release_all_leases(self, owner_prefix: str) -> int:
         # One process owns the file (see SqliteDatabase.open), so a lease found at start-up
@@ -558,21 +565,14 @@ class SqliteStore:
         return await self._list("run_steps", run_pb2.RunStep, "run_id = ?", [run_id], query)
 
     async def read_events(self, run_id: str, start: int, limit: int) -> list[run_pb2.StreamEvent]:
-        def read(conn: sqlite3.Connection) -> list[bytes]:
-            rows = conn.execute(
-                "SELECT body FROM run_events WHERE run_id = ? AND idx >= ? ORDER BY idx LIMIT ?",
-                (run_id, start, limit),
-            )
-            return [row[0] for row in rows]
-
-        return [_parse(run_pb2.StreamEvent, body) for body in await self.db.read(read)]
+        # A block of the log (Listen's feed reads it once for all of a run's listeners): one
+        # statement on the loop's connection, not a reader-pool hop, like the reads above.
+        rows = await self.db.read_rows(_READ_EVENTS, (run_id, start, limit))
+        return [run_pb2.StreamEvent.FromString(row[0]) for row in rows]
 
     async def tool_round_texts(self, run_id: str) -> dict[str, str]:
-        def read(conn: sqlite3.Connection) -> dict[str, str]:
-            rows = conn.execute("SELECT step_id, said FROM step_texts WHERE run_id = ?", (run_id,))
-            return {row[0]: row[1] for row in rows}
-
-        return await self.db.read(read)
+        rows = await self.db.read_rows("SELECT step_id, said FROM step_texts WHERE run_id = ?", (run_id,))
+        return {row[0]: row[1] for row in rows}
 
     # ---- engine ------------------------------------------------------------------------
 

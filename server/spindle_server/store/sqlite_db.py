@@ -193,14 +193,20 @@ class SqliteDatabase:
         return await loop.run_in_executor(self._readers, self._read_in_pool, fn)
 
     async def read_row(self, sql: str, args: tuple[Any, ...]) -> Any:
-        """The first row of one SELECT (None if it finds none): lookups by key, every Get.
+        """The first row of one SELECT (None if it finds none): lookups by key, every Get."""
+        rows = await self.read_rows(sql, args)
+        return rows[0] if rows else None
 
-        Run on the event loop's own thread: such a lookup takes a few microseconds and a hop
+    async def read_rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        """Every row of one SELECT: lookups by key (every Get) and a run's few rows (its
+        thread's messages and its steps, read by each turn).
+
+        Run on the event loop's own thread: such a read takes a few microseconds and a hop
         to the reader pool costs more than the query (BENCHMARKS.md, rpc-speed). That
         connection never waits for a lock (busy_timeout 0), since waiting there would stall
         every call of the server: when the database is busy the read goes to the pool, whose
         connections may wait. No BEGIN/COMMIT around it: one statement in autocommit is its
-        own read transaction, so its row comes from one snapshot. Its rows are fetched to the
+        own read transaction, so its rows come from one snapshot. Its rows are fetched to the
         end, which resets the statement and so ends that transaction (a statement left mid-way
         would keep its snapshot open and hold back checkpoints)."""
         if self._closing:
@@ -209,14 +215,13 @@ class SqliteDatabase:
             connection = self._inline
             if connection is None:  # opened here, inside the try: its PRAGMAs can meet a busy file
                 connection = self._inline = self._reader(busy_timeout_ms=0)
-            rows = connection.execute(sql, args).fetchall()
+            return connection.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             if not _is_busy(exc):
                 raise unavailable(exc, "read", self.path) from exc
             log.info("sqlite_inline_read_busy", error=str(exc))
-            loop = asyncio.get_running_loop()
-            rows = await loop.run_in_executor(self._readers, self._rows_in_pool, sql, args)
-        return rows[0] if rows else None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._rows_in_pool, sql, args)
 
     def _rows_in_pool(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         return self._read_in_pool(lambda connection: connection.execute(sql, args).fetchall())
