@@ -267,11 +267,12 @@ def _echo_window(
     return Sample(window.per_second, cpu / window.succeeded * 1e6)
 
 
-def _whole_runs_window(spindle: Spindle, seconds: float) -> Sample:
-    """Whole runs from CLIENT_PROCESSES client processes started together."""
+def _whole_runs_window(spindle: Spindle, seconds: float, follow: str) -> Sample:
+    """Whole runs from CLIENT_PROCESSES client processes started together, each following its
+    runs with `follow` (Listen or ListenBatches)."""
     start_at = time.time() + 1.5  # each process imports grpc first; they then start at once
     command = [sys.executable, "-m", "bench.rpc_client", spindle.served.address, spindle.fixture.assistant_id]
-    arguments = [str(start_at), str(seconds), str(CLIENT_CONCURRENCY)]
+    arguments = [str(start_at), str(seconds), str(CLIENT_CONCURRENCY), follow]
     processes = [
         subprocess.Popen([*command, *arguments], stdout=subprocess.PIPE, text=True)
         for _ in range(CLIENT_PROCESSES)
@@ -292,6 +293,11 @@ def _whole_runs_window(spindle: Spindle, seconds: float) -> Sample:
 GET_NAME = "RunService.Get (read)"
 CREATE_NAME = "MessageService.Create (durable write)"
 WHOLE_NAME = "whole run: thread + Create + Listen to DONE (runs/s, vs echo calls/s)"
+WHOLE_BATCHES_NAME = (
+    "whole run: thread + Create + ListenBatches to DONE, as the client SDK follows a run"
+    " (runs/s, vs echo calls/s)"
+)
+WHOLE_RUNS = {WHOLE_NAME: "Listen", WHOLE_BATCHES_NAME: "ListenBatches"}
 
 
 def measure(spindles: list[Spindle], echo: ServedProcess) -> list[Row]:
@@ -330,8 +336,9 @@ def measure(spindles: list[Spindle], echo: ServedProcess) -> list[Row]:
                 if load in loads:
                     sample = _spindle_window(spindle, CREATE_MESSAGE, f.create_request, load)
                     add(CREATE_NAME, spindle.store, load, sample)
-        for spindle in spindles:
-            add(WHOLE_NAME, spindle.store, None, _whole_runs_window(spindle, window_seconds()))
+        for name, follow in WHOLE_RUNS.items():
+            for spindle in spindles:
+                add(name, spindle.store, None, _whole_runs_window(spindle, window_seconds(), follow))
 
     def row(what: str, store: str, load: h2load.Load | None, baseline: h2load.Load) -> Row:
         described = (
@@ -357,7 +364,7 @@ def measure(spindles: list[Spindle], echo: ServedProcess) -> list[Row]:
     ]
     rows += [row(GET_NAME, store, get_load, get_load) for store in stores]
     rows += [row(CREATE_NAME, store, load, load) for load in loads for store in stores]
-    rows += [row(WHOLE_NAME, store, None, echo_for_whole) for store in stores]
+    rows += [row(name, store, None, echo_for_whole) for name in WHOLE_RUNS for store in stores]
     return rows
 
 
@@ -534,6 +541,8 @@ def reading_postgres(rows: list[Row]) -> str:
             continue
         sqlite = next(r for r in rows if r.name == row.name and r.load == row.load and r.store == "SQLite")
         what = row.name.split(":")[0].split(" (")[0]
+        if row.name in WHOLE_RUNS:
+            what += f" ({WHOLE_RUNS[row.name]})"
         if sum(r.name == row.name for r in rows) > 2:  # the same call under more than one load
             what += f" at {row.load.removeprefix('h2load, ')}"
         pairs.append(

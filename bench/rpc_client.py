@@ -1,8 +1,10 @@
 """One client process of the whole-run row (bench/rpc.py): from START_AT (a wall-clock time, so
 that all processes start together) for SECONDS, CONCURRENCY loops each run thread + Create +
-Listen to DONE; prints {"runs": N, "seconds": S} as JSON.
+Listen to DONE; prints {"runs": N, "seconds": S} as JSON. FOLLOW: Listen (one event a message)
+or ListenBatches (what the client SDK follows a run with: the events it has not sent yet in one
+message).
 
-`python -m bench.rpc_client ADDRESS ASSISTANT_ID START_AT SECONDS CONCURRENCY`
+`python -m bench.rpc_client ADDRESS ASSISTANT_ID START_AT SECONDS CONCURRENCY [FOLLOW]`
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from spindle.v1 import message_pb2, run_pb2, run_pb2_grpc, thread_pb2, thread_pb
 
 
 async def whole_runs(
-    address: str, assistant_id: str, start_at: float, seconds: float, concurrency: int
+    address: str, assistant_id: str, start_at: float, seconds: float, concurrency: int, follow: str
 ) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
         threads = thread_pb2_grpc.ThreadServiceStub(channel)
@@ -35,8 +37,13 @@ async def whole_runs(
                     run_pb2.CreateRunRequest(assistant_id=assistant_id, thread_id=thread.id)
                 )
                 last = None
-                async for event in runs.Listen(run_pb2.ListenRunRequest(run_id=run.id)):
-                    last = event
+                request = run_pb2.ListenRunRequest(run_id=run.id)
+                if follow == "ListenBatches":
+                    async for batch in runs.ListenBatches(request):
+                        last = batch.events[-1]
+                else:
+                    async for event in runs.Listen(request):
+                        last = event
                 if last is None or last.type != run_pb2.StreamEvent.DONE:
                     raise RuntimeError(f"run {run.id} ended {last}")
                 done += 1
@@ -51,4 +58,5 @@ async def whole_runs(
 
 if __name__ == "__main__":
     address, assistant_id, start_at, seconds, concurrency = sys.argv[1:6]
-    asyncio.run(whole_runs(address, assistant_id, float(start_at), float(seconds), int(concurrency)))
+    follow = sys.argv[6] if len(sys.argv) > 6 else "Listen"
+    asyncio.run(whole_runs(address, assistant_id, float(start_at), float(seconds), int(concurrency), follow))
