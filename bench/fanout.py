@@ -602,10 +602,17 @@ rates swung 5-10x between rounds, so compare ratios.
   base code) because 10,000 words travel in 31-50 events.
 - Create -> first delta, per stage (p50, load 20-40): Create returns 1.2 ms, IN_PROGRESS stamped
   at 1.4 ms, first delta stamped 3.3 ms, read by the client 4.1 ms (base code: 5.0 ms). The path
-  is three durable commits in series (the run's insert, the claim, the first delta), each with a
-  thread hop: the quiet run's p99 8.9 ms meets 10 ms, its p50 3.6 ms misses 2 ms; that needs
-  fewer commits on the path (the store's and engine's design, not Listen's). Loaded, p99 is the
-  machine's stalls (fsync p90 3.7 ms, max 20 ms; p99 34-533 ms in three runs).
+  was three durable commits in series (the run's insert, the claim, the first delta), each with a
+  thread hop: the quiet run's p99 8.9 ms met 10 ms, its p50 3.6 ms missed 2 ms. Changed: the
+  engine claims a run in Create's own transaction when it has a free execution slot and no run
+  is queued ahead (`Engine.create_run`, `Store.insert_run(claim=...)`: same lease, epoch and
+  fencing as a claim), and a turn's reads and Listen's first block read are inline SELECTs, not
+  thread hops; the path is two durable commits (the insert with its claim, the first delta).
+  Old and new builds alternating at load 5-6: p50 3.95 -> 3.08 ms, p99 35.4 -> 12.8 ms. Two
+  fsyncs in series (2.2-2.6 ms each on this disk when the machine is quiet) are the floor of this
+  design: below 2 ms needs a first delta that does not wait for its own commit, which would send
+  a client text that a crash could take back. Loaded, p99 is the machine's stalls (fsync p90 3.7
+  ms, max 20 ms).
 - Broadcast, 1,000 listeners at 50 events/s. Listen sends one message per event per listener,
   50,000 messages/s; with four reader processes on the same 2 cores neither side keeps up and the
   backlog grows for the whole 20 s (quiet run: p99 5.0 s, bare 7.7 s). ListenBatches follows the
