@@ -609,9 +609,10 @@ rates swung 5-10x between rounds, so compare ratios.
   fencing as a claim), and a turn's reads and Listen's first block read are inline SELECTs, not
   thread hops; the path is two durable commits (the insert with its claim, the first delta).
   Old and new builds alternating at load 5-6: p50 3.95 -> 3.08 ms, p99 35.4 -> 12.8 ms. Two
-  fsyncs in series (2.2-2.6 ms each on this disk when the machine is quiet) are the floor of this
-  design: below 2 ms needs a first delta that does not wait for its own commit, which would send
-  a client text that a crash could take back. Loaded, p99 is the machine's stalls (fsync p90 3.7
+  durable commits in series (a commit's mean 0.4-1.1 ms in those runs, from the server's
+  metrics) plus the Create and Listen calls are the floor of this design: less needs a first
+  delta that does not wait for its own commit, which would send a client text that a crash could
+  take back. Loaded, p99 is the machine's stalls (fsync p90 3.7
   ms, max 20 ms).
 - Broadcast, 1,000 listeners at 50 events/s. Listen sends one message per event per listener,
   50,000 messages/s; with four reader processes on the same 2 cores neither side keeps up and the
