@@ -8,12 +8,11 @@ Run as `python -m bench.echo_server`; it prints its port like spindle-server doe
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import AsyncIterator
 
 import grpc
 
+from bench._bare import serve
 from spindle.v1 import run_pb2
 
 
@@ -41,32 +40,19 @@ async def _stream(request: bytes, _: grpc.aio.ServicerContext) -> AsyncIterator[
         yield message
 
 
-async def main() -> None:
-    server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Echo",
-        {
-            "Echo": grpc.unary_unary_rpc_method_handler(_echo),
-            "Stream": grpc.unary_stream_rpc_method_handler(_stream),
-            "Remember": grpc.unary_unary_rpc_method_handler(_remember),
-            "GetRun": grpc.unary_unary_rpc_method_handler(
-                _get_run,
-                request_deserializer=run_pb2.GetRunRequest.FromString,
-                response_serializer=run_pb2.Run.SerializeToString,
-            ),
-        },
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(json.dumps({"event": "serving", "port": port}), flush=True)
-    await server.wait_for_termination()
+def main() -> None:
+    handlers = {
+        "Echo": grpc.unary_unary_rpc_method_handler(_echo),
+        "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+        "Remember": grpc.unary_unary_rpc_method_handler(_remember),
+        "GetRun": grpc.unary_unary_rpc_method_handler(
+            _get_run,
+            request_deserializer=run_pb2.GetRunRequest.FromString,
+            response_serializer=run_pb2.Run.SerializeToString,
+        ),
+    }
+    serve("bench.Echo", handlers)
 
 
 if __name__ == "__main__":
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    main()

@@ -14,12 +14,13 @@ Run as `python -m bench.stream_server`; it prints its port like spindle-server d
 from __future__ import annotations
 
 import asyncio
-import json
 import struct
 import time
 from collections.abc import AsyncIterator
 
 import grpc
+
+from bench._bare import serve
 
 
 class Ticker:
@@ -92,28 +93,15 @@ def options() -> list[tuple[str, int]]:
     ]
 
 
-async def main() -> None:
-    server = grpc.aio.server(options=options())
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Streams",
-        {
-            "Stream": grpc.unary_stream_rpc_method_handler(_stream),
-            "Idle": grpc.unary_stream_rpc_method_handler(_idle),
-            "Tick": grpc.unary_stream_rpc_method_handler(_tick),
-            "Start": grpc.unary_unary_rpc_method_handler(_start),
-        },
-    )
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    print(json.dumps({"event": "serving", "port": port}), flush=True)
-    await server.wait_for_termination()
+def main() -> None:
+    handlers = {
+        "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+        "Idle": grpc.unary_stream_rpc_method_handler(_idle),
+        "Tick": grpc.unary_stream_rpc_method_handler(_tick),
+        "Start": grpc.unary_unary_rpc_method_handler(_start),
+    }
+    serve("bench.Streams", handlers, options())
 
 
 if __name__ == "__main__":
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    main()

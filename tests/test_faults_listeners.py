@@ -8,19 +8,17 @@ import concurrent.futures
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from spindle.v1 import run_pb2, run_pb2_grpc
 from support.faults import Holds
 from support.followers import Follower
 from support.invariants import History, assert_invariants
+from support.observe import open_listens, wait_until
 from support.server import ServerProcess
 from support.stubs import Stubs
 
@@ -49,26 +47,6 @@ def ended_listens(server: ServerProcess, code: str) -> int:
         for e in server.log_events()
         if e.get("event") == "rpc" and str(e.get("method", "")).endswith("/Listen") and e.get("code") == code
     )
-
-
-def open_listens(server: ServerProcess) -> float:
-    """The server's own count of open Listen streams, scraped from its metrics endpoint."""
-    url = f"http://127.0.0.1:{server.serving['metrics_port']}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "spindle_listen_streams":
-                return float(sample.value)
-    raise AssertionError("no spindle_listen_streams gauge")
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.02)
 
 
 def test_clients_that_vanish_mid_listen(make_server: MakeServer, tmp_path: Path) -> None:

@@ -4,17 +4,15 @@ while others wait on the same read does not fail them."""
 
 from __future__ import annotations
 
-import time
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from spindle.v1 import run_pb2
 from support.faults import Holds
+from support.observe import open_listens, wait_until
 from support.server import ServerProcess
 from support.stubs import Stubs
 
@@ -30,25 +28,6 @@ def finished_run(stubs: Stubs) -> run_pb2.Run:
     finished = stubs.runs.Wait(run_pb2.WaitRunRequest(run_id=run.id), timeout=60)
     assert finished.status == run_pb2.COMPLETED
     return finished
-
-
-def open_listens(server: ServerProcess) -> float:
-    url = f"http://127.0.0.1:{server.serving['metrics_port']}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "spindle_listen_streams":
-                return float(sample.value)
-    raise AssertionError("no spindle_listen_streams gauge")
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.02)
 
 
 def test_replays_from_any_start_index_at_once(make_server: MakeServer) -> None:
