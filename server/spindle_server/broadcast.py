@@ -141,9 +141,13 @@ class RunFeed:
             return (self._wires if wire else self._tail)[start - self._tail_start :]
         return None
 
-    async def read(self, start: int, load: Loader, wire: bool = False) -> Sequence[Any]:
+    async def read(
+        self, start: int, load: Loader, wire: bool = False, *, fresh: bool = False
+    ) -> Sequence[Any]:
         """Events (or wire bytes) from `start` on: from the tail, else from the block of the store
-        that holds `start`, read by one listener for all (empty past the end of the log)."""
+        that holds `start`, read by one listener for all (empty past the end of the log).
+        `fresh`: the caller learned of a commit from the store itself, which may be read before
+        that commit's publish reaches this feed: a read in flight may predate it, so not joined."""
         cached = self.cached(start, wire)
         if cached is not None:
             return cached
@@ -153,7 +157,7 @@ class RunFeed:
             loading = self._loading.get(first)
             # Join a read only if nothing was published since it began: its snapshot then holds
             # every event committed before the caller took changed(), so no wake-up is missed.
-            if loading is not None and loading[1] == self._publishes:
+            if not fresh and loading is not None and loading[1] == self._publishes:
                 task = loading[0]
             else:
                 task = asyncio.ensure_future(self._load(first, load))

@@ -388,11 +388,12 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             status = (await self._store.get_run(project, run_id)).status
             next_index = request.events_start_idx
             stale = False  # woken without finding events: the run's status may have moved on
+            fresh = False  # the log read anew from the store, not through a read in flight
             load = functools.partial(self._store.read_events, run_id)
             with self._hub.subscribe(run_id) as feed, metrics.LISTEN_STREAMS.track_inprogress():
                 while True:
                     changed = feed.changed()
-                    batch = await feed.read(next_index, load, wire)
+                    batch = await feed.read(next_index, load, wire, fresh=fresh)
                     if batch:
                         final = feed.final  # the terminal event ends the stream
                         ended = final is not None and final < next_index + len(batch)
@@ -411,12 +412,14 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                     if stale:
                         stale = False
                         status = (await self._store.get_run(project, run_id)).status
-                        if status in TERMINAL_STATUSES:
-                            # Its terminal event was committed with this status, maybe after our
-                            # read above: read once more before concluding we started past it.
-                            continue
                     if status in TERMINAL_STATUSES:
-                        return  # asked to start past the terminal event
+                        if fresh:
+                            return  # asked to start past the terminal event
+                        # Its terminal event was committed with this status, maybe after our read
+                        # above began and before its publish reached the feed: read once more,
+                        # from the store itself, before concluding we started past it.
+                        fresh = True
+                        continue
                     await asyncio.shield(changed)  # shared by the feed's listeners: never cancel it
                     stale = True
         finally:
