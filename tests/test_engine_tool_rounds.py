@@ -20,7 +20,8 @@ from spindle_server.engine.config import EngineConfig
 from spindle_server.engine.engine import Engine, find_tool_step
 from spindle_server.engine.executor import _round_texts
 from spindle_server.models.builtin import BuiltinBackend
-from spindle_server.models.openai_backend import OpenAIBackend, parse_provider_spec
+from spindle_server.models.openai_backend import OpenAIBackend
+from spindle_server.models.provider_spec import parse_provider_spec
 from spindle_server.models.registry import ModelRegistry
 from spindle_server.store.sqlite import SqliteStore
 from support.stubs import TERMINAL

@@ -43,7 +43,8 @@ from spindle_server.models.base import (
     ToolCallSpec,
     UsageReport,
 )
-from spindle_server.models.openai_backend import OpenAIBackend, ProviderConfig, parse_provider_spec
+from spindle_server.models.openai_backend import OpenAIBackend
+from spindle_server.models.provider_spec import ProviderConfig, parse_provider_spec
 
 API_KEY = "sk-test-0123456789abcdef"
 MAX_RETRIES = 2

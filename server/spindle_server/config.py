@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from spindle_server.engine.config import EngineConfig
 from spindle_server.limits import Limits
-from spindle_server.models.openai_backend import ProviderConfig, parse_provider_spec
+from spindle_server.models.provider_spec import ProviderConfig, parse_provider_spec
 
 
 @dataclass(frozen=True, slots=True)

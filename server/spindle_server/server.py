@@ -46,7 +46,6 @@ from spindle_server.engine.engine import Engine
 from spindle_server.engine.retention import RetentionSweeper
 from spindle_server.models.base import ModelBackend
 from spindle_server.models.builtin import BuiltinBackend
-from spindle_server.models.openai_backend import OpenAIBackend
 from spindle_server.models.registry import ModelRegistry
 from spindle_server.store.base import Store, WatchesRuns
 from spindle_server.store.errors import UnavailableError
@@ -72,8 +71,12 @@ SERVICE_NAMES = (
 
 def build_models(config: ServerConfig) -> ModelRegistry:
     backends: dict[str, ModelBackend] = {"builtin": BuiltinBackend()}
-    for provider in config.providers:
-        backends[provider.name] = OpenAIBackend(provider)
+    if config.providers:
+        # Imported here: the openai package is half a second of a start that needs no provider.
+        from spindle_server.models.openai_backend import OpenAIBackend
+
+        for provider in config.providers:
+            backends[provider.name] = OpenAIBackend(provider)
     return ModelRegistry(backends, config.default_model)
 
 
