@@ -175,7 +175,7 @@ class Throughput:
 
 
 def measure_throughput(cluster: Cluster, stack: contextlib.ExitStack) -> Throughput:
-    windows, window, warmup = _mode.sized(5, 1), _mode.seconds(2.5, 0.5), _mode.seconds(1.0, 0.3)
+    windows, window, warmup = _mode.sized(5, 1), _mode.seconds(2.5, 0.25), _mode.seconds(1.0, 0.15)
     dsns = [cluster.database() for _ in range(3 if not _mode.SMOKE else 2)]
     sqlite = BenchServer("--openai-port", "off")
     configs = [Config("SQLite, 1 server", [sqlite])]

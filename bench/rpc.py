@@ -59,7 +59,7 @@ def windows() -> int:
 
 
 def window_seconds() -> float:
-    return _mode.seconds(3.0, 0.5)
+    return _mode.seconds(3.0, 0.25)
 
 
 def read_load() -> h2load.Load:
@@ -285,12 +285,13 @@ def _floor_runs_window(echo: ServedProcess, assistant_id: str, seconds: float) -
 
 def _client_runs(address: str, assistant_id: str, seconds: float, follow: str) -> tuple[int, float]:
     """CLIENT_PROCESSES bench.rpc_client processes started together: runs, and runs/s."""
-    start_at = time.time() + 1.5  # each process imports grpc first; they then start at once
+    # Each process imports grpc first; they then start at once (a smoke run: one, at once).
+    start_at = time.time() + _mode.seconds(1.5, 0.0)
     command = [sys.executable, "-m", "bench.rpc_client", address, assistant_id]
     arguments = [str(start_at), str(seconds), str(CLIENT_CONCURRENCY), follow]
     processes = [
         subprocess.Popen([*command, *arguments], stdout=subprocess.PIPE, text=True)
-        for _ in range(CLIENT_PROCESSES)
+        for _ in range(_mode.sized(CLIENT_PROCESSES, 1))
     ]
     # The server's CPU, read around this, includes the clients' connecting: a little more, never less.
     results = []
