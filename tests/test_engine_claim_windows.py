@@ -3,8 +3,12 @@ task's body, while a Cancel or a SIGTERM arrives; and a run that every shutdown 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import grpc
+import pytest
 
 from spindle.v1 import run_pb2
 from support.faults import Holds
@@ -121,5 +125,36 @@ def test_expiry_while_the_executor_is_about_to_complete_wins(make_server: MakeSe
         finals = assert_invariants(stubs, [late.id])
         assert finals[late.id].run.status == run_pb2.EXPIRED
         assert finals[late.id].replies == []
+    finally:
+        stubs.close()
+
+
+def test_a_create_given_up_before_its_commit_still_gets_its_run_executed(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    """A run claimed by its Create waits for that Create to answer before its body starts (the
+    client's Listen goes first); a Create whose client gave up must not leave it waiting."""
+    point = "engine.before_create_insert"
+    holds = Holds(tmp_path / "holds")
+    server = make_server(env=holds.env(point))
+    stubs = Stubs.connect(server.address)
+    try:
+        assistant = stubs.assistant(name="abandoned")
+        thread = stubs.thread("nobody waits for this answer")
+        request = run_pb2.CreateRunRequest(assistant_id=assistant.id, thread_id=thread.id)
+        answer = stubs.runs.Create.future(request, timeout=60)
+        holds.wait_reached(point)  # the run is not written yet
+        answer.cancel()  # the client gives up: the server cancels the Create call
+        with pytest.raises(grpc.FutureCancelledError):
+            answer.result()
+        holds.release(point)
+        deadline = time.monotonic() + 60
+        runs: list[run_pb2.Run] = []
+        while not runs and time.monotonic() < deadline:
+            runs = list(stubs.runs.List(run_pb2.ListRunsRequest(thread_id=thread.id), timeout=10).runs)
+            time.sleep(0.01)
+        assert len(runs) == 1
+        assert stubs.wait(runs[0].id, timeout=30).status == run_pb2.COMPLETED
+        assert_invariants(stubs, [runs[0].id])
     finally:
         stubs.close()

@@ -117,22 +117,35 @@ class Engine:
             max_active_runs=max_active_runs,
             claim=claim,
         )
+        # The run's task waits for this Create to resume and send its answer: the client's
+        # Listen, which follows that answer, is the longer path to the first delta, so it
+        # starts first (the task's reads and first write come right after, in the same round).
+        answered = asyncio.get_running_loop().create_future()
         # A task of its own, shielded: a Create cancelled by its client while the write is
         # queued still commits a claimed run, which must get its executor.
-        admitting = asyncio.create_task(self._admit(insert))
+        admitting = asyncio.create_task(self._admit(insert, answered))
         self._admitting.add(admitting)  # the slot is taken now: concurrent Creates see it
         admitting.add_done_callback(self._admitted)
-        return await asyncio.shield(admitting)
+        try:
+            return await asyncio.shield(admitting)
+        finally:  # answered, failed or cancelled: the task need not wait any longer
+            answered.set_result(None)
 
     def _admitted(self, task: asyncio.Task[MutationResult]) -> None:
         self._admitting.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: its Create, if still waiting, raises it
 
-    async def _admit(self, insert: Awaitable[MutationResult]) -> MutationResult:
+    async def _admit(
+        self, insert: Awaitable[MutationResult], answered: asyncio.Future[None]
+    ) -> MutationResult:
+        if faults.ENABLED:  # held here, the Create's client can give up before the commit
+            await faults.reached("engine.before_create_insert")
         result = await insert
         if result.claimed is not None:
-            self._spawn(result.claimed)
+            # Spawned now, not when its Create resumes: the slot must pass from _admitting to
+            # _tasks with nothing in between, and a cancelled Create must still get its run.
+            self._spawn(result.claimed, answered)
         return result
 
     async def start(self) -> None:
@@ -231,9 +244,13 @@ class Engine:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), self.config.idle_poll_interval)
 
-    def _spawn(self, claim: ClaimedRun) -> None:
+    def _spawn(self, claim: ClaimedRun, answered: asyncio.Future[None] | None = None) -> None:
+        """Start the run's task. `answered`: the run was claimed by its Create, whose answer
+        the task lets go first (resolved when that Create resumes)."""
         run_id = claim.run.id
-        task = asyncio.create_task(self._run(claim), name=f"run-{run_id}", context=self._context.copy())
+        task = asyncio.create_task(
+            self._run(claim, answered), name=f"run-{run_id}", context=self._context.copy()
+        )
         self._tasks[run_id] = task
         # A done callback runs however the task ends, even cancelled before its first step.
         task.add_done_callback(functools.partial(self._forget, run_id))
@@ -246,8 +263,11 @@ class Engine:
         if self._backlog:  # a slot is free for a queued run; with none queued, nothing to claim
             self._wakeup.set()
 
-    async def _run(self, claim: ClaimedRun) -> None:
+    async def _run(self, claim: ClaimedRun, answered: asyncio.Future[None] | None) -> None:
         run_id = claim.run.id
+        if answered is not None:
+            # Before _started: a stop meanwhile only records its reason, which execute() reads.
+            await answered
         # No await before execute() enters its try: from here on a cancel lands where it is handled.
         self._started.add(run_id)
         # The first renewal is a third of a lease away: a timer until then, and a renewing task
@@ -258,7 +278,7 @@ class Engine:
             interval, lambda: renewer.append(asyncio.create_task(self._renew_lease(claim, interval)))
         )
         try:
-            await self._executor.execute(claim, self._cancel_reasons)
+            await self._executor.execute(claim, self._cancel_reasons, new=answered is not None)
         except Exception:
             # Its end could not be written (the store failed too). The lease is no longer
             # renewed, so the sweeper takes the run over once it runs out.

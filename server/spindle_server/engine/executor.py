@@ -34,9 +34,13 @@ class TurnExecutor:
         self._models = models
         self._config = config
 
-    async def execute(self, claimed: ClaimedRun, cancel_reason: dict[str, str]) -> None:
+    async def execute(self, claimed: ClaimedRun, cancel_reason: dict[str, str], *, new: bool = False) -> None:
         """Run one turn. `cancel_reason` (run id -> why) is set by whoever stops the task; it is
-        read here too, so a stop that came before the task ever ran still ends the run."""
+        read here too, so a stop that came before the task ever ran still ends the run.
+        `new`: claimed in the transaction that created it (Engine.create_run), its task spawned
+        as that commit was answered: no step is stored yet, and no cancel can have committed
+        without reaching the task (the run's id was not known outside before), so neither is
+        read from the store."""
         run = claimed.run
         bound = log.bind(run_id=run.id, epoch=claimed.epoch)
         try:
@@ -44,8 +48,9 @@ class TurnExecutor:
                 raise asyncio.CancelledError  # stopped before this task began: handled below
             if faults.ENABLED:
                 await faults.reached("engine.before_run_body")
-            await self._check_still_in_progress(run)
-            await self._execute(claimed)
+            if not new:
+                await self._check_still_in_progress(run)
+            await self._execute(claimed, new)
         except asyncio.CancelledError:
             reason = cancel_reason.get(run.id, CANCEL_SHUTDOWN)
             bound.info("run_execution_interrupted", reason=reason)
@@ -86,7 +91,7 @@ class TurnExecutor:
         except (StateError, FencedError) as exc:
             log.info("run_final_write_skipped", run_id=claimed.run.id, reason=str(exc))
 
-    async def _execute(self, claimed: ClaimedRun) -> None:
+    async def _execute(self, claimed: ClaimedRun, new: bool) -> None:
         run, epoch = claimed.run, claimed.epoch
         now = clock.now()
         try:
@@ -95,7 +100,7 @@ class TurnExecutor:
             await self._write(run, epoch, transitions.fail(now, "model_not_found", str(exc)))
             return
         thread_messages = await self._store.thread_messages(run.thread_id)
-        steps = await self._store.run_steps(run.id)
+        steps = [] if new else await self._store.run_steps(run.id)
         # Read before this turn streams: afterwards the log also holds this turn's own deltas.
         round_texts = await self._round_texts(run, steps)
         if completion_budget(run) == 0:
