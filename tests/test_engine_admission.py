@@ -123,3 +123,57 @@ async def test_a_create_with_a_free_slot_claims_its_run_and_one_with_runs_queued
         assert [e.index for e in log] == list(range(len(log)))
     finally:
         await engine.stop(grace=10)
+
+
+class ReadRecordingStore(SqliteStore):
+    """Records, in order, the run task's store reads and (via `note`) its Create's answer."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.seen: list[str] = []
+        self.first_round = asyncio.Event()
+
+    async def claim_runs(
+        self, owner: str, lease_seconds: float, limit: int, mutate: RunMutation
+    ) -> list[ClaimedRun]:
+        claims = await super().claim_runs(owner, lease_seconds, limit, mutate)
+        self.first_round.set()
+        return claims
+
+    def note(self, what: str) -> None:
+        self.seen.append(what)
+
+    async def thread_messages(self, thread_id: str) -> list[message_pb2.Message]:
+        self.seen.append("thread_messages")
+        return await super().thread_messages(thread_id)
+
+    async def run_steps(self, run_id: str) -> list[run_pb2.RunStep]:
+        self.seen.append("run_steps")
+        return await super().run_steps(run_id)
+
+    async def get_run_any_project(self, run_id: str) -> tuple[str, run_pb2.Run]:
+        self.seen.append("get_run_any_project")
+        return await super().get_run_any_project(run_id)
+
+
+async def test_a_run_claimed_by_its_create_starts_after_that_create_resumes_and_rereads_nothing(
+    tmp_path: Path,
+) -> None:
+    """The Create resumes (and sends its answer, which the client's Listen follows) before the
+    run's task does anything; a run claimed in its inserting transaction has no steps and no
+    cancel its task could have missed, so the task reads only the thread's messages."""
+    store = ReadRecordingStore(tmp_path / "recorded.db")
+    await store.start()
+    engine = Engine(store, ModelRegistry({"builtin": BuiltinBackend()}), EngineConfig())
+    await engine.start()
+    try:
+        # The claim loop's first round (nothing queued) lets Creates claim their runs.
+        await asyncio.wait_for(store.first_round.wait(), 30)
+        created = await create(engine, store, "a")
+        store.note("create_answered")  # in the step that resumed the Create: nothing ran between
+        assert created.claimed is not None
+        assert (await asyncio.wait_for(finished(store, "run_a"), 30)).status == run_pb2.COMPLETED
+        assert store.seen == ["create_answered", "thread_messages"]
+    finally:
+        await engine.stop(grace=10)
+        await store.close()

@@ -48,8 +48,8 @@ class CancelOnSpawnEngine(Engine):
 
     cancel_next_spawn = True
 
-    def _spawn(self, claim: ClaimedRun) -> None:
-        super()._spawn(claim)
+    def _spawn(self, claim: ClaimedRun, answered: asyncio.Future[None] | None = None) -> None:
+        super()._spawn(claim, answered)
         if self.cancel_next_spawn:
             self.cancel_next_spawn = False
             assert self.cancel_local(claim.run.id)
@@ -140,8 +140,8 @@ async def test_a_shutdown_before_the_task_runs_requeues_the_run(
     spawned = asyncio.Event()
 
     class ShutdownOnSpawn(Engine):
-        def _spawn(self, claim: ClaimedRun) -> None:
-            super()._spawn(claim)
+        def _spawn(self, claim: ClaimedRun, answered: asyncio.Future[None] | None = None) -> None:
+            super()._spawn(claim, answered)
             assert self.cancel_local(claim.run.id, "shutdown")  # what stop() does after its grace
             spawned.set()
 
