@@ -364,7 +364,9 @@ def test_wait_respects_the_callers_deadline(stubs: Stubs) -> None:
     run = stubs.start("/sleep 30 slow")
     request = run_pb2.WaitRunRequest(run_id=run.id)
     request.timeout.FromSeconds(60)
-    waited = stubs.runs.Wait(request, timeout=0.5)  # answers before the caller's deadline
+    # Answers a fifth of the time before the caller's deadline (0.5 s here: a generous bound on
+    # how late a loaded machine delivers the answer), not with DEADLINE_EXCEEDED.
+    waited = stubs.runs.Wait(request, timeout=2.5)
     assert waited.status in (run_pb2.PENDING, run_pb2.IN_PROGRESS)
     stubs.runs.Cancel(run_pb2.CancelRunRequest(run_id=run.id))
 
