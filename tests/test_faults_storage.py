@@ -107,6 +107,32 @@ def test_a_busy_database_never_stalls_the_event_loop(make_server: MakeServer) ->
 
 
 @pytest.mark.sqlite_only("another process holds SQLite's file lock")
+def test_run_get_that_meets_a_busy_database_reads_in_the_pool(make_server: MakeServer) -> None:
+    """RunService.Get reads on the event loop's connection without a coroutine of its own
+    (SqliteStore.get_run_body): when that read meets the lock, the same Get is read in the
+    reader pool and answers the stored run (or STORAGE_BUSY), never INTERNAL, and the loop
+    goes on answering meanwhile. Ordered by events, as the test above."""
+    server = make_server()
+    stubs = Stubs.connect(server.address)
+    try:
+        run = stubs.wait(stubs.start("hello").id)
+        get = run_pb2.GetRunRequest(run_id=run.id)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, LockHolder(server.sqlite_path, "recovering"):
+            lookup = pool.submit(stubs.runs.Get, get, timeout=60)
+            server.wait_for_log(lambda e: e.get("event") == "sqlite_inline_read_busy", timeout=60)
+            assert health(stubs) == SERVING
+        try:
+            assert lookup.result(timeout=60) == run
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_details(error)[0].reason == "STORAGE_BUSY"  # type: ignore[union-attr]
+        assert stubs.runs.Get(get, timeout=10) == run
+    finally:
+        stubs.close()
+    assert server.stop() == 0
+
+
+@pytest.mark.sqlite_only("another process holds SQLite's file lock")
 def test_database_locked_by_another_process(make_server: MakeServer, tmp_path: Path) -> None:
     holds, env = hold_first_delta(tmp_path)
     server = make_server("--lease-seconds", "2", env=env)

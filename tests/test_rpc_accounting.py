@@ -18,7 +18,7 @@ from spindle.v1 import message_pb2
 from spindle_server import metrics
 from spindle_server.api.errors import ApiError
 from spindle_server.api.interceptor import SLOW_CALL_SECONDS
-from spindle_server.api.validation import ID_BODY, Validator, require_id
+from spindle_server.api.validation import ID_BODY, Validator, id_test, require_id
 from support.faults import Holds
 from support.server import ServerProcess
 from support.stubs import Stubs
@@ -113,9 +113,9 @@ def test_a_slow_successful_call_is_logged_at_info(
     ],
 )
 def test_the_fast_id_checks_decide_as_the_rules_say(value: str) -> None:
-    """require_id and Validator.resource_id (one regular expression for a well-formed id, the
-    full rules otherwise) accept and refuse exactly what the rules say: present, the type's
-    prefix and something after it, at most 128 characters, ID_BODY's characters."""
+    """require_id, Validator.resource_id and id_test (Get's bound check, before it falls back
+    to require_id) accept and refuse exactly what the rules say: present, the type's prefix
+    and something after it, at most 128 characters, ID_BODY's characters."""
     well_formed = (
         value.startswith("run_") and len(value) > 4 and len(value) <= 128 and bool(ID_BODY.match(value))
     )
@@ -127,6 +127,8 @@ def test_the_fast_id_checks_decide_as_the_rules_say(value: str) -> None:
     v = Validator()
     v.resource_id("run_id", value, "run")
     assert v.violations == expected
+    if id_test("run")(value):  # a match needs no further check; None goes to require_id
+        assert well_formed
     try:
         require_id("run_id", value, "run")
     except ApiError as error:

@@ -56,6 +56,9 @@ class ApiKeys:
         self._inline = {api_keys.digest(key): project for key, project in keys.items()}
         self._table: dict[bytes, tuple[bytes, str]] = {}
         self._required = required
+        # Whether a call must present a key (else every call is the default project): an
+        # attribute, read by every call, kept with the table it depends on.
+        self.needed = required
         self.replace(())
 
     def replace(self, entries: Iterable[api_keys.KeyEntry]) -> None:
@@ -63,14 +66,10 @@ class ApiKeys:
         table = {entry.digest: (entry.digest, entry.project) for entry in entries}
         table.update((value, (value, project)) for value, project in self._inline.items())
         self._table = table
+        self.needed = bool(table) or self._required
 
     def __len__(self) -> int:
         return len(self._table)
-
-    @property
-    def needed(self) -> bool:
-        """Whether a call must present a key (else every call is the default project)."""
-        return bool(self._table) or self._required
 
     def projects(self) -> int:
         return len({project for _, project in self._table.values()})

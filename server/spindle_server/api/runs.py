@@ -199,9 +199,12 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
 
     async def get_wire(self, request: run_pb2.GetRunRequest, _: grpc.aio.ServicerContext) -> bytes:
         """Get as gRPC serves it: the run's stored bytes (a serialized Run), sent as they are
-        (wire_message), without a parse and a serialization of the same Run in between."""
-        _check_run_id(request.run_id)
-        return await self._store.get_run_body(context.project(), request.run_id)
+        (no response serializer), without a parse and a serialization of the same Run in between."""
+        run_id = request.run_id
+        if not _well_formed_run_id(run_id):
+            validation.require_id("run_id", run_id, "run")  # raises, with the violation
+        context.current_run_id.set(run_id)  # context.note_run, inlined on the hottest call
+        return await self._store.get_run_body(context.current_project.get(), run_id)
 
     async def GetLastByThread(
         self, request: run_pb2.GetLastRunByThreadRequest, _: grpc.aio.ServicerContext
@@ -468,7 +471,8 @@ def wire_message(message: Message | bytes) -> bytes:
 
 def add_to_server(servicer: RunServicer, server: grpc.aio.Server) -> None:
     """RunService as generated, except Get, Listen and ListenBatches: they send the stored run's
-    and the shared log's bytes as they are (wire_message)."""
+    and the shared log's bytes as they are (Get's get_wire returns bytes; Listen's wire_message
+    serializes what is not bytes yet)."""
     captured = _CapturedHandlers()
     run_pb2_grpc.add_RunServiceServicer_to_server(servicer, captured)
     for name, behavior in (("Listen", servicer.listen_wire), ("ListenBatches", servicer.listen_batches_wire)):
@@ -478,10 +482,10 @@ def add_to_server(servicer: RunServicer, server: grpc.aio.Server) -> None:
             request_deserializer=generated.request_deserializer,
             response_serializer=wire_message,
         )
+    # No serializer at all for Get: grpc sends the bytes get_wire returns as they are (as a bare
+    # bytes method does), without a Python call per response.
     captured.handlers["Get"] = grpc.unary_unary_rpc_method_handler(
-        servicer.get_wire,
-        request_deserializer=captured.handlers["Get"].request_deserializer,
-        response_serializer=wire_message,
+        servicer.get_wire, request_deserializer=captured.handlers["Get"].request_deserializer
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.name, captured.handlers),))
     server.add_registered_method_handlers(captured.name, captured.handlers)
@@ -505,6 +509,10 @@ class _CapturedHandlers:
 def _check_run_id(run_id: str) -> None:
     validation.require_id("run_id", run_id, "run")
     context.note_run(run_id)
+
+
+# validation.require_id's test for a well-formed run id, bound once for Get.
+_well_formed_run_id = validation.id_test("run")
 
 
 def _check_overrides(v: Validator, request: run_pb2.CreateRunRequest) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from google.protobuf import json_format, struct_pb2
 
@@ -35,6 +35,7 @@ MAX_TOOL_SCHEMA_BYTES = 64 * 1024
 MAX_TOOLS_TOTAL_BYTES = 1024 * 1024
 MAX_TOOL_RESULTS = 128
 MAX_REQUEST_ID = 128
+MAX_ID_LENGTH = 128
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 20
 FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -51,8 +52,19 @@ def _valid_id(value: str, prefix: str) -> bool:
     False also for a few ids resource_id accepts (a trailing newline), which it then decides."""
     pattern = _VALID_IDS.get(prefix)
     if pattern is None:
-        pattern = _VALID_IDS[prefix] = re.compile(re.escape(prefix) + r"_[A-Za-z0-9_-]+")
-    return len(value) <= 128 and pattern.fullmatch(value) is not None
+        pattern = _VALID_IDS[prefix] = _id_pattern(prefix)
+    return len(value) <= MAX_ID_LENGTH and pattern.fullmatch(value) is not None
+
+
+def _id_pattern(prefix: str) -> re.Pattern[str]:
+    body = MAX_ID_LENGTH - len(prefix) - 1  # the whole id at most MAX_ID_LENGTH characters
+    return re.compile(f"{re.escape(prefix)}_[A-Za-z0-9_-]{{1,{body}}}")
+
+
+def id_test(prefix: str) -> Callable[[str], object]:
+    """_valid_id for one type, bound once: a truthy match for a well-formed id (the length
+    bound is in the pattern), None for anything require_id must then decide."""
+    return _id_pattern(prefix).fullmatch
 
 
 # The numbers of each enum type, read once (EnumTypeWrapper.values() builds a list a call).
@@ -90,7 +102,7 @@ class Validator:
             if required:
                 self.add(field, "is required")
             return
-        if not ids.has_prefix(value, prefix) or len(value) > 128 or not ID_BODY.match(value):
+        if not ids.has_prefix(value, prefix) or len(value) > MAX_ID_LENGTH or not ID_BODY.match(value):
             self.add(field, f"must be an id starting with '{prefix}_'")
 
     def text(self, field: str, value: str, limit: int) -> None:

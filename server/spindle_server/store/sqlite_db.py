@@ -100,7 +100,7 @@ class SqliteDatabase:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sqlite-read")
         self._local = threading.local()
-        self._inline: sqlite3.Connection | None = None
+        self._inline: sqlite3.Cursor | None = None  # read_rows_now's, on the event loop's connection
         self._reader_connections: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
         self._lock_file: Any = None
@@ -194,32 +194,50 @@ class SqliteDatabase:
 
     async def read_row(self, sql: str, args: tuple[Any, ...]) -> Any:
         """The first row of one SELECT (None if it finds none): lookups by key, every Get."""
-        rows = await self.read_rows(sql, args)
+        rows = self.read_rows_now(sql, args)
+        if rows is None:
+            rows = await self.read_rows_in_pool(sql, args)
         return rows[0] if rows else None
 
     async def read_rows(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         """Every row of one SELECT: lookups by key (every Get) and a run's few rows (its
-        thread's messages and its steps, read by each turn).
+        thread's messages and its steps, read by each turn). On the event loop's connection
+        (`read_rows_now`), in the reader pool when the database is busy."""
+        rows = self.read_rows_now(sql, args)
+        if rows is None:
+            rows = await self.read_rows_in_pool(sql, args)
+        return rows
 
-        Run on the event loop's own thread: such a read takes a few microseconds and a hop
-        to the reader pool costs more than the query (BENCHMARKS.md, rpc-speed). That
-        connection never waits for a lock (busy_timeout 0), since waiting there would stall
-        every call of the server: when the database is busy the read goes to the pool, whose
-        connections may wait. No BEGIN/COMMIT around it: one statement in autocommit is its
-        own read transaction, so its rows come from one snapshot. Its rows are fetched to the
-        end, which resets the statement and so ends that transaction (a statement left mid-way
-        would keep its snapshot open and hold back checkpoints)."""
+    def read_rows_now(self, sql: str, args: tuple[Any, ...]) -> list[Any] | None:
+        """Every row of one SELECT, read at once on the event loop's own thread, or None if the
+        database is busy (the caller then awaits `read_rows_in_pool`, whose connections may
+        wait). Not a coroutine: the hottest read (RunService.Get) costs no coroutine of its own.
+
+        Such a read takes a few microseconds and a hop to the reader pool costs more than the
+        query (BENCHMARKS.md, rpc-speed). That connection never waits for a lock (busy_timeout
+        0), since waiting there would stall every call of the server. No BEGIN/COMMIT around
+        it: one statement in autocommit is its own read transaction, so its rows come from one
+        snapshot, and each read begins a new one (it sees every commit before it). Its rows
+        are fetched to the end, which resets the statement and so ends that transaction (a
+        statement left mid-way would keep its snapshot open and hold back checkpoints). One
+        cursor is kept for it: no cursor object per read."""
         if self._closing:
             raise UnavailableError("the database is closed")
         try:
-            connection = self._inline
-            if connection is None:  # opened here, inside the try: its PRAGMAs can meet a busy file
-                connection = self._inline = self._reader(busy_timeout_ms=0)
-            return connection.execute(sql, args).fetchall()
+            cursor = self._inline
+            if cursor is None:  # opened here, inside the try: its PRAGMAs can meet a busy file
+                cursor = self._inline = self._reader(busy_timeout_ms=0).cursor()
+            return cursor.execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             if not _is_busy(exc):
                 raise unavailable(exc, "read", self.path) from exc
             log.info("sqlite_inline_read_busy", error=str(exc))
+        return None
+
+    async def read_rows_in_pool(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        """`read_rows` on a connection of the reader pool (it may wait out a lock)."""
+        if self._closing:
+            raise UnavailableError("the database is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._readers, self._rows_in_pool, sql, args)
 
