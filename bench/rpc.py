@@ -560,6 +560,37 @@ What remains above the floor is the wrapper, the id check and the read, about 40
 among grpc's work. Create: the main thread now costs about what Get's does; the
 rest is the store's writer thread (80-145 us of CPU a call on its own thread: the insert, the
 commit and the wake-up of the waiting call), which `store/sqlite_db.py` owns.
+
+**Profile, Get's last microseconds.** Measured as server CPU per call (/proc, the whole process
+and its main thread) in alternating 2 s h2load windows (1 connection, 16 streams) on the echo,
+this build and the previous one, medians of 14-16 windows each, while two other benchmarks ran
+(load average 5.5-13): throughput swung, CPU per call held within a few percent. Inside the
+server under that load, the Get handler's own thread CPU (`time.thread_time` around it) was
+30-34 us a call, of which the SQLite read (execute and fetchall) 18-22 us and the run id's check
+4-6 us; the same work costs about 8 us in a tight loop: between grpc's work every line runs with
+cold caches. Each suspect switched off alone, in the same windows: the wrapper (handler
+registered bare) within the noise; grpc's options as the echo's (none), `grpc.http2.bdp_probe`
+off or `grpc.optimization_target` throughput, within the noise; the read replaced by a dict of
+bytes, 20-40 us less; the read replaced by `SELECT 1` on the same connection (the same sqlite3
+calls and GIL releases, no table, no lock) 6 us above no read; the read done twice, 21 us more;
+the read through ctypes holding the GIL, no better (its calls cost more than the GIL's
+hand-offs). `strace -c -f`: the read's two `fcntl` (SQLite's WAL read-mark lock and unlock on
+the -shm file, 2.3 us a pair in a tight loop on this VM) are the only system calls a Get adds to
+the echo's 31 a call. Changed: the read is `SqliteDatabase.read_rows_now`, called at once by
+`SqliteStore.get_run_body` (no coroutine below it; the reader pool still when the file is busy,
+`tests/test_faults_storage.py` shows a Get doing so) on one kept cursor; Get has no response
+serializer (grpc sends the bytes as they are, as the echo does); the run id is one bound regular
+expression (`validation.id_test`) and `ApiKeys.needed` an attribute, not a property. The
+handler's thread CPU in place went 30-34 -> 21-24 us; server CPU per Get 293 -> 287 and 289 ->
+285 us against the echo's 246 and 238 (by CPU 0.84 -> 0.86 and 0.82 -> 0.84; the main thread
+203 -> 191 and 202 -> 193 us against 152 and 151). What is left above the echo, about 40 us: the
+read, 15-20 us in place (SQLite's b-tree and pager code and the two `fcntl`: a WAL reader must
+take and drop a POSIX lock while other processes may open the file, as backups, the sqlite3
+shell and the tests' read-only checks do; SQLite's unix-excl VFS, which keeps the WAL index in
+the heap and makes the read 3.0 us instead of 5-8 in a tight loop, locks every other process
+out, so it was left), the request's parse, the wrapper, the id check and the metrics, 3-5 us
+(10-15 in place), and the larger response and protobuf request the floor row pays too (the
+floor is 0.86-0.97 of the echo by CPU on its own).
 """
 
 
