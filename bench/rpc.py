@@ -581,9 +581,10 @@ the echo's 31 a call. Changed: the read is `SqliteDatabase.read_rows_now`, calle
 `tests/test_faults_storage.py` shows a Get doing so) on one kept cursor; Get has no response
 serializer (grpc sends the bytes as they are, as the echo does); the run id is one bound regular
 expression (`validation.id_test`) and `ApiKeys.needed` an attribute, not a property. The
-handler's thread CPU in place went 30-34 -> 21-24 us; server CPU per Get 293 -> 287 and 289 ->
-285 us against the echo's 246 and 238 (by CPU 0.84 -> 0.86 and 0.82 -> 0.84; the main thread
-203 -> 191 and 202 -> 193 us against 152 and 151). What is left above the echo, about 40 us: the
+handler's thread CPU in place went 30-34 -> 21-24 us; in three runs, server CPU per Get 293 ->
+287, 289 -> 285 and 324 -> 316 us against the echo's 246, 238 and 270 (by CPU 0.84 -> 0.86, 0.82
+-> 0.84 and 0.83 -> 0.85; the main thread 203 -> 191, 202 -> 193 and 219 -> 209 us against 152,
+151 and 170; the floor 286 in the third). What is left above the echo, 40-47 us: the
 read, 15-20 us in place (SQLite's b-tree and pager code and the two `fcntl`: a WAL reader must
 take and drop a POSIX lock while other processes may open the file, as backups, the sqlite3
 shell and the tests' read-only checks do; SQLite's unix-excl VFS, which keeps the WAL index in
