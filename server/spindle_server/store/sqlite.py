@@ -441,32 +441,26 @@ class SqliteStore:
             if max_active_runs is not None:
                 _require_run_quota(conn, project, max_active_runs)
             _insert_messages(conn, project, messages)
-            conn.execute(
-                "INSERT INTO runs(id, project, thread_id, assistant_id, status, labels, body, deadline)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run.id,
-                    project,
-                    run.thread_id,
-                    run.assistant_id,
-                    run.status,
-                    json.dumps(dict(run.labels)),
-                    run.SerializeToString(),
-                    deadline,
-                ),
-            )
-            stored = _append_events(conn, run.id, 0, events)
             if claim is None:
-                conn.execute("UPDATE runs SET next_event_idx = ? WHERE id = ?", (len(stored), run.id))
-                return MutationResult(run, stored)
-            # Its first claim, in the same transaction: the epoch is 1 (a claim increments from 0).
-            conn.execute(
-                "UPDATE runs SET next_event_idx = ?, lease_owner = ?, lease_epoch = 1, lease_expires = ?"
-                " WHERE id = ?",
-                (len(stored), claim.owner, clock.now() + claim.lease_seconds, run.id),
+                _insert_run_row(conn, project, run, deadline, next_event_idx=len(events))
+                return MutationResult(run, _append_events(conn, run.id, 0, events))
+            # Claimed in its insert: the row is written once, already started, with its first
+            # lease (epoch 1: a claim increments from 0), rather than inserted and then updated.
+            started = run_pb2.Run()
+            started.CopyFrom(run)
+            change = _finished_change(claim.mutate(started))
+            expires = 0.0 if change.release_lease else clock.now() + claim.lease_seconds
+            _insert_run_row(
+                conn,
+                project,
+                change.run,
+                deadline if change.deadline is None else change.deadline,
+                next_event_idx=len(events) + len(change.events),
+                lease=("" if change.release_lease else claim.owner, 1, expires),
             )
-            started = _mutate_run(conn, run.id, claim.mutate, epoch=1)
-            return MutationResult(run, stored + started.events, ClaimedRun(started.run, 1))
+            stored = _append_events(conn, run.id, 0, [*events, *change.events])
+            _write_change_rows(conn, project, run.id, change)
+            return MutationResult(run, stored, ClaimedRun(change.run, 1))
 
         return await self._write(write, record, _run_answer, self._publish)
 
@@ -824,23 +818,8 @@ def _mutate_run(
     if _no_op(change, body):
         # E.g. Cancel of a finished run: it is returned as it is, updated_at included.
         return MutationResult(run, [])
-    run.updated_at.CopyFrom(clock.timestamp(clock.now()))
-    for event in change.events:
-        if event.status == run_pb2.RUN_STATUS_UNSPECIFIED:
-            event.status = run.status
-    _insert_messages(conn, row_project, change.messages)
-    for step in change.steps:
-        conn.execute(
-            "INSERT INTO run_steps(id, project, run_id, body) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT(id) DO UPDATE SET body = excluded.body",
-            (step.id, row_project, run_id, step.SerializeToString()),
-        )
-    for step_id, said in change.step_texts.items():
-        conn.execute(
-            "INSERT INTO step_texts(run_id, step_id, said) VALUES (?, ?, ?)"
-            " ON CONFLICT(run_id, step_id) DO UPDATE SET said = excluded.said",
-            (run_id, step_id, said),
-        )
+    _finished_change(change)
+    _write_change_rows(conn, row_project, run_id, change)
     stored = _append_events(conn, run_id, next_index, change.events)
     assignments = "status = ?, body = ?, next_event_idx = ?"
     args: list[Any] = [run.status, run.SerializeToString(), next_index + len(stored)]
@@ -851,6 +830,64 @@ def _mutate_run(
         assignments += ", lease_owner = '', lease_expires = 0"
     conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", [*args, run_id])
     return MutationResult(run, stored)
+
+
+def _finished_change(change: RunChange) -> RunChange:
+    """The change as stored: the run's updated_at now, each event's status the run's unless set."""
+    change.run.updated_at.CopyFrom(clock.timestamp(clock.now()))
+    for event in change.events:
+        if event.status == run_pb2.RUN_STATUS_UNSPECIFIED:
+            event.status = change.run.status
+    return change
+
+
+def _write_change_rows(conn: sqlite3.Connection, project: str, run_id: str, change: RunChange) -> None:
+    """What a change brings besides the run's row and its events: messages, steps, step texts."""
+    _insert_messages(conn, project, change.messages)
+    for step in change.steps:
+        conn.execute(
+            "INSERT INTO run_steps(id, project, run_id, body) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+            (step.id, project, run_id, step.SerializeToString()),
+        )
+    for step_id, said in change.step_texts.items():
+        conn.execute(
+            "INSERT INTO step_texts(run_id, step_id, said) VALUES (?, ?, ?)"
+            " ON CONFLICT(run_id, step_id) DO UPDATE SET said = excluded.said",
+            (run_id, step_id, said),
+        )
+
+
+def _insert_run_row(
+    conn: sqlite3.Connection,
+    project: str,
+    run: run_pb2.Run,
+    deadline: float,
+    *,
+    next_event_idx: int,
+    lease: tuple[str, int, float] | None = None,
+) -> None:
+    """A new run's row; `lease` (owner, epoch, expiry) for a run claimed as it is inserted."""
+    owner, epoch, expires = lease or ("", 0, 0.0)
+    conn.execute(
+        "INSERT INTO runs(id, project, thread_id, assistant_id, status, labels, body, deadline,"
+        " next_event_idx, lease_owner, lease_epoch, lease_expires)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            run.id,
+            project,
+            run.thread_id,
+            run.assistant_id,
+            run.status,
+            json.dumps(dict(run.labels)),
+            run.SerializeToString(),
+            deadline,
+            next_event_idx,
+            owner,
+            epoch,
+            expires,
+        ),
+    )
 
 
 def _no_op(change: RunChange, body: bytes) -> bool:
