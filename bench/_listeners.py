@@ -1,8 +1,10 @@
 """Listener processes for the streaming benchmarks: the load comes from these, never from the
 server's own process, and the same code drives Spindle's Listen and the bare baseline.
 
-`python -m bench._listeners SPEC_JSON` connects, prints `{"event": "ready"}`, waits for a line on
-stdin, then does SPEC's `mode` and prints one JSON line per phase:
+`python -m bench._listeners` reads a SPEC (one JSON line) on stdin, connects, prints `{"event":
+"ready"}`, waits for a line on stdin, then does SPEC's `mode` and prints one JSON line per phase,
+then `{"event": "idle"}`, and reads the next SPEC: the processes are kept and reused
+(`Listeners`), so a phase does not pay for a Python start.
 
 - drain: open `streams` calls at once and read them to their end (raw bytes, no decoding).
 - attach: open `streams` calls and wait until each has its `attached` message (Spindle: the
@@ -18,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -193,65 +197,106 @@ async def _live(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
 MODES = {"drain": _drain, "attach": _attach, "first-delta": _first_delta, "live": _live}
 
 
-async def main(spec: dict[str, Any]) -> None:
-    channel = _channel(spec)
-    await channel.channel_ready()
-    _emit({"event": "ready"})
-    await _line()
-    await MODES[spec["mode"]](spec, channel)
-    await channel.close()
+async def main() -> None:
+    while line := await _line():
+        spec = json.loads(line)
+        channel = _channel(spec)
+        await channel.channel_ready()
+        _emit({"event": "ready"})
+        await _line()
+        await MODES[spec["mode"]](spec, channel)
+        await channel.close()
+        _emit({"event": "idle"})
+
+
+IDLE_SECONDS = 60.0  # how long a finished phase may take to wind down before its process is killed
+
+
+class _Process:
+    """A listener process and the lines it printed (read by a thread of its own, so that a wait
+    for a line can time out)."""
+
+    def __init__(self) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "bench._listeners"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # it ended
+
+    def send(self, line: str) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(line + "\n")
+        self.popen.stdin.flush()
+
+    def read(self, timeout: float | None = None) -> dict[str, Any]:
+        line = self.lines.get(timeout=timeout)
+        if not line:
+            raise RuntimeError(f"listener process {self.popen.pid} ended early")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def wound_down(self) -> bool:
+        """It finished its spec (`idle`) within IDLE_SECONDS, with no line left unread."""
+        try:
+            return self.read(IDLE_SECONDS).get("event") == "idle"
+        except (queue.Empty, RuntimeError):
+            return False
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait()
+        for pipe in (self.popen.stdin, self.popen.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+_idle: list[_Process] = []  # processes that finished their spec, to reuse
 
 
 class Listeners:
     """``with Listeners(specs) as group:`` one process per spec, all ready; `group.go()` starts
-    them at once and `group.read()` collects each one's next JSON line."""
+    them at once and `group.read()` collects each one's next JSON line. Processes that end their
+    spec cleanly are kept for the next group; any other is killed."""
 
     def __init__(self, specs: Sequence[dict[str, Any]]) -> None:
-        self._processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "bench._listeners", json.dumps(spec)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            for spec in specs
-        ]
+        self._processes = [_idle.pop() if _idle else _Process() for _ in specs]
+        for process, spec in zip(self._processes, specs, strict=True):
+            process.send(json.dumps(spec))
 
     def __enter__(self) -> Listeners:
         for message in self.read():
             assert message.get("event") == "ready", message
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         for process in self._processes:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-            for pipe in (process.stdin, process.stdout):
-                if pipe is not None:
-                    pipe.close()
+            if exc_type is None and process.wound_down():
+                _idle.append(process)
+            else:
+                process.stop()
 
     def go(self) -> None:
         for process in self._processes:
-            assert process.stdin is not None
-            process.stdin.write("go\n")
-            process.stdin.flush()
+            process.send("go")
 
     def read(self) -> list[dict[str, Any]]:
-        messages = []
-        for process in self._processes:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"listener process {process.pid} ended early")
-            messages.append(json.loads(line))
-        return messages
+        return [process.read() for process in self._processes]
 
 
 if __name__ == "__main__":
     try:
         import uvloop
 
-        uvloop.run(main(json.loads(sys.argv[1])))
+        uvloop.run(main())
     except ImportError:
-        asyncio.run(main(json.loads(sys.argv[1])))
+        asyncio.run(main())

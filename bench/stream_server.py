@@ -7,6 +7,8 @@ stream shapes Listen has, so each streaming row compares Spindle with what gRPC 
   the shared ticker: an 8-byte wall-clock stamp padded to SIZE bytes (one run, many listeners).
 - Start `COUNT:INTERVAL_MS`: runs the shared ticker: COUNT ticks, INTERVAL_MS apart; then every
   Tick stream ends.
+- Subscribers: how many Tick streams are open (so a load generator that reports nothing until
+  the end, h2load, can be seen attached).
 
 Run as `python -m bench.stream_server`; it prints its port like spindle-server does.
 """
@@ -41,6 +43,7 @@ class Ticker:
 
 
 _ticker = Ticker()
+_subscribers = 0
 
 
 async def _stream(request: bytes, _: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -56,18 +59,27 @@ async def _idle(request: bytes, _: grpc.aio.ServicerContext) -> AsyncIterator[by
 
 
 async def _tick(request: bytes, _: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    global _subscribers
     size = int(request.decode())
     ticker = _ticker
     position = len(ticker.ticks)
-    yield b"attached".ljust(size, b"x")  # the client knows it is subscribed
-    while True:
-        changed = ticker.changed
-        while position < len(ticker.ticks):
-            yield ticker.ticks[position].ljust(size, b"x")
-            position += 1
-        if ticker.ended:
-            return
-        await changed.wait()
+    _subscribers += 1
+    try:
+        yield b"attached".ljust(size, b"x")  # the client knows it is subscribed
+        while True:
+            changed = ticker.changed
+            while position < len(ticker.ticks):
+                yield ticker.ticks[position].ljust(size, b"x")
+                position += 1
+            if ticker.ended:
+                return
+            await changed.wait()
+    finally:
+        _subscribers -= 1
+
+
+async def _subscribers_now(_: bytes, __: grpc.aio.ServicerContext) -> bytes:
+    return str(_subscribers).encode()
 
 
 async def _start(request: bytes, _: grpc.aio.ServicerContext) -> bytes:
@@ -99,6 +111,7 @@ def main() -> None:
         "Idle": grpc.unary_stream_rpc_method_handler(_idle),
         "Tick": grpc.unary_stream_rpc_method_handler(_tick),
         "Start": grpc.unary_unary_rpc_method_handler(_start),
+        "Subscribers": grpc.unary_unary_rpc_method_handler(_subscribers_now),
     }
     serve("bench.Streams", handlers, options())
 
