@@ -33,3 +33,31 @@ async def test_a_fresh_read_does_not_join_a_read_that_began_before_a_commit() ->
     assert list(await early) == [] and list(await joined) == []  # a wake-up's read may join
     assert [event.index for event in await fresh] == [0]
     assert feed.final == 0
+
+
+async def test_listeners_in_step_share_one_framed_batch() -> None:
+    """ListenBatches frames each event once, at publish: a listener given one new event sends
+    the feed's own bytes (the same object for every listener, no per-listener copy), and a
+    backlog joins the framed events into the StreamEventBatch that carries them all."""
+    from spindle_server.api.runs import frame_batches, join_batches
+
+    async def no_store(start: int, limit: int) -> list[run_pb2.StreamEvent]:
+        raise AssertionError("the tail holds every event")
+
+    events = [
+        run_pb2.StreamEvent(run_id="run_1", index=index, type=run_pb2.StreamEvent.PARTIAL_MESSAGE)
+        for index in range(3)
+    ]
+    for index, event in enumerate(events):
+        event.message_delta.text = f"word{index}"
+    feed = RunFeed()
+    feed.publish(events)
+    wires = [event.SerializeToString() for event in events]
+    (one,) = join_batches(await feed.read(2, no_store, framed=True))
+    (again,) = join_batches(await feed.read(2, no_store, framed=True))
+    assert one is again  # shared, not rebuilt per listener
+    assert list(run_pb2.StreamEventBatch.FromString(one).events) == events[2:]
+    (backlog,) = join_batches(await feed.read(0, no_store, framed=True))
+    assert list(run_pb2.StreamEventBatch.FromString(backlog).events) == events
+    assert [backlog] == list(frame_batches(wires))  # the same bytes as framing each wire anew
+    assert list(await feed.read(1, no_store, wire=True)) == wires[1:]

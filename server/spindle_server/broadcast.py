@@ -4,7 +4,9 @@ A feed per watched run keeps a bounded tail of recent events; every listener kee
 own position and reads from the tail (or, behind the tail, from blocks of the store's log that
 the feed reads once for all its listeners). Each event is serialized once, at publish or block
 read, and its bytes are what every listener sends. Publishing wakes the waiters once; a listener
-that does not read slows only itself.
+that does not read slows only itself. ListenBatches' framing of each event (its tag and length in
+a StreamEventBatch) is made once too: a batch is a join of framed events, or one event's framed
+bytes as they are, shared by every listener in step.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ RECHECK_SECONDS = 30.0
 
 Loader = Callable[[int, int], Awaitable[list[run_pb2.StreamEvent]]]
 """Reads up to `limit` stored events of the run from index `start`: (start, limit) -> events."""
-Block = tuple[list[run_pb2.StreamEvent], list[bytes]]
+Block = tuple[list[run_pb2.StreamEvent], list[bytes], list[bytes]]  # events, wires, framed
 
 # Events that come with a change of the run's status; the deltas in between do not.
 _STATUS_EVENTS = frozenset(
@@ -62,6 +64,7 @@ class RunFeed:
         "_block_bytes",
         "_blocks",
         "_changed",
+        "_framed",
         "_loading",
         "_publishes",
         "_recheck",
@@ -76,6 +79,7 @@ class RunFeed:
     def __init__(self) -> None:
         self._tail: list[run_pb2.StreamEvent] = []
         self._wires: list[bytes] = []
+        self._framed: list[bytes] = []
         self._tail_start = 0
         self._changed: asyncio.Future[None] | None = None
         self._status_changed: asyncio.Future[None] | None = None
@@ -120,35 +124,42 @@ class RunFeed:
                 # Out of line (should not happen): restart the tail rather than keep a gap.
                 self._tail.clear()
                 self._wires.clear()
+                self._framed.clear()
             if not self._tail:
                 self._tail_start = event.index
             self._tail.append(event)
-            self._wires.append(event.SerializeToString())
+            wire = event.SerializeToString()
+            self._wires.append(wire)
+            self._framed.append(frame(wire))
             self._note_final(event)
         if len(self._tail) > TAIL_LIMIT:
             drop = len(self._tail) - TAIL_LIMIT
             del self._tail[:drop]
             del self._wires[:drop]
+            del self._framed[:drop]
             self._tail_start += drop
         _resolve(self._changed)
         if any(event.type in _STATUS_EVENTS for event in events):
             _resolve(self._status_changed)
 
-    def cached(self, start: int, wire: bool = False) -> Sequence[Any] | None:
-        """Events (or their wire bytes) from `start` if the tail holds it; None if not."""
+    def cached(self, start: int, wire: bool = False, *, framed: bool = False) -> Sequence[Any] | None:
+        """Events (or their wire bytes, or those framed for a batch) from `start` if the tail
+        holds it; None if not."""
         end = self._tail_start + len(self._tail)
         if self._tail and self._tail_start <= start < end:
-            return (self._wires if wire else self._tail)[start - self._tail_start :]
+            kept = self._framed if framed else self._wires if wire else self._tail
+            return kept[start - self._tail_start :]
         return None
 
     async def read(
-        self, start: int, load: Loader, wire: bool = False, *, fresh: bool = False
+        self, start: int, load: Loader, wire: bool = False, *, framed: bool = False, fresh: bool = False
     ) -> Sequence[Any]:
-        """Events (or wire bytes) from `start` on: from the tail, else from the block of the store
-        that holds `start`, read by one listener for all (empty past the end of the log).
+        """Events (or wire bytes, or `framed` bytes: see `frame`) from `start` on: from the tail,
+        else from the block of the store that holds `start`, read by one listener for all (empty
+        past the end of the log).
         `fresh`: the caller learned of a commit from the store itself, which may be read before
         that commit's publish reaches this feed: a read in flight may predate it, so not joined."""
-        cached = self.cached(start, wire)
+        cached = self.cached(start, wire, framed=framed)
         if cached is not None:
             return cached
         first = start - start % BLOCK
@@ -165,8 +176,8 @@ class RunFeed:
                 task.add_done_callback(self._loaded)
             # shield: a listener that goes away does not cancel the read the others await
             block = await asyncio.shield(task)
-        events, wires = block
-        return (wires if wire else events)[start - first :]
+        events, wires, framings = block
+        return (framings if framed else wires if wire else events)[start - first :]
 
     def _loaded(self, task: asyncio.Task[Block]) -> None:
         for first, (loading, _) in list(self._loading.items()):
@@ -179,22 +190,42 @@ class RunFeed:
         if faults.ENABLED:  # tests hold it to see listeners share one read
             await faults.reached("broadcast.block_read")
         events = await load(first, BLOCK)
-        block: Block = (events, [event.SerializeToString() for event in events])
+        wires = [event.SerializeToString() for event in events]
+        block: Block = (events, wires, [frame(wire) for wire in wires])
         for event in events:
             self._note_final(event)
         if len(events) == BLOCK or self.final is not None:
             # Complete for good (full, or holding the end of the log): keep it for the others,
             # the oldest kept ones first out past the byte budget.
             self._blocks[first] = block
-            self._block_bytes += sum(map(len, block[1]))
+            self._block_bytes += _block_size(block)
             while self._block_bytes > BLOCK_CACHE_BYTES and len(self._blocks) > 1:
                 oldest = next(iter(self._blocks))
-                self._block_bytes -= sum(map(len, self._blocks.pop(oldest)[1]))
+                self._block_bytes -= _block_size(self._blocks.pop(oldest))
         return block
 
     def _note_final(self, event: run_pb2.StreamEvent) -> None:
         if self.final is None and is_terminal(event):
             self.final = event.index
+
+
+def _block_size(block: Block) -> int:
+    return sum(map(len, block[1])) + sum(map(len, block[2]))
+
+
+def frame(wire: bytes) -> bytes:
+    """An event's bytes as one `events` entry of a StreamEventBatch (field 1, length-delimited):
+    a batch message is these joined."""
+    return b"\x0a" + _varint(len(wire)) + wire
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 class EventHub:

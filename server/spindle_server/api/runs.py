@@ -18,7 +18,7 @@ from spindle_server.api.errors import quota_exceeded
 from spindle_server.api.paging import next_page_token, page_query
 from spindle_server.api.threads import messages_from_inputs
 from spindle_server.api.validation import Validator
-from spindle_server.broadcast import EventHub
+from spindle_server.broadcast import EventHub, frame
 from spindle_server.engine import events, transitions
 from spindle_server.engine.engine import Engine, find_tool_step, pending_tool_step
 from spindle_server.limits import DEFAULT_LIMITS, Limits
@@ -403,15 +403,15 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             with self._hub.subscribe(run_id) as feed, metrics.LISTEN_STREAMS.track_inprogress():
                 while True:
                     changed = feed.changed()
-                    batch = await feed.read(next_index, load, wire, fresh=fresh)
+                    batch = await feed.read(next_index, load, wire, framed=batches, fresh=fresh)
                     if batch:
                         final = feed.final  # the terminal event ends the stream
                         ended = final is not None and final < next_index + len(batch)
                         if final is not None and ended:
                             batch = batch[: final + 1 - next_index]
                         if batches:
-                            for framed in frame_batches(batch):
-                                yield framed
+                            for message in join_batches(batch):
+                                yield message
                         else:
                             for item in batch:
                                 yield item
@@ -440,28 +440,28 @@ BATCH_BYTES = 1 << 20
 
 
 def frame_batches(wires: Sequence[bytes]) -> Iterator[bytes]:
-    """StreamEventBatch messages (field 1, length-delimited, once per event) of up to
-    BATCH_BYTES each, built from the events' bytes without decoding them."""
+    """StreamEventBatch messages of up to BATCH_BYTES each, built from the events' bytes
+    without decoding them."""
+    return join_batches([frame(wire) for wire in wires])
+
+
+def join_batches(framed: Sequence[bytes]) -> Iterator[bytes]:
+    """StreamEventBatch messages of up to BATCH_BYTES each from events framed by the feed
+    (`broadcast.frame`, made once for every listener). A lone event is its framed bytes as they
+    are: the same object for every listener in step, no copy."""
+    if len(framed) == 1:
+        yield framed[0]
+        return
     parts: list[bytes] = []
     size = 0
-    for data in wires:
-        framed = b"\x0a" + _varint(len(data)) + data
-        if parts and size + len(framed) > BATCH_BYTES:
+    for data in framed:
+        if parts and size + len(data) > BATCH_BYTES:
             yield b"".join(parts)
             parts, size = [], 0
-        parts.append(framed)
-        size += len(framed)
+        parts.append(data)
+        size += len(data)
     if parts:
         yield b"".join(parts)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def wire_message(message: Message | bytes) -> bytes:
