@@ -1,8 +1,11 @@
-"""The feed's shared block reads: who may join a read in flight, steered with events."""
+"""The run feed: shared block reads (who may join a read in flight, steered with events), framing
+made once for every listener, and each listener's own wake-up."""
 
 from __future__ import annotations
 
 import asyncio
+
+import pytest
 
 from spindle.v1 import run_pb2
 from spindle_server.broadcast import RunFeed
@@ -61,3 +64,36 @@ async def test_listeners_in_step_share_one_framed_batch() -> None:
     assert list(run_pb2.StreamEventBatch.FromString(backlog).events) == events
     assert [backlog] == list(frame_batches(wires))  # the same bytes as framing each wire anew
     assert list(await feed.read(1, no_store, wire=True)) == wires[1:]
+
+
+async def test_a_listener_cancelled_while_waiting_leaves_the_others_waiting() -> None:
+    """Each listener waits on a future of its own (no shared future, no shield): one that goes
+    away mid-wait (its call cancelled) takes its future back, and the next publish still wakes
+    every other listener once."""
+    feed = RunFeed()
+    started = asyncio.Event()
+
+    async def listener() -> int:
+        waiter = feed.changed()
+        assert feed.changed(waiter) is waiter  # unresolved: the same one, not a second
+        wakes = 0
+        try:
+            started.set()
+            await waiter
+            wakes += 1
+        finally:
+            feed.forget(waiter)
+        return wakes
+
+    gone = asyncio.ensure_future(listener())
+    await started.wait()
+    started.clear()
+    staying = asyncio.ensure_future(listener())
+    await started.wait()
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert len(feed._waiters) == 1  # the cancelled listener's future left with it
+    feed.publish([run_pb2.StreamEvent(run_id="run_1", index=0, type=run_pb2.StreamEvent.STATUS)])
+    assert await staying == 1
+    assert not feed._waiters  # woken futures are not kept

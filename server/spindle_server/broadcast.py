@@ -3,8 +3,9 @@
 A feed per watched run keeps a bounded tail of recent events; every listener keeps only its
 own position and reads from the tail (or, behind the tail, from blocks of the store's log that
 the feed reads once for all its listeners). Each event is serialized once, at publish or block
-read, and its bytes are what every listener sends. Publishing wakes the waiters once; a listener
-that does not read slows only itself. ListenBatches' framing of each event (its tag and length in
+read, and its bytes are what every listener sends. Publishing resolves each waiting listener's
+own future once (one wake-up each, no shared future to shield); a listener that does not read
+slows only itself. ListenBatches' framing of each event (its tag and length in
 a StreamEventBatch) is made once too: a batch is a join of framed events, or one event's framed
 bytes as they are, shared by every listener in step.
 """
@@ -63,7 +64,6 @@ class RunFeed:
     __slots__ = (
         "_block_bytes",
         "_blocks",
-        "_changed",
         "_framed",
         "_loading",
         "_publishes",
@@ -71,6 +71,7 @@ class RunFeed:
         "_status_changed",
         "_tail",
         "_tail_start",
+        "_waiters",
         "_wires",
         "final",
         "subscribers",
@@ -81,7 +82,9 @@ class RunFeed:
         self._wires: list[bytes] = []
         self._framed: list[bytes] = []
         self._tail_start = 0
-        self._changed: asyncio.Future[None] | None = None
+        # Each waiting listener's own future (a dict: ordered, and a leaving listener's is removed
+        # at once), all resolved at the next publish.
+        self._waiters: dict[asyncio.Future[None], None] = {}
         self._status_changed: asyncio.Future[None] | None = None
         self._blocks: dict[int, Block] = {}
         self._block_bytes = 0
@@ -92,18 +95,33 @@ class RunFeed:
         self.final: int | None = None  # index of the run's terminal event, once seen
         self.subscribers = 0
 
-    def changed(self) -> asyncio.Future[None]:
-        """A future resolved at the next publish; take it *before* reading, then await it
-        (shielded: it is shared). It is also resolved at least every RECHECK_SECONDS, by one timer
-        for the feed rather than one per listener: an idle listener costs no timer of its own."""
-        self._changed = _next(self._changed)
+    def changed(self, waiter: asyncio.Future[None] | None = None) -> asyncio.Future[None]:
+        """The listener's own future, resolved at the next publish; take it *before* reading, then
+        await it (it is the listener's alone: no shield). Pass back the one it last got: while
+        unresolved it is the same one. Resolved at least every RECHECK_SECONDS too, by one timer
+        for the feed rather than one per listener: an idle listener costs no timer of its own.
+        A listener that leaves gives it back with `forget`."""
+        if waiter is not None and not waiter.done():
+            return waiter
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[waiter] = None
         if self._recheck is None:
             self._recheck = asyncio.get_running_loop().call_later(RECHECK_SECONDS, self._recheck_now)
-        return self._changed
+        return waiter
+
+    def forget(self, waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None:
+            self._waiters.pop(waiter, None)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _recheck_now(self) -> None:
         self._recheck = None
-        _resolve(self._changed)
+        self._wake()
 
     def close(self) -> None:
         """Its last listener left: drop the timer now (it would hold the feed and its tail)."""
@@ -138,7 +156,7 @@ class RunFeed:
             del self._wires[:drop]
             del self._framed[:drop]
             self._tail_start += drop
-        _resolve(self._changed)
+        self._wake()
         if any(event.type in _STATUS_EVENTS for event in events):
             _resolve(self._status_changed)
 

@@ -400,38 +400,47 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             stale = False  # woken without finding events: the run's status may have moved on
             fresh = False  # the log read anew from the store, not through a read in flight
             load = functools.partial(self._store.read_events, run_id)
+            changed: asyncio.Future[None] | None = None
             with self._hub.subscribe(run_id) as feed, metrics.LISTEN_STREAMS.track_inprogress():
-                while True:
-                    changed = feed.changed()
-                    batch = await feed.read(next_index, load, wire, framed=batches, fresh=fresh)
-                    if batch:
-                        final = feed.final  # the terminal event ends the stream
-                        ended = final is not None and final < next_index + len(batch)
-                        if final is not None and ended:
-                            batch = batch[: final + 1 - next_index]
-                        if batches:
-                            for message in join_batches(batch):
-                                yield message
-                        else:
-                            for item in batch:
-                                yield item
-                        if ended:
-                            return
-                        next_index += len(batch)
-                        continue
-                    if stale:
-                        stale = False
-                        status = (await self._store.get_run(project, run_id)).status
-                    if status in TERMINAL_STATUSES:
-                        if fresh:
-                            return  # asked to start past the terminal event
-                        # Its terminal event was committed with this status, maybe after our read
-                        # above began and before its publish reached the feed: read once more,
-                        # from the store itself, before concluding we started past it.
-                        fresh = True
-                        continue
-                    await asyncio.shield(changed)  # shared by the feed's listeners: never cancel it
-                    stale = True
+                try:
+                    while True:
+                        changed = feed.changed(changed)
+                        # The tail answers without a coroutine (each live event, each listener).
+                        batch = feed.cached(next_index, wire, framed=batches)
+                        if batch is None:
+                            batch = await feed.read(next_index, load, wire, framed=batches, fresh=fresh)
+                        if batch:
+                            final = feed.final  # the terminal event ends the stream
+                            ended = final is not None and final < next_index + len(batch)
+                            if final is not None and ended:
+                                batch = batch[: final + 1 - next_index]
+                            if batches and len(batch) == 1:
+                                yield batch[0]  # the feed's framed bytes are the whole message
+                            elif batches:
+                                for message in join_batches(batch):
+                                    yield message
+                            else:
+                                for item in batch:
+                                    yield item
+                            if ended:
+                                return
+                            next_index += len(batch)
+                            continue
+                        if stale:
+                            stale = False
+                            status = (await self._store.get_run(project, run_id)).status
+                        if status in TERMINAL_STATUSES:
+                            if fresh:
+                                return  # asked to start past the terminal event
+                            # Its terminal event was committed with this status, maybe after our read
+                            # above began and before its publish reached the feed: read once more,
+                            # from the store itself, before concluding we started past it.
+                            fresh = True
+                            continue
+                        await changed  # this listener's own: cancelling it touches no other
+                        stale = True
+                finally:
+                    feed.forget(changed)  # it would wait in the feed until the next publish
         finally:
             release()
 
