@@ -47,7 +47,7 @@ def rounds() -> int:
 
 
 def replay_rounds() -> int:
-    return _mode.sized(5, 1)
+    return _mode.sized(3, 1)
 
 
 def replay_words() -> int:
@@ -277,41 +277,38 @@ def replay_rows(spindle: Target, bare: str) -> list[Ratio]:
     for listeners in (1, 50):
         connections = min(listeners, REPLAY_CONNECTIONS)
         per_connection = listeners // connections
-        baselines, rates, batched = [], [], []
-        cpu: dict[str, list[float]] = {"bare": [], "listen": [], "batches": []}
         calls = (
             _h2streams.calls_by_code(spindle.metrics_port, LISTEN),
             _h2streams.calls_by_code(spindle.metrics_port, BATCHES),
         )
-        for _ in range(replay_rounds()):
-            with _cpu(spindle.bare_pid) as used:
-                drained = _h2streams.drain(
-                    bare, STREAM, f"{events}:{DELTA_BYTES}".encode(), connections, per_connection
-                )
-            drained.check(stream_bytes=events * (DELTA_BYTES + 5))
-            baselines.append(listeners * events / drained.seconds)
-            cpu["bare"].append(used() / (listeners * events) * 1e6)
-            with _cpu(spindle.pid) as used:
-                drained = _h2streams.drain(spindle.address, LISTEN, request, connections, per_connection)
-            drained.check(stream_bytes=listen_bytes)
-            rates.append(listeners * events / drained.seconds)
-            cpu["listen"].append(used() / (listeners * events) * 1e6)
-            with _cpu(spindle.pid) as used:
-                drained = _h2streams.drain(spindle.address, BATCHES, request, connections, per_connection)
-            drained.check(stream_bytes=batches_bytes)
-            batched.append(listeners * events / drained.seconds)
-            cpu["batches"].append(used() / (listeners * events) * 1e6)
+        bare_request = f"{events}:{DELTA_BYTES}".encode()
+        shapes = {
+            "bare": (bare, spindle.bare_pid, STREAM, bare_request, events * (DELTA_BYTES + 5)),
+            "listen": (spindle.address, spindle.pid, LISTEN, request, listen_bytes),
+            "batches": (spindle.address, spindle.pid, BATCHES, request, batches_bytes),
+        }
+        rates: dict[str, list[float]] = {name: [] for name in shapes}
+        cpu: dict[str, list[float]] = {name: [] for name in shapes}
+        for number in range(replay_rounds()):
+            order = list(shapes) if number % 2 == 0 else list(reversed(shapes))
+            for name in order:
+                address, pid, method, body, stream_bytes = shapes[name]
+                with _cpu(pid) as used:
+                    drained = _h2streams.drain(address, method, body, connections, per_connection)
+                drained.check(stream_bytes=stream_bytes)
+                rates[name].append(listeners * events / drained.seconds)
+                cpu[name].append(used() / (listeners * events) * 1e6)
         _check_calls(spindle, LISTEN, calls[0], listeners * replay_rounds())
         _check_calls(spindle, BATCHES, calls[1], listeners * replay_rounds())
         what = f"replay of a finished run's {events:,} events to {listeners} new listener(s)"
         load = f"h2load, {connections} connection(s), {per_connection} stream(s) each"
-        baseline = statistics.median(baselines)
+        baseline = statistics.median(rates["bare"])
         bare_cpu = statistics.median(cpu["bare"])
         rows.append(
             Ratio(
                 f"{what}: Listen",
                 "events/s",
-                statistics.median(rates),
+                statistics.median(rates["listen"]),
                 baseline,
                 load,
                 statistics.median(cpu["listen"]),
@@ -322,7 +319,7 @@ def replay_rows(spindle: Target, bare: str) -> list[Ratio]:
             Ratio(
                 f"{what}: ListenBatches (in {batch_messages} message(s))",
                 "events/s",
-                statistics.median(batched),
+                statistics.median(rates["batches"]),
                 baseline,
                 load,
                 statistics.median(cpu["batches"]),
@@ -731,31 +728,43 @@ def markdown(figures: Figures) -> str:
 
 METHOD = """\
 Each row against a bare grpc.aio server (`bench/stream_server.py`, uvloop, raw bytes) started
-in the same run, the two taking turns round by round; ratios are medians of {rounds} rounds. Every
-listener runs in a separate client process (`bench/_listeners.py`, uvloop), which reads raw bytes
-for the throughput rows so that client-side decoding costs both sides alike. Spindle: SQLite,
-builtin model, default flags but `--max-listen-streams-per-project 1000000` (replay: a server with
-`--coalesce-ms 0`, so the log holds one event per word, the worst case).
+in the same run, the two taking turns round by round (the order swapped every round); ratios are
+medians of {rounds} rounds ({replay_rounds} for replay). No listener runs in a server's process.
+Where many streams are read, a C reader drains most of them, so that the readers are not what is
+measured: h2load (`bench/_h2streams.py`) holds server-streaming calls with a pre-encoded request,
+reads every stream to its end with flow-control windows of 2**30-1 bytes (never the server's
+bottleneck) and keeps only counts; h2load cannot see grpc-status, so every h2load stream's DATA
+bytes are checked against what it must carry (exactly, or for ListenBatches the log's bytes in
+5-byte-prefixed messages of any number), and Spindle's own count of the calls by status code must
+show each one OK. The other listeners are Python processes (`bench/_listeners.py`, uvloop, one
+channel each, reused from phase to phase). "Server CPU per event delivered" is the server
+process's CPU time (all threads, /proc) over the phase divided by events x listeners, Spindle's
+and the bare server's: the steadier figure on a shared machine. Spindle: SQLite, builtin model,
+default flags but `--max-listen-streams-per-project 1000000 --metrics-port 0` (replay: a server
+with `--coalesce-ms 0`, so the log holds one event per word, the worst case).
 
 - live: one client creates a run whose reply is {live:,} words and listens from its creation;
   deltas (words) per second from sending Create to reading the last text event, against the bare server
   streaming as many {size}-byte messages to one stream. Text deltas are coalesced into events
   (`--coalesce-ms`, 5 ms): the figure is words delivered, the events that carried them are noted.
-- replay: 1 and 50 new listeners read a finished run's whole log from index 0 (2 client
-  processes for 50) against the bare server streaming as many {size}-byte messages to as many
-  streams. Listen sends one event a message, like the baseline; ListenBatches (additive, same
-  events) sends a backlog in StreamEventBatch messages of up to 1 MiB, events/s counted alike.
-- broadcast: {listeners:,} listeners ({processes} processes) attach to a run waiting for its tool
-  result; the result is submitted and the reply streams at 50 words/s (`/sleep`); latency = when a
-  listener read a text event minus its `created_at` (stamped in the write transaction, so it
-  includes the commit). Once through Listen (a message per event) and once through ListenBatches
-  (a message carries every event the listener has not yet got; the listeners decode each batch
-  and time each text event in it), each on a run of its own. Baseline, measured between the two:
-  the bare server's shared ticker broadcasting a wall-clock stamp every 20 ms to as many streams.
+- replay: 1 and 50 new listeners read a finished run's whole log from index 0, all drained by
+  h2load (1 connection; 2 of 25 streams for 50), against the bare server streaming as many
+  {size}-byte messages to as many streams, drained alike. Listen sends one event a message, like
+  the baseline; ListenBatches (additive, same events) sends a backlog in StreamEventBatch messages
+  of up to 1 MiB, events/s counted alike.
+- broadcast: {listeners:,} listeners attach to a run waiting for its tool result: {h2load:,}
+  streams held by two h2load processes ({connections} connections), and between the two, a
+  sample of {sample} Python listeners ({sample_processes} processes) that decode every message
+  and time every text event. The result is submitted and the reply streams at 50 words/s
+  (`/sleep`); latency = when a sample listener read a text event minus its `created_at` (stamped
+  in the write transaction, so it includes the commit). Once through Listen (a message per event)
+  and once through ListenBatches (a message carries every event the listener has not yet got),
+  each on a run of its own. Baseline, measured between the two with the same readers: the bare
+  server's shared ticker broadcasting a wall-clock stamp every 20 ms to as many streams.
 - first delta: one run at a time; from sending Create to reading the first PARTIAL_MESSAGE of a
   Listen opened right after Create returned.
-- burst: {burst:,} streams opened at once from {processes} processes (one channel each) on a run
-  waiting for a tool result; a stream is attached once it has read the run's TOOL_CALLS event
+- burst: {burst:,} streams opened at once from {processes} Python processes (one channel each) on a
+  run waiting for a tool result; a stream is attached once it has read the run's TOOL_CALLS event
   (bare: its first message). Listen, then ListenBatches (what the Python client opens now).
 
 Source: `bench/fanout.py`. Wait latency (`Run.wait()` after the terminal event) is its own
@@ -771,11 +780,17 @@ def versions() -> str:
 
 
 def section(figures: Figures, machine: str, when: str, elapsed: float) -> str:
+    shape = BroadcastShape.now()
     method = METHOD.format(
         rounds=rounds(),
+        replay_rounds=replay_rounds(),
         live=live_words(),
         size=DELTA_BYTES,
-        listeners=broadcast_listeners(),
+        listeners=shape.listeners,
+        h2load=shape.h2load,
+        connections=H2_CONNECTIONS,
+        sample=shape.sample,
+        sample_processes=sample_processes(),
         processes=burst_processes(),
         burst=burst_streams(),
     )
