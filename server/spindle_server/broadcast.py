@@ -32,7 +32,8 @@ RECHECK_SECONDS = 30.0
 
 Loader = Callable[[int, int], Awaitable[list[run_pb2.StreamEvent]]]
 """Reads up to `limit` stored events of the run from index `start`: (start, limit) -> events."""
-Block = tuple[list[run_pb2.StreamEvent], list[bytes], list[bytes]]  # events, wires, framed
+# A block: its events, their wire bytes and, once a ListenBatches listener asked, framed (`frame`).
+Block = tuple[list[run_pb2.StreamEvent], list[bytes], list[list[bytes]]]
 
 # Events that come with a change of the run's status; the deltas in between do not.
 _STATUS_EVENTS = frozenset(
@@ -195,7 +196,13 @@ class RunFeed:
             # shield: a listener that goes away does not cancel the read the others await
             block = await asyncio.shield(task)
         events, wires, framings = block
-        return (framings if framed else wires if wire else events)[start - first :]
+        if framed:
+            if not framings:  # made for the first ListenBatches reader of the block, kept for all
+                framings.append([frame(data) for data in wires])
+                if self._blocks.get(first) is block:
+                    self._block_bytes += sum(map(len, framings[0]))
+            return framings[0][start - first :]
+        return (wires if wire else events)[start - first :]
 
     def _loaded(self, task: asyncio.Task[Block]) -> None:
         for first, (loading, _) in list(self._loading.items()):
@@ -209,7 +216,7 @@ class RunFeed:
             await faults.reached("broadcast.block_read")
         events = await load(first, BLOCK)
         wires = [event.SerializeToString() for event in events]
-        block: Block = (events, wires, [frame(wire) for wire in wires])
+        block: Block = (events, wires, [])
         for event in events:
             self._note_final(event)
         if len(events) == BLOCK or self.final is not None:
@@ -228,7 +235,7 @@ class RunFeed:
 
 
 def _block_size(block: Block) -> int:
-    return sum(map(len, block[1])) + sum(map(len, block[2]))
+    return sum(map(len, block[1])) + sum(len(data) for framed in block[2] for data in framed)
 
 
 def frame(wire: bytes) -> bytes:
