@@ -804,12 +804,28 @@ def section(figures: Figures, machine: str, when: str, elapsed: float) -> str:
 PROFILE = """\
 ### Profile
 
-The table's run shared the 2 cores with other engineers' benchmarks (load average 15-27):
+The table's run shared the 2 cores with other engineers' benchmarks (load average 6-11):
 absolute rates are a fraction of a quiet run's, so compare rows and ratios of the same run. "The
-quiet run" below is the previous full run (2026-12-06, load average 5 falling to 1). The other
-before/after figures were taken at load 20-40, base code and this code in turn: there, absolute
-rates swung 5-10x between rounds, so compare ratios.
+quiet run" below is an earlier full run (2026-12-06, load average 5 falling to 1). Other
+before/after figures were taken with the two builds (or methods) taking turns at the load
+given; where absolute rates swing between rounds, compare ratios and the server's CPU per event.
 
+- Load generator (this pass). Before, Python reader processes read every stream (4 for the
+  1,000-listener broadcast, 2 for replay) and cost more CPU than the server they measured (one
+  run: 38.5 CPU-s in the readers for 506,441 ListenBatches messages, 23.7 CPU-s in the server).
+  Now h2load (one C process per 450 streams, counts only) holds and drains 900 of the 1,000
+  broadcast streams and every replay stream; 100 Python listeners (2 processes), opened between
+  the two h2load halves, decode and time every event; the bare baseline is read the same way.
+  h2load's streams are checked (DATA bytes per stream, Spindle's calls counted OK by status)
+  since h2load itself counts any HTTP 200. Replay, 50 listeners, Listen/bare: 0.92 with Python
+  readers (last run) -> 1.03 (this table; in 4 more rounds taking turns at load 6-11, 0.91-1.40
+  round by round, medians 29.0k against 26.8k events/s, 1.08; server CPU per event 22.1-27.1
+  against the bare server's 21.6-25.9 us). 1 listener:
+  1.59 -> 0.87 here (1.10 in an earlier run at load 5-7): the Python reader had hidden what a lone
+  listener does not share: the feed reads the log's 40 blocks from SQLite, parses each event and
+  serializes it again for this one stream (Spindle 39.0 against bare 26.0 us of server CPU per
+  event; shared by 50 listeners it is 25.8 against 24.1). The lever left is a store read that
+  hands back the stored bytes without parsing them (store/ is another change's); not done here.
 - Replay, py-spy (`py-spy record --native --pid`, 50 listeners): Python frames (servicer,
   interceptor, broadcast) are under 2% of the server's samples; the rest is the event loop and
   grpc in C, the same shape as the bare server (sendmsg 33-37%, the loop's wake-up writes
@@ -843,39 +859,39 @@ rates swung 5-10x between rounds, so compare ratios.
   delta that does not wait for its own commit, which would send a client text that a crash could
   take back. Loaded, p99 is the machine's stalls (fsync p90 3.7
   ms, max 20 ms).
-- Broadcast, 1,000 listeners at 50 events/s. Listen sends one message per event per listener,
-  50,000 messages/s; with four reader processes on the same 2 cores neither side keeps up and the
-  backlog grows for the whole 20 s (quiet run: p99 5.0 s, bare 7.7 s). ListenBatches follows the
-  run on the same path (`_follow(..., batches=True)`) and does coalesce per listener under
-  backlog: a listener keeps only its position; each wake-up it reads everything published since
-  (the feed's tail from its position) and frames it as one message, and while gRPC sends that its
-  generator is suspended, so what is published meanwhile goes into its next message. Checked, not
-  assumed: the readers count messages, and text events arrived 1.62 to a message in the
-  table's run (1.53-1.97 in three earlier runs at load 8-21); the server's own lag sets the
-  batch size. Same run, same load, same bare baseline: p99 13.4 s (Listen) -> 120 ms
-  (ListenBatches), 111x lower; p50 7.3 s -> 46 ms; the bare ticker p99 21.9 s. Four earlier runs
-  at load 6-21: ListenBatches p50 41-60 ms, p99 290-1,041 ms against Listen's 8.5-20 s and the
-  bare ticker's 29-44 s. py-spy (`--native`, the server in the ListenBatches phase, load 7):
-  sendmsg 43% of all samples, one per message per stream (gRPC writes each stream's message with
-  a sendmsg of its own; the 250 streams of a connection are not combined), the SQLite writer
-  10%, Python (servicer, feed, framing, interceptor) about 5%: no Python left whose removal would
-  matter. Changed in this pass: the Python client follows runs with ListenBatches, and gRPC
-  drives ListenBatches' `_follow` generator directly, as Listen's (one generator per stream, not
-  two).
-- Why p99 stays above 50 ms here: the measured limit is the readers and the machine, not the
-  server's schedule. (1) A reader that falls behind does not push back: HTTP/2 flow control lets
-  64 KB or more per stream be in flight, some 700 one-event messages (14 s at 50 events/s), so
-  the server sees a slow reader only when it is behind itself, and coalesces only then. (2) The
-  readers cost more per message than the server: in one run the 4 reader processes used 38.5
-  CPU-s for 506,441 ListenBatches messages (the server 23.7 CPU-s) and 39.6 CPU-s for the bare
-  ticker's 1,000,000: they take what CPU they get, and the replay rows show 2 reader processes
-  draining at most 42k raw messages/s in the quiet run (19.9k in this one). (3) A smaller
-  broadcast, loaded alike: 250 listeners (12,500 events/s, 1.00 event a message: the
-  server keeps up) p50 18 ms, p99 178 ms at load 11. p99 <= 50 ms for 1,000 Python listeners on
-  these 2 cores would need each listener to get at most about 20 messages/s, 2.5 events each,
-  that is events held back 20-40 ms (the whole budget) before the machine's stalls, or readers
-  and server on cores of their own. Holding events back on purpose (a minimum interval between
-  a listener's messages) would trade every listener's latency for that, so it was left out.
+- Broadcast, 1,000 listeners at 50 events/s, read by h2load and the Python sample. Listen
+  sends one message per event per listener, 50,000 messages/s: here p50 4.1 s, p99 6.1 s, and
+  the bare ticker, the same readers, p50 5.3 s, p99 12.0 s: with cheap readers it is gRPC itself
+  that cannot send 50,000 messages/s on this machine (23.2 us of server CPU per message, 1.16
+  cores). ListenBatches follows the run on the same path (`_follow(..., batches=True)`) and
+  coalesces per listener under backlog: a listener keeps only its position; each wake-up it reads
+  everything published since and sends it as one message; while gRPC sends that, what is
+  published goes into its next message (1.34 events a message here, counted from h2load's bytes).
+  Here p50 26.2 ms, p99 84.5 ms. This pass's first run (old server code, new readers, load 7):
+  p50 20.9 ms, p99 117 ms. py-spy (`--native`, that run): sendmsg 35% of the samples (one per
+  message per stream: gRPC does not combine the streams of a connection), the loop's wake-up
+  writes 9%, the SQLite writer 8%, Python frames (servicer, feed, interceptor) under 3%.
+  Per listener per event, before: one wake-up through the feed's shared future and a shield (an
+  extra callback hop and future per wait), a read coroutine, and the event framed into a
+  StreamEventBatch (tag, length, copy) for each listener. Serialization was already once per event.
+  Changed: the feed frames each event once (at publish, or at the first ListenBatches read of a
+  block) and a lone new event is sent as the feed's own bytes, shared by every listener in step;
+  each waiting listener awaits a future of its own, resolved once per publish (no shield); a tail
+  read is a plain call. The Python path alone (1,000 listeners, 300 events, no gRPC, process CPU,
+  5 runs each, alternating, load 7-8): median 13.8 -> 10.5 us per listener per event. At the
+  server, old and new builds alternating (ListenBatches, 3 rounds each, load 5-9): server CPU per
+  message 32.0/37.3/33.8 us old, 34.0/36.0/37.6 us new; p50 24.5/43.8/33.4 ms old,
+  21.3/33.2/31.9 new; p99 68/537/381 ms old, 83/317/227 new: no change the noise does not cover.
+  gRPC's send per message per stream is the server's cost, at about 1.5x the bare server's
+  per message here (more bytes a message when it carries 1.3-1.5 events, plus the interceptor's
+  and the feed's Python).
+- Why p99 stays above 50 ms: with the readers out of the way the limit is the server's CPU on a
+  shared machine. 1,000 listeners at 1.3-1.5 events a message are 33,000-38,000 messages/s at
+  about 34 us each, 1.1-1.3 cores; at load 5-11 on 2 cores the server gets less, lags, and
+  coalesces, so p99 moved with the load from 68 ms to 537 ms in the runs above (p50 21-44 ms).
+  Reaching 50 ms needs about 1.3 cores for the server alone, or fewer messages per listener, that
+  is events held back on purpose (a minimum interval between a listener's messages), which would
+  add that interval to every listener's latency; it was left out.
 - `Run.wait()` rides ListenBatches now (the stream is only its trigger). Its latency, A/B in
   one client process, 60 runs each taking turns (load 3): ListenBatches p50 2.8 ms, p99 9.6 ms;
   Listen p50 3.0 ms, p99 13.0 ms. The wait-latency table's p99 is the worst of 25 samples on
@@ -888,9 +904,11 @@ rates swung 5-10x between rounds, so compare ratios.
   none was lost in the last three full runs (one earlier run of this branch, before that flag,
   lost 5,543 at load 30-40; the section now prints why streams are lost). Server memory per idle
   stream (10,000 at once, load 20-40): base code 32.3 KB; an idle stream now keeps the run's id
-  and status instead of the whole Run (29.2 KB) and awaits the feed's shared future, shielded,
-  woken by one recheck timer per feed instead of a timer and waiter per listener (28.1 KB; bare
-  19.7-20.7 KB); the quiet run: 25.2 KB, bare 20.4 KB. What is left beyond the bare stream is
+  and status instead of the whole Run (29.2 KB) and is woken by one recheck timer per feed
+  instead of a timer and waiter per listener (28.1 KB; bare 19.7-20.7 KB); the quiet run: 25.2
+  KB, bare 20.4 KB. It now waits on a future of its own instead of a shield around the feed's
+  shared one: 22.7 KB (Listen) and 26.5 KB (ListenBatches) in this table, bare 19.8 KB (23.3,
+  27.3 and 20.5 KB in the last run). What is left beyond the bare stream is
   the call's interceptor (its generator, metadata dict and handler per call) and Listen's own
   generator frame. ListenBatches (the client's stream now) had a second generator around
   `_follow`; it is one now, and its idle stream costs 27.5 KB in the table (measured on a server
