@@ -20,7 +20,6 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from bench import h2load
 
@@ -96,17 +95,10 @@ class Streams:
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self._process is not None and self._process.poll() is None:
+        if self._process is not None:  # not finished: the block failed
             self._process.kill()
-        self._close()
-
-    def _close(self) -> None:
-        if self._process is not None:
-            self._process.wait()
-            for pipe in (self._process.stdout, self._process.stderr):
-                pipe_: IO[str] | None = pipe
-                if pipe_ is not None:
-                    pipe_.close()
+            self._process.communicate()
+            self._process = None
         self._body.close()
 
     def finish(self, timeout: float = 600.0) -> Drained:
