@@ -820,12 +820,13 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   since h2load itself counts any HTTP 200. Replay, 50 listeners, Listen/bare: 0.92 with Python
   readers (last run) -> 1.03 (this table; in 4 more rounds taking turns at load 6-11, 0.91-1.40
   round by round, medians 29.0k against 26.8k events/s, 1.08; server CPU per event 22.1-27.1
-  against the bare server's 21.6-25.9 us). 1 listener:
-  1.59 -> 0.87 here (1.10 in an earlier run at load 5-7): the Python reader had hidden what a lone
-  listener does not share: the feed reads the log's 40 blocks from SQLite, parses each event and
-  serializes it again for this one stream (Spindle 39.0 against bare 26.0 us of server CPU per
-  event; shared by 50 listeners it is 25.8 against 24.1). The lever left is a store read that
-  hands back the stored bytes without parsing them (store/ is another change's); not done here.
+  against the bare server's 21.6-25.9 us). 1 listener: 1.59 with the Python reader -> 0.87 here
+  (1.10 in an earlier run at load 5-7), not reliably >= 0.95: a lone listener costs the server
+  39.0 us of CPU per event against the bare stream's 26.0 (43.0 against 33.0 in that earlier run),
+  where 50 listeners cost 25.8 against 24.1. Not taken apart yet: what a lone listener does not
+  share (the store reads of the log's 40 blocks, each event parsed and serialized again) measures
+  about 1 us per event in isolation (protobuf parse + serialize 0.73 us), and the idle server
+  uses 0.4% of a core, so neither explains the 13 us.
 - Replay, py-spy (`py-spy record --native --pid`, 50 listeners): Python frames (servicer,
   interceptor, broadcast) are under 2% of the server's samples; the rest is the event loop and
   grpc in C, the same shape as the bare server (sendmsg 33-37%, the loop's wake-up writes
