@@ -166,6 +166,12 @@ _GET_BY_ID = {
 }
 _GET_RUN = _GET_BY_ID["runs"]
 _THREAD_MESSAGES = "SELECT body FROM messages WHERE thread_id = ? ORDER BY seq"
+# A message, inserted only if its thread exists in the project and has no active run.
+_INSERT_MESSAGE_CHECKED = (
+    "INSERT INTO messages(id, project, thread_id, run_id, body)"
+    " SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM threads WHERE id = ? AND project = ?)"
+    f" AND NOT EXISTS (SELECT 1 FROM runs WHERE thread_id = ? AND status IN ({_ACTIVE}))"
+)
 _RUN_STEPS = "SELECT body FROM run_steps WHERE run_id = ? ORDER BY seq"
 _READ_EVENTS = "SELECT body FROM run_events WHERE run_id = ? AND idx >= ? ORDER BY idx LIMIT ?"
 
@@ -225,10 +231,13 @@ class SqliteStore:
         record: RequestKey | None,
         answer: Callable[[T], bytes],
         after_commit: Callable[[T], None] | None = None,
+        *,
+        atomic: bool = False,
     ) -> T:
-        """`fn` in one transaction with `record`'s answer (`answer(result)`): both commit or neither."""
+        """`fn` in one transaction with `record`'s answer (`answer(result)`): both commit or neither.
+        `atomic`: `fn` alone is one statement (SqliteDatabase.write); with a record it is not."""
         if record is None:
-            return await self.db.write(fn, after_commit)
+            return await self.db.write(fn, after_commit, atomic=atomic)
 
         def write(conn: sqlite3.Connection) -> T:
             # Checked first, inside the transaction: a twin that committed (or was queued ahead
@@ -396,12 +405,19 @@ class SqliteStore:
     async def insert_message(
         self, project: str, message: message_pb2.Message, *, record: RequestKey | None = None
     ) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            _require_thread(conn, project, message.thread_id)
-            _require_no_active_run(conn, message.thread_id, "add a message")
-            _insert_messages(conn, project, [message])
+        body = message.SerializeToString()
+        thread_id = message.thread_id
+        row = (message.id, project, thread_id, message.run_id, body, thread_id, project, thread_id)
 
-        await self._write(write, record, lambda _: message.SerializeToString())
+        def write(conn: sqlite3.Connection) -> None:
+            # One statement, the thread's existence and the active-run rule inside it; the
+            # checks that say why run only when it inserted nothing.
+            if conn.execute(_INSERT_MESSAGE_CHECKED, row).rowcount == 0:
+                _require_thread(conn, project, thread_id)
+                _require_no_active_run(conn, thread_id, "add a message")
+                raise AssertionError("a message insert was refused for no known reason")
+
+        await self._write(write, record, lambda _: body, atomic=True)
 
     async def get_message(self, project: str, message_id: str) -> message_pb2.Message:
         return await self._get("messages", message_pb2.Message, "message", project, message_id)

@@ -89,6 +89,9 @@ class _Write:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
     after_commit: Callable[[Any], None] | None
+    # One statement changes the database, or `fn` raises before any does: SQLite undoes a
+    # failed statement by itself, so the write needs no SAVEPOINT of its own.
+    atomic: bool = False
 
 
 class SqliteDatabase:
@@ -177,12 +180,19 @@ class SqliteDatabase:
         self,
         fn: Callable[[sqlite3.Connection], T],
         after_commit: Callable[[T], None] | None = None,
+        *,
+        atomic: bool = False,
     ) -> T:
-        """Run `fn` in the next batch; `after_commit(result)` runs in the loop before the caller resumes."""
+        """Run `fn` in the next batch; `after_commit(result)` runs in the loop before the caller resumes.
+
+        `atomic`: `fn` changes the database with one statement at most, and raises only before
+        it or from it. Such a write runs without a SAVEPOINT of its own: two statements fewer
+        on the writer thread, each a release and a retake of the interpreter lock, which the
+        busy event loop holds (BENCHMARKS.md, rpc-speed: a durable Create)."""
         if self._closing or self._writer is None or self._loop is None:
             raise UnavailableError("the database is closed")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Write(fn, future, after_commit))
+        self._queue.put(_Write(fn, future, after_commit, atomic))
         return await future
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -315,6 +325,9 @@ class SqliteDatabase:
                 connection.execute("ROLLBACK")
             connection.execute("BEGIN IMMEDIATE")
             for write in batch:
+                if write.atomic:
+                    outcomes.append(_run_atomic(connection, write, self.path))
+                    continue
                 connection.execute("SAVEPOINT op")
                 try:
                     outcomes.append((True, write.fn(connection)))
@@ -355,6 +368,21 @@ class SqliteDatabase:
                 write.future.set_result(value)
             else:
                 write.future.set_exception(value)
+
+
+def _run_atomic(connection: sqlite3.Connection, write: _Write, path: Path) -> tuple[bool, Any]:
+    """An atomic write's outcome. A failed statement is undone by SQLite itself and the batch's
+    transaction goes on; an error that ended the transaction (SQLite rolls the whole transaction
+    back on some I/O and full-disk errors) leaves, failing the whole batch as a failed COMMIT
+    does, since the writes before this one are gone too."""
+    try:
+        return True, write.fn(connection)
+    except Exception as exc:  # the caller gets it; the rest of the batch goes on
+        if isinstance(exc, sqlite3.Error) and not connection.in_transaction:
+            raise
+        if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O: not a bug
+            exc = unavailable(exc, "write", path)
+        return False, exc
 
 
 def _in_read_transaction(connection: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
