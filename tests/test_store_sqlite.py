@@ -116,7 +116,9 @@ async def test_the_answer_commits_with_the_change_and_a_replay_changes_nothing(s
     with pytest.raises(RequestReplayed) as replayed:
         await store.insert_run(PROJECT, new_run("run_2"), [], clock.now() + 60, [], record=request_key())
     assert replayed.value.record == stored
-    runs = await store.list_runs(PROJECT, RunFilter(thread_id="thread_1"), PageQuery(limit=10))
+    runs = await store.list_runs(
+        PROJECT, RunFilter(thread_id="thread_1"), PageQuery(limit=10, descending=False)
+    )
     assert [r.id for r in runs.items] == ["run_1"]
 
 
@@ -131,7 +133,7 @@ async def test_queued_twins_apply_once_and_share_the_answer(store: SqliteStore) 
     assert all(isinstance(r, RequestReplayed) for r in results[1:])
     answers = {r.record.response for r in results[1:] if isinstance(r, RequestReplayed)}
     assert answers == {twins[0].SerializeToString()}
-    page = await store.list_messages(PROJECT, "thread_1", PageQuery(limit=10))
+    page = await store.list_messages(PROJECT, "thread_1", PageQuery(limit=10, descending=False))
     assert [m.id for m in page.items] == ["msg_0"]
 
 
@@ -251,7 +253,7 @@ async def test_pages_follow_the_cursor(store: SqliteStore) -> None:
     assert [t.id for t in first.items] == ["thread_0", "thread_1"] and first.next_seq is not None
     rest = await store.list_threads(PROJECT, PageQuery(limit=10, after_seq=first.next_seq, descending=False))
     assert [t.id for t in rest.items] == ["thread_2", "thread_3", "thread_4"] and rest.next_seq is None
-    assert (await store.list_threads("other", PageQuery(limit=10))).items == []
+    assert (await store.list_threads("other", PageQuery(limit=10, descending=False))).items == []
 
 
 async def test_the_database_has_one_owner(tmp_path: Path) -> None:
@@ -281,3 +283,57 @@ async def test_a_lookup_reads_the_latest_commit_and_keeps_no_snapshot(store: Sql
         await store.get_run("other", "run_1")
     assert (await store.get_last_run(PROJECT, "thread_1")).labels == {"k": "v"}
     assert await store.db.checkpoint()
+
+
+def _message(message_id: str, thread_id: str) -> message_pb2.Message:
+    return message_pb2.Message(id=message_id, thread_id=thread_id, role=message_pb2.USER)
+
+
+async def test_a_batch_of_messages_is_one_commit_and_each_gets_its_own_answer(store: SqliteStore) -> None:
+    """Messages queued in one turn of the loop are one statement in one commit; one refused
+    (no such thread, another project's thread, an active run, an id taken) fails alone."""
+    for thread_id in ("thread_a", "thread_b"):
+        await store.insert_thread(PROJECT, thread_pb2.Thread(id=thread_id), [])
+    await queued_run(store, "thread_busy", "run_busy")
+    await store.insert_message(PROJECT, _message("msg_taken", "thread_a"))
+    writes = [
+        (PROJECT, _message("msg_1", "thread_a")),
+        (PROJECT, _message("msg_2", "thread_missing")),
+        (PROJECT, _message("msg_3", "thread_b")),
+        ("other", _message("msg_4", "thread_a")),
+        (PROJECT, _message("msg_5", "thread_busy")),
+        (PROJECT, _message("msg_6", "thread_a")),
+    ]
+    batches = store.db.batches
+    outcomes = await asyncio.gather(*(store.insert_message(p, m) for p, m in writes), return_exceptions=True)
+    assert store.db.batches == batches + 1
+    assert outcomes[0] is None and outcomes[2] is None and outcomes[5] is None
+    assert isinstance(outcomes[1], NotFoundError) and isinstance(outcomes[3], NotFoundError)
+    assert isinstance(outcomes[4], StateError) and outcomes[4].reason == "THREAD_HAS_ACTIVE_RUN"
+    in_a = await store.list_messages(PROJECT, "thread_a", PageQuery(limit=10, descending=False))
+    assert [m.id for m in in_a.items] == ["msg_taken", "msg_1", "msg_6"]
+    assert [
+        m.id
+        for m in (await store.list_messages(PROJECT, "thread_b", PageQuery(limit=10, descending=False))).items
+    ] == ["msg_3"]
+
+    # An id taken fails its statement: each message then goes alone, and only that one fails.
+    again = [_message("msg_7", "thread_b"), _message("msg_taken", "thread_b"), _message("msg_8", "thread_b")]
+    outcomes = await asyncio.gather(
+        *(store.insert_message(PROJECT, m) for m in again), return_exceptions=True
+    )
+    assert outcomes[0] is None and outcomes[2] is None and isinstance(outcomes[1], sqlite3.IntegrityError)
+    in_b = await store.list_messages(PROJECT, "thread_b", PageQuery(limit=10, descending=False))
+    assert [m.id for m in in_b.items] == ["msg_3", "msg_7", "msg_8"]
+
+    # Beside other writes, in one transaction: a message sees the thread created before it.
+    batches = store.db.batches
+    await asyncio.gather(
+        store.insert_thread(PROJECT, thread_pb2.Thread(id="thread_c"), []),
+        store.insert_message(PROJECT, _message("msg_9", "thread_c")),
+    )
+    assert store.db.batches == batches + 1
+    assert [
+        m.id
+        for m in (await store.list_messages(PROJECT, "thread_c", PageQuery(limit=10, descending=False))).items
+    ] == ["msg_9"]

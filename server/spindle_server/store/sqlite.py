@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +30,7 @@ from spindle_server.store.base import (
     RunFilter,
     RunMutation,
 )
-from spindle_server.store.errors import FencedError, NotFoundError, QuotaError, StateError
+from spindle_server.store.errors import FencedError, NotFoundError, QuotaError, StateError, StoreError
 from spindle_server.store.sqlite_db import SqliteDatabase
 
 M = TypeVar("M", bound=ProtoMessage)
@@ -166,12 +167,6 @@ _GET_BY_ID = {
 }
 _GET_RUN = _GET_BY_ID["runs"]
 _THREAD_MESSAGES = "SELECT body FROM messages WHERE thread_id = ? ORDER BY seq"
-# A message, inserted only if its thread exists in the project and has no active run.
-_INSERT_MESSAGE_CHECKED = (
-    "INSERT INTO messages(id, project, thread_id, run_id, body)"
-    " SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM threads WHERE id = ? AND project = ?)"
-    f" AND NOT EXISTS (SELECT 1 FROM runs WHERE thread_id = ? AND status IN ({_ACTIVE}))"
-)
 _RUN_STEPS = "SELECT body FROM run_steps WHERE run_id = ? ORDER BY seq"
 _READ_EVENTS = "SELECT body FROM run_events WHERE run_id = ? AND idx >= ? ORDER BY idx LIMIT ?"
 
@@ -231,13 +226,10 @@ class SqliteStore:
         record: RequestKey | None,
         answer: Callable[[T], bytes],
         after_commit: Callable[[T], None] | None = None,
-        *,
-        atomic: bool = False,
     ) -> T:
-        """`fn` in one transaction with `record`'s answer (`answer(result)`): both commit or neither.
-        `atomic`: `fn` alone is one statement (SqliteDatabase.write); with a record it is not."""
+        """`fn` in one transaction with `record`'s answer (`answer(result)`): both commit or neither."""
         if record is None:
-            return await self.db.write(fn, after_commit, atomic=atomic)
+            return await self.db.write(fn, after_commit)
 
         def write(conn: sqlite3.Connection) -> T:
             # Checked first, inside the transaction: a twin that committed (or was queued ahead
@@ -406,18 +398,17 @@ class SqliteStore:
         self, project: str, message: message_pb2.Message, *, record: RequestKey | None = None
     ) -> None:
         body = message.SerializeToString()
-        thread_id = message.thread_id
-        row = (message.id, project, thread_id, message.run_id, body, thread_id, project, thread_id)
+        row = (message.id, project, message.thread_id, message.run_id, body)
+        if record is None:
+            await self.db.write_row(_insert_messages_checked, row)
+            return
 
         def write(conn: sqlite3.Connection) -> None:
-            # One statement, the thread's existence and the active-run rule inside it; the
-            # checks that say why run only when it inserted nothing.
-            if conn.execute(_INSERT_MESSAGE_CHECKED, row).rowcount == 0:
-                _require_thread(conn, project, thread_id)
-                _require_no_active_run(conn, thread_id, "add a message")
-                raise AssertionError("a message insert was refused for no known reason")
+            ((ok, failure),) = _insert_messages_checked(conn, [row])
+            if not ok:
+                raise failure
 
-        await self._write(write, record, lambda _: body, atomic=True)
+        await self._write(write, record, lambda _: body)
 
     async def get_message(self, project: str, message_id: str) -> message_pb2.Message:
         return await self._get("messages", message_pb2.Message, "message", project, message_id)
@@ -778,6 +769,67 @@ def _require_run_quota(conn: sqlite3.Connection, project: str, limit: int) -> No
             f"{active} runs are active; at most {limit} are allowed at once",
             limit,
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _insert_messages_checked_sql(count: int) -> str:
+    """The INSERT of `count` messages (id, project, thread_id, run_id, body), each only if its
+    thread exists in its project and has no active run."""
+    values = ", ".join(["(?, ?, ?, ?, ?)"] * count)
+    return (
+        "INSERT INTO messages(id, project, thread_id, run_id, body)"
+        f" SELECT column1, column2, column3, column4, column5 FROM (VALUES {values}) AS v"
+        " WHERE EXISTS (SELECT 1 FROM threads WHERE id = v.column3 AND project = v.column2)"
+        f" AND NOT EXISTS (SELECT 1 FROM runs WHERE thread_id = v.column3 AND status IN ({_ACTIVE}))"
+    )
+
+
+def _insert_messages_checked(conn: sqlite3.Connection, rows: list[Any]) -> list[tuple[bool, Any]]:
+    """MessageService.Create's writes (SqliteDatabase.write_row): a batch's messages in one
+    statement, the thread's existence and the active-run rule inside it; the checks that say
+    why run only for a message it refused."""
+    try:
+        inserted = conn.execute(
+            _insert_messages_checked_sql(len(rows)), [value for row in rows for value in row]
+        ).rowcount
+    except sqlite3.IntegrityError as exc:  # an id taken (one write's fault): each on its own
+        if len(rows) == 1:
+            return [(False, exc)]
+        return [_insert_message_alone(conn, row) for row in rows]
+    if inserted == len(rows):
+        return [(True, None)] * len(rows)
+    ids = [row[0] for row in rows]
+    stored = {
+        found
+        for (found,) in conn.execute(
+            f"SELECT id FROM messages WHERE id IN ({', '.join('?' * len(ids))})", ids
+        )
+    }
+    return [(True, None) if row[0] in stored else (False, _message_refused(conn, row)) for row in rows]
+
+
+def _insert_message_alone(conn: sqlite3.Connection, row: Any) -> tuple[bool, Any]:
+    """One message of a batch whose statement failed. In autocommit each commits on its own
+    (one failing leaves the others as they are); in a transaction an error that ended it
+    leaves, failing the whole batch."""
+    in_transaction = conn.in_transaction
+    try:
+        ((ok, value),) = _insert_messages_checked(conn, [row])
+    except sqlite3.Error as exc:
+        if in_transaction and not conn.in_transaction:
+            raise
+        return False, exc
+    return ok, value
+
+
+def _message_refused(conn: sqlite3.Connection, row: tuple[str, str, str, str, bytes]) -> Exception:
+    _, project, thread_id, _, _ = row
+    try:
+        _require_thread(conn, project, thread_id)
+        _require_no_active_run(conn, thread_id, "add a message")
+    except StoreError as refusal:
+        return refusal
+    return AssertionError(f"a message for thread {thread_id} was refused for no known reason")
 
 
 def _insert_messages(conn: sqlite3.Connection, project: str, messages: Sequence[message_pb2.Message]) -> None:

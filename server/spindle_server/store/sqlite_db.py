@@ -35,6 +35,7 @@ T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
 MAX_BATCH = 256
+WRITER_STATEMENTS = 1024
 # The WAL is folded into the database every WAL_AUTOCHECKPOINT pages (SQLite's default, made
 # explicit), and when it restarts from the top its file is cut back to JOURNAL_SIZE_LIMIT: so the
 # WAL file stays near max(limit, autocheckpoint pages + one batch) instead of keeping its peak.
@@ -89,16 +90,25 @@ class _Write:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
     after_commit: Callable[[Any], None] | None
-    # One statement changes the database, or `fn` raises before any does: SQLite undoes a
-    # failed statement by itself, so the write needs no SAVEPOINT of its own.
-    atomic: bool = False
+    # A write of rows (write_rows): runs with the writes next to it that have the same `merge`.
+    merge: Merge | None = None
+    row: Any = None
+
+
+# Runs the rows of consecutive writes of one kind as one statement (a multi-row INSERT) and
+# says each one's outcome. That statement is the only change it makes, so it needs no SAVEPOINT
+# (SQLite undoes a failed statement by itself): it raises only when nothing of it was written,
+# or when the error ended the batch's transaction.
+Merge = Callable[[sqlite3.Connection, list[Any]], list[tuple[bool, Any]]]
 
 
 class SqliteDatabase:
     def __init__(self, path: Path, *, readers: int = 4, busy_timeout_ms: int = 5000) -> None:
         self.path = path
         self._busy_timeout_ms = busy_timeout_ms
-        self._queue: queue.SimpleQueue[_Write | object] = queue.SimpleQueue()
+        # The writer's queue holds lists of writes: those one turn of the event loop asked for.
+        self._queue: queue.SimpleQueue[list[_Write] | object] = queue.SimpleQueue()
+        self._pending: list[_Write] = []  # this turn's writes, handed over by _hand_over
         self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="sqlite-read")
@@ -120,7 +130,9 @@ class SqliteDatabase:
             self._lock_file.close()
             raise UnavailableError(f"database {self.path} is owned by another running server") from exc
         self._loop = asyncio.get_running_loop()
-        connection = self._connect()
+        # The writer's statements stay prepared: a batch's multi-row INSERT has one text per
+        # row count (write_row), beyond sqlite3's default cache of 128.
+        connection = self._connect(cached_statements=WRITER_STATEMENTS)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
         connection.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
@@ -134,6 +146,7 @@ class SqliteDatabase:
         # read after the pool's shutdown would be a RuntimeError (INTERNAL) for its caller.
         self._closing = True
         if self._writer is not None:
+            self._hand_over()  # the writes asked for in this turn go before _STOP
             self._queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
@@ -167,8 +180,12 @@ class SqliteDatabase:
 
         return await asyncio.to_thread(run)
 
-    def _connect(self, busy_timeout_ms: int | None = None) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+    def _connect(
+        self, busy_timeout_ms: int | None = None, cached_statements: int = 128
+    ) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, cached_statements=cached_statements
+        )
         timeout = self._busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
         connection.execute(f"PRAGMA busy_timeout={timeout}")
         connection.execute("PRAGMA synchronous=FULL")
@@ -180,20 +197,40 @@ class SqliteDatabase:
         self,
         fn: Callable[[sqlite3.Connection], T],
         after_commit: Callable[[T], None] | None = None,
-        *,
-        atomic: bool = False,
     ) -> T:
-        """Run `fn` in the next batch; `after_commit(result)` runs in the loop before the caller resumes.
+        """Run `fn` in the next batch; `after_commit(result)` runs in the loop before the caller resumes."""
+        return await self._enqueue(_Write(fn, self._future(), after_commit))
 
-        `atomic`: `fn` changes the database with one statement at most, and raises only before
-        it or from it. Such a write runs without a SAVEPOINT of its own: two statements fewer
-        on the writer thread, each a release and a retake of the interpreter lock, which the
-        busy event loop holds (BENCHMARKS.md, rpc-speed: a durable Create)."""
+    async def write_row(self, merge: Merge, row: Any) -> Any:
+        """Write `row` in the next batch with `merge` (see Merge), in one statement with the
+        rows of the writes queued next to it with the same `merge`; its outcome's value.
+
+        The writer thread runs each statement with the interpreter lock released and must
+        take it back from the busy event loop after it: a batch of N such writes is one
+        statement instead of N, each with a SAVEPOINT and its RELEASE (BENCHMARKS.md,
+        rpc-speed: a durable MessageService.Create)."""
+        return await self._enqueue(_Write(_no_fn, self._future(), None, merge, row))
+
+    def _future(self) -> asyncio.Future[Any]:
         if self._closing or self._writer is None or self._loop is None:
             raise UnavailableError("the database is closed")
-        future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Write(fn, future, after_commit, atomic))
-        return await future
+        return self._loop.create_future()
+
+    async def _enqueue(self, write: _Write) -> Any:
+        assert self._loop is not None
+        self._pending.append(write)
+        if len(self._pending) == 1:
+            self._loop.call_soon(self._hand_over)
+        return await write.future
+
+    def _hand_over(self) -> None:
+        """Gives the writer the writes this turn of the event loop asked for, in one piece:
+        calls that arrived together commit together (when the writer is idle it would start a
+        commit with the first and leave the rest to the next one), and the writer is woken
+        once a turn, not once a write."""
+        if self._pending:
+            self._queue.put(self._pending)
+            self._pending = []
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in one read transaction (one snapshot) on a connection of the reader pool."""
@@ -279,8 +316,8 @@ class SqliteDatabase:
                 if item is _STOP:
                     stopping = True
                     break
-                assert isinstance(item, _Write)
-                batch.append(item)
+                assert isinstance(item, list)
+                batch.extend(item)  # one turn's writes stay together (MAX_BATCH may be passed by them)
                 if len(batch) >= MAX_BATCH:
                     break
                 try:
@@ -306,8 +343,8 @@ class SqliteDatabase:
             if item is _STOP:
                 stop = True
             else:
-                assert isinstance(item, _Write)
-                failed.append(item)
+                assert isinstance(item, list)
+                failed.extend(item)
         if failed:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._deliver, failed, [(False, failure)] * len(failed))
@@ -323,11 +360,22 @@ class SqliteDatabase:
                 # A failed COMMIT whose ROLLBACK failed too: without this, every later batch
                 # would fail on "cannot start a transaction within a transaction".
                 connection.execute("ROLLBACK")
+            groups = _groups(batch)
+            merge, writes = groups[0]
+            if len(groups) == 1 and merge is not None:
+                # Rows of one kind alone: their statement runs in autocommit, its own
+                # transaction, committed (synchronous=FULL: on disk) before it returns. Two
+                # statements fewer than BEGIN ... COMMIT; under a light load most batches are
+                # one call's write. An SQLite error leaves _run_rows (no transaction is open)
+                # and fails them as a failed COMMIT does.
+                outcomes.extend(_run_rows(connection, merge, writes, self.path))
+                return self._answer(batch, outcomes, began, busy)
             connection.execute("BEGIN IMMEDIATE")
-            for write in batch:
-                if write.atomic:
-                    outcomes.append(_run_atomic(connection, write, self.path))
+            for merge, writes in groups:
+                if merge is not None:
+                    outcomes.extend(_run_rows(connection, merge, writes, self.path))
                     continue
+                (write,) = writes
                 connection.execute("SAVEPOINT op")
                 try:
                     outcomes.append((True, write.fn(connection)))
@@ -346,6 +394,15 @@ class SqliteDatabase:
             failure = unavailable(exc, "write", self.path)
             outcomes = [(False, failure)] * len(batch)
             busy = failure if _is_busy(exc) else None
+        return self._answer(batch, outcomes, began, busy)
+
+    def _answer(
+        self,
+        batch: list[_Write],
+        outcomes: list[tuple[bool, Any]],
+        began: float,
+        busy: UnavailableError | None,
+    ) -> UnavailableError | None:
         self.batches += 1
         metrics.record_commit(began, len(batch))
         assert self._loop is not None
@@ -370,19 +427,42 @@ class SqliteDatabase:
                 write.future.set_exception(value)
 
 
-def _run_atomic(connection: sqlite3.Connection, write: _Write, path: Path) -> tuple[bool, Any]:
-    """An atomic write's outcome. A failed statement is undone by SQLite itself and the batch's
-    transaction goes on; an error that ended the transaction (SQLite rolls the whole transaction
-    back on some I/O and full-disk errors) leaves, failing the whole batch as a failed COMMIT
-    does, since the writes before this one are gone too."""
+def _no_fn(connection: sqlite3.Connection) -> None:
+    raise AssertionError("a write of rows runs through its merge")
+
+
+def _groups(batch: list[_Write]) -> list[tuple[Merge | None, list[_Write]]]:
+    """The batch in order, consecutive writes of rows with one merge together, others alone."""
+    groups: list[tuple[Merge | None, list[_Write]]] = []
+    for write in batch:
+        if write.merge is not None and groups and groups[-1][0] is write.merge:
+            groups[-1][1].append(write)
+        else:
+            groups.append((write.merge, [write]))
+    return groups
+
+
+def _run_rows(
+    connection: sqlite3.Connection, merge: Merge, writes: list[_Write], path: Path
+) -> list[tuple[bool, Any]]:
+    """The outcomes of writes of rows. A failed statement is undone by SQLite itself and the
+    batch's transaction goes on; an error that ended the transaction (SQLite rolls the whole
+    transaction back on some I/O and full-disk errors; in autocommit none is open) leaves,
+    failing the whole batch as a failed COMMIT does, since what went before is gone too."""
     try:
-        return True, write.fn(connection)
-    except Exception as exc:  # the caller gets it; the rest of the batch goes on
+        outcomes = merge(connection, [write.row for write in writes])
+        return [
+            (False, unavailable(value, "write", path))
+            if not ok and isinstance(value, sqlite3.OperationalError)
+            else (ok, value)
+            for ok, value in outcomes
+        ]
+    except Exception as exc:  # the callers get it; the rest of the batch goes on
         if isinstance(exc, sqlite3.Error) and not connection.in_transaction:
             raise
         if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O: not a bug
             exc = unavailable(exc, "write", path)
-        return False, exc
+        return [(False, exc)] * len(writes)
 
 
 def _in_read_transaction(connection: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
