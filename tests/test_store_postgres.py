@@ -25,6 +25,7 @@ import test_transitions_store as transition_tests
 from spindle.v1 import message_pb2, run_pb2, thread_pb2
 from spindle_server import clock, faults
 from spindle_server.engine import events, transitions
+from spindle_server.store import pg_schema
 from spindle_server.store.base import PageQuery, RequestKey, RequestReplayed, RunFilter, RunMutation
 from spindle_server.store.errors import FencedError, NotFoundError, QuotaError, StateError, UnavailableError
 from spindle_server.store.postgres import PostgresStore
@@ -474,11 +475,11 @@ async def test_migrations_applied_by_three_replicas_at_once(database: str) -> No
     try:
         await asyncio.gather(*(s.start() for s in stores))
         # Each version once, by one of them.
-        assert sorted(v for s in stores for v in s.migrations_applied) == [1, 2, 3]
+        assert sorted(v for s in stores for v in s.migrations_applied) == VERSIONS
         raw = await asyncpg.connect(database)
         try:
             versions = await raw.fetch("SELECT version FROM schema_migrations ORDER BY version")
-            assert [r[0] for r in versions] == [1, 2, 3]
+            assert [r[0] for r in versions] == VERSIONS
         finally:
             await raw.close()
         await queued_run(stores[2])
@@ -492,6 +493,42 @@ async def test_migrations_applied_by_three_replicas_at_once(database: str) -> No
         assert again.migrations_applied == []
     finally:
         await again.close()
+
+
+VERSIONS = [version for version, _ in pg_schema.MIGRATIONS]
+
+
+async def test_a_database_of_an_earlier_version_gets_the_message_insert(database: str) -> None:
+    """A database left at version 3 (before the one-statement message insert) opens: the
+    function is added, and a message is inserted, or refused for the right reason, through it."""
+    raw = await asyncpg.connect(database)
+    try:
+        async with raw.transaction():
+            await raw.execute(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                " applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            for version, script in pg_schema.MIGRATIONS[:3]:
+                await raw.execute(script)
+                await raw.execute("INSERT INTO schema_migrations VALUES ($1, 0)", version)
+            await raw.execute(
+                "INSERT INTO threads(id, project, body) VALUES ('thread_1', $1, ''::bytea)", PROJECT
+            )
+    finally:
+        await raw.close()
+    store = PostgresStore(database, pool_min=1, pool_max=2)
+    await store.start()
+    try:
+        assert store.migrations_applied == VERSIONS[3:]
+        await store.insert_message(PROJECT, message_pb2.Message(id="msg_1", thread_id="thread_1"))
+        with pytest.raises(NotFoundError):  # another project's thread
+            await store.insert_message("other", message_pb2.Message(id="msg_2", thread_id="thread_1"))
+        with pytest.raises(NotFoundError):
+            await store.insert_message(PROJECT, message_pb2.Message(id="msg_3", thread_id="thread_2"))
+        page = await store.list_messages(PROJECT, "thread_1", PageQuery(limit=10))
+        assert [m.id for m in page.items] == ["msg_1"]
+    finally:
+        await store.close()
 
 
 async def test_an_unreachable_database_is_unavailable(pg_server: str) -> None:

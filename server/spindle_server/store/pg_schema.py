@@ -114,7 +114,45 @@ CREATE TABLE step_texts (
 );
 """
 
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2), (3, _V3))
+# A message's insert as one statement (MessageService.Create): called alone it is its own
+# transaction, one round trip instead of four (BEGIN, the thread's lock, the INSERT, COMMIT).
+# Under READ COMMITTED each statement of a (volatile) PL/pgSQL function takes a new snapshot, so
+# the active-run check after the lock sees what the lock waited for, as it did as a later
+# statement of the client's transaction (postgres._lock_thread). Returns NULL when inserted,
+# '' when the thread is not in the project, else the id of the thread's active run. The active
+# statuses are written in, like the partial index's: a change to them needs a new version.
+INSERT_MESSAGE_FUNCTION = "spindle_insert_message"
+_V4 = f"""
+CREATE FUNCTION {INSERT_MESSAGE_FUNCTION}(
+  m_id TEXT, m_project TEXT, m_thread_id TEXT, m_run_id TEXT, m_body BYTEA
+) RETURNS TEXT LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+  running TEXT;
+BEGIN
+  -- Shared: messages do not conflict with each other, only with a run's start or the thread's
+  -- deletion, which take the row FOR UPDATE.
+  PERFORM 1 FROM threads WHERE id = m_thread_id AND project = m_project FOR SHARE;
+  IF NOT FOUND THEN
+    RETURN '';
+  END IF;
+  LOOP
+    INSERT INTO messages(id, project, thread_id, run_id, body)
+      SELECT m_id, m_project, m_thread_id, m_run_id, m_body
+      WHERE NOT EXISTS (SELECT 1 FROM runs WHERE thread_id = m_thread_id AND status IN ({ACTIVE}));
+    IF FOUND THEN
+      RETURN NULL;
+    END IF;
+    -- Refused: name the run, unless it ended in between (a run's end takes no thread lock).
+    SELECT id INTO running FROM runs WHERE thread_id = m_thread_id AND status IN ({ACTIVE}) LIMIT 1;
+    IF running IS NOT NULL THEN
+      RETURN running;
+    END IF;
+  END LOOP;
+END
+$$;
+"""
+
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2), (3, _V3), (4, _V4))
 
 
 async def migrate(conn: asyncpg.Connection) -> list[int]:
