@@ -594,6 +594,44 @@ out, so it was left), the request's parse, the wrapper, the id check and the met
 floor is 0.86-0.97 of the echo by CPU on its own).
 """
 
+# Written with the change it describes (measured as it says); `make bench` does not re-run it.
+PROFILE_CREATE = """\
+**Profile, durable Create (SQLite).** CPU per thread (`/proc/PID/task/*/stat`) under h2load's
+Create load, the server of this change and main's in alternating 2 s windows with the echo: at
+16 in flight the event loop's thread cost 280-290 us a call (the echo's 170), the store's writer
+thread 120-130, grpc's poller 40-50. The writer's own SQLite work was the smaller part (a commit
+of one message, measured alone: about 140 us of CPU, 55 user and 85 system, most of it the WAL's
+`fdatasync`, and about 10 us for each further message in it; 2-3 writes shared a commit at 16 in
+flight, by `spindle_store_commit_batch_size`). The rest was the interpreter lock: the writer
+let it go and took it back around each statement, five a write (SAVEPOINT, the thread's check,
+the active-run check, the INSERT, RELEASE) plus BEGIN and COMMIT, and each take-back waited for
+the busy event loop (py-spy `--native`: the writer in `pthread_cond_timedwait` nearly as often
+as in `fdatasync`; 2-4 voluntary context switches per call on the writer). Changed
+(`store/sqlite.py`, `store/sqlite_db.py`): a message's insert is one statement with the
+thread's existence and the active-run rule inside it (`INSERT ... SELECT ... WHERE EXISTS
+(thread) AND NOT EXISTS (active run)`; the checks that say why run only for a message it
+refused); the messages one batch commits are one multi-row statement of that kind
+(`SqliteDatabase.write_row`: consecutive writes with one merge function run together, no
+SAVEPOINT, since SQLite undoes a failed statement itself, and a refused message fails alone);
+when they are the whole batch that statement runs in autocommit, its own transaction committed
+with synchronous=FULL before it returns (no BEGIN and COMMIT); and the event loop hands the
+writer each turn's writes as one list (one wake-up a turn). Statements on the writer for a
+batch of N Creates: 5N + 2 -> 1. By how much, median server CPU per call of alternating windows
+(10 of each at load average 6-10; the echo's 268 and 252 us): at 16 in flight 494 -> 456 us
+(by CPU 0.54 -> 0.59 of the echo; the writer thread 123 -> 86 us), at 256 in flight 410 -> 388
+(0.61 -> 0.65; the writer 61 -> 52). Another run of 8 windows at load 5-7: 501 -> 427 us at 16
+(0.53 -> 0.62, calls/s 0.46 -> 0.58 of the echo's), and at 256 no lower CPU (411 -> 445) but
+more calls/s (0.53 -> 0.62): with the lock no longer starving the writer its commits end sooner
+and hold fewer writes (about 28 -> 4 a commit at 256 in flight), so each call pays a larger
+share of an `fdatasync`. What remains at 16 in flight, against the echo: about 110 us on the
+event loop's thread (the unary wrapper, the handler's validation and new message, 15-20 us in
+a tight loop, the hand-over to the writer and the wake-up by its answer) and the writer's
+45-90 us, nearly all the commit: an `fdatasync` and the WAL's frames shared by the 2-3 writes
+that were waiting, a cost of synchronous=FULL that only larger group commits would spread
+further (a wait for more writes before each commit: not done, since every write of the engine
+would wait too).
+"""
+
 
 def reading_postgres(rows: list[Row]) -> str:
     """PostgreSQL against SQLite, row by row, from this run's figures; and why they differ."""
@@ -619,14 +657,16 @@ def reading_postgres(rows: list[Row]) -> str:
 READING_POSTGRES = """\
 Every store call is a round trip to a backend (a `write()` to its socket, a wake-up on its
 answer, asyncpg's protocol) where SQLite's is a function call in the process. A Get is one
-SELECT, one round trip, where SQLite reads in about 5 us. A durable Create is four: BEGIN, the
-thread's row locked `FOR SHARE` (so that no run can start on the thread meanwhile, across
-replicas: a run's start locks it `FOR UPDATE`), the INSERT with the active-run check inside it,
-COMMIT (which waits for the WAL's flush). Messages share the lock, so one thread's Creates commit
-side by side and PostgreSQL's concurrent commits share WAL flushes. Still, a Create's rate is one
-over a chain of round trips between two processes, each a wake-up of the other: on a machine
-whose 2 cores have ten runnable processes, every wake-up waits for a core, and the rate falls
-with the machine's load much more than a rate that CPU alone bounds. A whole run is over twenty
+SELECT, one round trip, where SQLite reads in about 5 us. A durable Create is one too: a call
+of the store's function `spindle_insert_message` (its own transaction), which locks the thread's
+row `FOR SHARE` (so that no run can start on the thread meanwhile, across replicas: a run's start
+locks it `FOR UPDATE`), inserts the message with the active-run check inside the INSERT, and
+commits, waiting for the WAL's flush (it was four round trips: BEGIN, the lock, the INSERT,
+COMMIT; see the Profile). Messages share the lock, so one thread's Creates commit side by side
+and PostgreSQL's concurrent commits share WAL flushes. Still, every round trip is between two
+processes, each a wake-up of the other: on a machine whose 2 cores have ten runnable
+processes, every wake-up waits for a core, and the rate falls with the machine's load much more
+than a rate that CPU alone bounds. A whole run is over twenty
 round trips on PostgreSQL (see "Replicas on one PostgreSQL"): the server spends more CPU per run
 than on SQLite, and PostgreSQL's backends about as much again.
 """
@@ -656,6 +696,18 @@ for it) and checks for an active run inside its INSERT (`INSERT ... SELECT ... W
 EXISTS`, one round trip less). In one rpc-speed run against the echo: Create at 16 in flight
 0.09 -> 0.28 (server CPU per call 1,027 -> 623 us, PostgreSQL's 441 -> 264 us), at 256 in flight
 0.03 -> 0.33 (1,594 -> 630 us, PostgreSQL's 541 -> 262 us).
+Then the round trips themselves (`store/pg_schema.py` version 4, `store/postgres.py`): a
+message's insert is one call of a PL/pgSQL function, `spindle_insert_message`, which takes the
+thread's row `FOR SHARE`, then inserts with the active-run check; each statement of a volatile
+function takes a new snapshot under READ COMMITTED, so the check still sees what the lock
+waited for. Called alone it is its own transaction, committed with the WAL flushed before its
+answer: one round trip instead of four (BEGIN, the lock, the INSERT, COMMIT); with a request_id
+it runs inside the idempotent transaction. Against main, alternating windows (6 each, load
+average 8-11): server CPU per Create 635 -> 457 us at 16 in flight and 622 -> 460 at 256,
+PostgreSQL's 261 -> 174 and 267 -> 182 us. What remains of the server's CPU per Create above
+SQLite's is that one round trip and the pool: asyncpg's acquire and release cost 30-40 us of
+CPU per call over a bare connection (2,000 sequential `SELECT 1`s each way, 58-73 against
+28-36 us), the store's connection wrapper 10-15 more.
 """
 
 
@@ -696,7 +748,7 @@ def section(rows: list[Row], when: str, elapsed: float) -> str:
         f"## RPC speed, as a ratio of a bare grpc.aio server\n\n{method}\n{markdown(rows)}\n\n"
         f"Measured {when} on {machine()}; {versions()}. The whole benchmark took {elapsed:.0f} s.\n\n"
         f"{READING.format(calls=whole.cpu_us / whole.baseline_cpu_us)}\n{reading_floor(rows)}\n"
-        f"{PROFILE}\n{postgres}"
+        f"{PROFILE}\n{PROFILE_CREATE}\n{postgres}"
     )
 
 
