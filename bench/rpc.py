@@ -702,9 +702,11 @@ thread's row `FOR SHARE`, then inserts with the active-run check; each statement
 function takes a new snapshot under READ COMMITTED, so the check still sees what the lock
 waited for. Called alone it is its own transaction, committed with the WAL flushed before its
 answer: one round trip instead of four (BEGIN, the lock, the INSERT, COMMIT); with a request_id
-it runs inside the idempotent transaction. Against main, alternating windows (6 each, load
-average 8-11): server CPU per Create 635 -> 457 us at 16 in flight and 622 -> 460 at 256,
-PostgreSQL's 261 -> 174 and 267 -> 182 us. What remains of the server's CPU per Create above
+it runs inside the idempotent transaction. Against main and the echo, alternating windows (8
+each, load average 9-11): server CPU per Create 669 -> 497 us at 16 in flight (by CPU 0.33 ->
+0.45 of the echo's 223 us; calls/s 0.25 -> 0.27 of the echo's) and 639 -> 484 at 256 (0.38 ->
+0.50; calls/s 0.29 -> 0.34), PostgreSQL's 298 -> 217 and 285 -> 203 us; another run without the
+echo (6 each): 635 -> 457 and 622 -> 460 us, PostgreSQL's 261 -> 174 and 267 -> 182. What remains of the server's CPU per Create above
 SQLite's is that one round trip and the pool: asyncpg's acquire and release cost 30-40 us of
 CPU per call over a bare connection (2,000 sequential `SELECT 1`s each way, 58-73 against
 28-36 us), the store's connection wrapper 10-15 more.
