@@ -90,7 +90,7 @@ class _Write:
     fn: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
     after_commit: Callable[[Any], None] | None
-    # A write of rows (write_rows): runs with the writes next to it that have the same `merge`.
+    # A write of rows (write_row): runs with the writes next to it that have the same `merge`.
     merge: Merge | None = None
     row: Any = None
 
