@@ -616,18 +616,22 @@ SAVEPOINT, since SQLite undoes a failed statement itself, and a refused message 
 when they are the whole batch that statement runs in autocommit, its own transaction committed
 with synchronous=FULL before it returns (no BEGIN and COMMIT); and the event loop hands the
 writer each turn's writes as one list (one wake-up a turn). Statements on the writer for a
-batch of N Creates: 5N + 2 -> 1. By how much, median server CPU per call of alternating windows
-(10 of each at load average 6-10; the echo's 268 and 252 us): at 16 in flight 494 -> 456 us
-(by CPU 0.54 -> 0.59 of the echo; the writer thread 123 -> 86 us), at 256 in flight 410 -> 388
-(0.61 -> 0.65; the writer 61 -> 52). Another run of 8 windows at load 5-7: 501 -> 427 us at 16
-(0.53 -> 0.62, calls/s 0.46 -> 0.58 of the echo's), and at 256 no lower CPU (411 -> 445) but
-more calls/s (0.53 -> 0.62): with the lock no longer starving the writer its commits end sooner
-and hold fewer writes (about 28 -> 4 a commit at 256 in flight), so each call pays a larger
-share of an `fdatasync`. What remains at 16 in flight, against the echo: about 110 us on the
-event loop's thread (the unary wrapper, the handler's validation and new message, 15-20 us in
-a tight loop, the hand-over to the writer and the wake-up by its answer) and the writer's
-45-90 us, nearly all the commit: an `fdatasync` and the WAL's frames shared by the 2-3 writes
-that were waiting, a cost of synchronous=FULL that only larger group commits would spread
+batch of N Creates: 5N + 2 -> 1. By how much, median server CPU per call of alternating 2 s
+windows with main's server and the echo (three runs of 8-10 windows each, load average 2-10):
+at 16 in flight 501 -> 454, 494 -> 456 and 501 -> 427 us against the echo's 259, 268 and 265
+(by CPU 0.52 -> 0.57, 0.54 -> 0.59, 0.53 -> 0.62; calls/s 0.43 -> 0.52, 0.40 -> 0.38 and 0.46
+-> 0.58 of the echo's); the writer thread 133 -> 99, 123 -> 86 and 130 -> 97 us. At 256 in
+flight the CPU per call moved within the noise (404 -> 404, 410 -> 388, 411 -> 445 us: 0.65,
+0.61 -> 0.65, 0.64 -> 0.59 by CPU) and calls/s rose (0.59 -> 0.64, 0.52 -> 0.54, 0.53 ->
+0.62): there many writes already shared each commit's statements. In one 3 s window at 16 in
+flight the writer's CPU per call went 136 -> 80 us (user 64 -> 34, system 72 -> 46) and its
+voluntary context switches 4.4 -> 2.3 a call; the event loop's thread 290 -> 241 us. What
+remains at 16 in flight against the echo: about 95 us on the event loop's thread (the unary
+wrapper, the handler's validation and new message, 15-20 us together in a tight loop, the
+hand-over to the writer and the wake-up by its answer) and the writer's 80-100 us, nearly all
+of it the commit: an `fdatasync` and the WAL's frames for the 2-3 writes that were waiting
+(2-5 writes a commit at 16 in flight and 4-30 at 256 in these runs, main's alike, moving with
+the machine's load), a cost of synchronous=FULL that only larger group commits would spread
 further (a wait for more writes before each commit: not done, since every write of the engine
 would wait too).
 """
@@ -706,10 +710,11 @@ it runs inside the idempotent transaction. Against main and the echo, alternatin
 each, load average 9-11): server CPU per Create 669 -> 497 us at 16 in flight (by CPU 0.33 ->
 0.45 of the echo's 223 us; calls/s 0.25 -> 0.27 of the echo's) and 639 -> 484 at 256 (0.38 ->
 0.50; calls/s 0.29 -> 0.34), PostgreSQL's 298 -> 217 and 285 -> 203 us; another run without the
-echo (6 each): 635 -> 457 and 622 -> 460 us, PostgreSQL's 261 -> 174 and 267 -> 182. What remains of the server's CPU per Create above
-SQLite's is that one round trip and the pool: asyncpg's acquire and release cost 30-40 us of
-CPU per call over a bare connection (2,000 sequential `SELECT 1`s each way, 58-73 against
-28-36 us), the store's connection wrapper 10-15 more.
+echo (6 each): 635 -> 457 and 622 -> 460 us, PostgreSQL's 261 -> 174 and 267 -> 182. What
+remains of the server's CPU per Create above SQLite's is that one round trip and the pool:
+asyncpg's acquire and release cost 30-40 us of CPU per call over a bare connection (2,000
+sequential `SELECT 1`s each way, 58-73 against 28-36 us), the store's connection wrapper 10-15
+more.
 """
 
 
