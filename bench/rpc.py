@@ -623,7 +623,10 @@ at 16 in flight 501 -> 454, 494 -> 456 and 501 -> 427 us against the echo's 259,
 -> 0.58 of the echo's); the writer thread 133 -> 99, 123 -> 86 and 130 -> 97 us. At 256 in
 flight the CPU per call moved within the noise (404 -> 404, 410 -> 388, 411 -> 445 us: 0.65,
 0.61 -> 0.65, 0.64 -> 0.59 by CPU) and calls/s rose (0.59 -> 0.64, 0.52 -> 0.54, 0.53 ->
-0.62): there many writes already shared each commit's statements. In one 3 s window at 16 in
+0.62): there many writes already shared each commit's statements. A fourth run at load
+average 1-3 (8 windows each) had both builds dearer per call (fewer writes share a commit and
+fewer calls a wake-up when the machine is idle): 556 -> 513 us at 16 in flight (0.48 -> 0.52 by
+CPU, the writer 149 -> 107 us) and 477 -> 474 at 256 (0.57; calls/s 0.42 -> 0.60). In one 3 s window at 16 in
 flight the writer's CPU per call went 136 -> 80 us (user 64 -> 34, system 72 -> 46) and its
 voluntary context switches 4.4 -> 2.3 a call; the event loop's thread 290 -> 241 us. What
 remains at 16 in flight against the echo: about 95 us on the event loop's thread (the unary
