@@ -827,15 +827,18 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   the two h2load halves, decode and time every event; the bare baseline is read the same way.
   h2load's streams are checked (DATA bytes per stream, Spindle's calls counted OK by status)
   since h2load itself counts any HTTP 200. Replay, 50 listeners, Listen/bare: 0.92 with Python
-  readers (last run) -> 1.03 (this table; in 4 more rounds taking turns at load 6-11, 0.91-1.40
+  readers (last run) -> 1.03 (that pass's full run; in 4 more rounds taking turns at load 6-11, 0.91-1.40
   round by round, medians 29.0k against 26.8k events/s, 1.08; server CPU per event 22.1-27.1
-  against the bare server's 21.6-25.9 us). 1 listener: 1.59 with the Python reader -> 0.87 here
+  against the bare server's 21.6-25.9 us). 1 listener: 1.59 with the Python reader -> 0.87 in that run
   (1.10 in an earlier run at load 5-7), not reliably >= 0.95: a lone listener costs the server
   39.0 us of CPU per event against the bare stream's 26.0 (43.0 against 33.0 in that earlier run),
   where 50 listeners cost 25.8 against 24.1. Not taken apart yet: what a lone listener does not
   share (the store reads of the log's 40 blocks, each event parsed and serialized again) measures
   about 1 us per event in isolation (protobuf parse + serialize 0.73 us), and the idle server
-  uses 0.4% of a core, so neither explains the 13 us.
+  uses 0.4% of a core, so neither explains the 13 us. The final code's two `make bench` runs
+  (quiet, load 2; 7 rounds for one listener, 3 for 50): 1 listener 0.96 and 0.82 (server CPU per
+  event 63.0/53.0 and 72.0/58.0 us), 50 listeners 0.84 and 0.95 (30.1/25.5 and 22.1/21.0 us):
+  each row met 0.95 in one run and missed it in the other.
 - Replay, py-spy (`py-spy record --native --pid`, 50 listeners): Python frames (servicer,
   interceptor, broadcast) are under 2% of the server's samples; the rest is the event loop and
   grpc in C, the same shape as the bare server (sendmsg 33-37%, the loop's wake-up writes
@@ -888,34 +891,35 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   a 2 ms p50 beyond reach on this machine for Listen, which sends three messages (two status
   changes, then the delta), each awaited by grpc. ListenBatches sends what is there in one
   message: its row is the client SDK's figure.
-- Broadcast, 1,000 listeners at 50 events/s, read by h2load and the Python sample. Listen
-  sends one message per event per listener, 50,000 messages/s: here p50 4.1 s, p99 6.1 s, and
-  the bare ticker, the same readers, p50 5.3 s, p99 12.0 s: with cheap readers it is gRPC itself
-  that cannot send 50,000 messages/s on this machine (23.2 us of server CPU per message, 1.16
-  cores). ListenBatches follows the run on the same path (`_follow(..., batches=True)`) and
-  coalesces per listener under backlog: a listener keeps only its position; each wake-up it reads
-  everything published since and sends it as one message; while gRPC sends that, what is
-  published goes into its next message (1.34 events a message here, counted from h2load's bytes).
-  Here p50 26.2 ms, p99 84.5 ms. This pass's first run (old server code, new readers, load 7):
-  p50 20.9 ms, p99 117 ms. py-spy (`--native`, that run): sendmsg 35% of the samples (one per
-  message per stream: gRPC does not combine the streams of a connection), the loop's wake-up
-  writes 9%, the SQLite writer 8%, Python frames (servicer, feed, interceptor) under 3%.
-  Per listener per event, before: one wake-up through the feed's shared future and a shield (an
-  extra callback hop and future per wait), a read coroutine, and the event framed into a
-  StreamEventBatch (tag, length, copy) for each listener. Serialization was already once per event.
-  Changed: the feed frames each event once (at publish, or at the first ListenBatches read of a
-  block) and a lone new event is sent as the feed's own bytes, shared by every listener in step;
-  each waiting listener awaits a future of its own, resolved once per publish (no shield); a tail
-  read is a plain call. The Python path alone (1,000 listeners, 300 events, no gRPC, process CPU,
-  5 runs each, alternating, load 7-8): median 13.8 -> 10.5 us per listener per event. At the
+- Broadcast, 1,000 listeners at 50 events/s, read by h2load and the Python sample. Listen sends
+  one message per event per listener, 50,000 messages/s: in that pass's run (load 6-11) p50 4.1 s,
+  p99 6.1 s, and the bare ticker, the same readers, p50 5.3 s, p99 12.0 s: with cheap readers it
+  is gRPC itself that cannot send 50,000 messages/s on this machine (23.2 us of server CPU per
+  message, 1.16 cores). ListenBatches follows the run on the same path (`_follow(...,
+  batches=True)`) and coalesces per listener under backlog: a listener keeps only its position;
+  each wake-up it reads everything published since and sends it as one message; while gRPC sends
+  that, what is published goes into its next message (1.34 events a message here, counted from
+  h2load's bytes). In that pass's run p50 26.2 ms, p99 84.5 ms. This pass's first run (old server
+  code, new readers, load 7): p50 20.9 ms, p99 117 ms. py-spy (`--native`, that run): sendmsg 35%
+  of the samples (one per message per stream: gRPC does not combine the streams of a connection),
+  the loop's wake-up writes 9%, the SQLite writer 8%, Python frames (servicer, feed, interceptor)
+  under 3%. Per listener per event, before: one wake-up through the feed's shared future and a
+  shield (an extra callback hop and future per wait), a read coroutine, and the event framed into
+  a StreamEventBatch (tag, length, copy) for each listener. Serialization was already once per
+  event. Changed: the feed frames each event once (at publish, or at the first ListenBatches read
+  of a block) and a lone new event is sent as the feed's own bytes, shared by every listener in
+  step; each waiting listener awaits a future of its own, resolved once per publish (no shield); a
+  tail read is a plain call. The Python path alone (1,000 listeners, 300 events, no gRPC, process
+  CPU, 5 runs each, alternating, load 7-8): median 13.8 -> 10.5 us per listener per event. At the
   server, old and new builds alternating (ListenBatches, 3 rounds each, load 5-9): server CPU per
-  message 32.0/37.3/33.8 us old, 34.0/36.0/37.6 us new; p50 24.5/43.8/33.4 ms old,
-  21.3/33.2/31.9 new; p99 68/537/381 ms old, 83/317/227 new: no change the noise does not cover.
-  gRPC's send per message per stream is the server's cost, at about 1.5x the bare server's
-  per message here (more bytes a message when it carries 1.3-1.5 events, plus the interceptor's
-  and the feed's Python).
-- Why p99 stays above 50 ms: with the readers out of the way the limit is the server's CPU on a
-  shared machine. 1,000 listeners at 1.3-1.5 events a message are 33,000-38,000 messages/s at
+  message 32.0/37.3/33.8 us old, 34.0/36.0/37.6 us new; p50 24.5/43.8/33.4 ms old, 21.3/33.2/31.9
+  new; p99 68/537/381 ms old, 83/317/227 new: no change the noise does not cover. gRPC's send per
+  message per stream is the server's cost, at about 1.5x the bare server's per message here (more
+  bytes a message when it carries 1.3-1.5 events, plus the interceptor's and the feed's Python).
+- Where p99 meets 50 ms and where not: the final code's two `make bench` runs on a quiet machine
+  (load 2) gave ListenBatches p99 55.6 and 47.3 ms (p50 22.0 and 20.8), Listen 3.7 s and 158 ms,
+  the bare ticker 4.0 and 1.7 s. With the readers out of the way the limit is the server's CPU
+  on a shared machine. 1,000 listeners at 1.3-1.5 events a message are 33,000-38,000 messages/s at
   about 34 us each, 1.1-1.3 cores; at load 5-11 on 2 cores the server gets less, lags, and
   coalesces, so p99 moved with the load from 68 ms to 537 ms in the runs above (p50 21-44 ms).
   Reaching 50 ms needs about 1.3 cores for the server alone, or fewer messages per listener, that
@@ -936,7 +940,7 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   and status instead of the whole Run (29.2 KB) and is woken by one recheck timer per feed
   instead of a timer and waiter per listener (28.1 KB; bare 19.7-20.7 KB); the quiet run: 25.2
   KB, bare 20.4 KB. It now waits on a future of its own instead of a shield around the feed's
-  shared one: 22.7 KB (Listen) and 26.5 KB (ListenBatches) in this table, bare 19.8 KB (23.3,
+  shared one: 22.7 KB (Listen) and 26.5 KB (ListenBatches) in that pass's run, bare 19.8 KB (23.3,
   27.3 and 20.5 KB in the last run). What is left beyond the bare stream is
   the call's interceptor (its generator, metadata dict and handler per call) and Listen's own
   generator frame. ListenBatches (the client's stream now) had a second generator around

@@ -278,13 +278,14 @@ Limits on this design (goals not reached, and why):
   where an echo call sends one. The lever left is fewer messages per run: Listen sending the
   events of one commit together (the end's delta, usage and DONE are one commit;
   `ListenBatches` already frames them as one message), which is Listen's code, not the store's.
-- Create -> first PARTIAL_MESSAGE p50 <= 2 ms: the path is now two durable commits in series
-  (the run's insert with its claim; the first delta), each an fsync (this table's mean commit:
-  0.4-1.1 ms in its runs); it was three. The rest of the 3.1 ms p50 (load 5-6) is the Create
-  call's answer, the Listen call and the run task's start (its three key reads and the model's
-  first chunk). A durable first delta cannot be shown before its commit: 2 ms p50 needs both
-  commits and the two calls to fit in it, which this shared machine's fsync does not allow
-  under load.
+- Create -> first PARTIAL_MESSAGE p50 <= 2 ms: the path is two durable commits in series (the
+  run's insert with its claim; the first delta), each an fsync (a commit's mean 0.4-1.1 ms in
+  these runs); it was three. Since then the run's task starts after its Create has answered and
+  a claimed run's row is written once; the final code's two `make bench` runs (quiet, load 2)
+  gave p50 3.9 and 2.8 ms (Listen), 3.7 and 2.6 ms (ListenBatches), p99 at most 7.3 ms. The
+  measured floor (listen-fanout's Profile): the same calls on a bare grpc.aio server take p50
+  1.2-1.4 ms and one synchronous=FULL commit about 0.3 ms, before any of Spindle's own work. A
+  durable first delta cannot be shown before its commit, so 2 ms p50 is out of reach here.
 - SQLite events/s >= 50,000: met in CPU (about 9-10 us an event, over 100,000 per CPU-second,
   plus an fsync per commit of about 900 events); on the wall clock it depends on the neighbours
   of a shared 2-core machine: 66,000-103,000/s in runs at load average 4-6, 40,000/s in an
