@@ -305,28 +305,10 @@ def replay_rows(spindle: Target, bare: str) -> list[Ratio]:
         load = f"h2load, {connections} connection(s), {per_connection} stream(s) each"
         baseline = statistics.median(rates["bare"])
         bare_cpu = statistics.median(cpu["bare"])
-        rows.append(
-            Ratio(
-                f"{what}: Listen",
-                "events/s",
-                statistics.median(rates["listen"]),
-                baseline,
-                load,
-                statistics.median(cpu["listen"]),
-                bare_cpu,
-            )
-        )
-        rows.append(
-            Ratio(
-                f"{what}: ListenBatches (in {batch_messages} message(s))",
-                "events/s",
-                statistics.median(rates["batches"]),
-                baseline,
-                load,
-                statistics.median(cpu["batches"]),
-                bare_cpu,
-            )
-        )
+        methods = {"listen": "Listen", "batches": f"ListenBatches (in {batch_messages} message(s))"}
+        for name, method in methods.items():
+            rate, spent = statistics.median(rates[name]), statistics.median(cpu[name])
+            rows.append(Ratio(f"{what}: {method}", "events/s", rate, baseline, load, spent, bare_cpu))
     return rows
 
 
