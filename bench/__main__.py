@@ -24,7 +24,11 @@ MACHINE = f"{os.cpu_count()} cores, Python {platform.python_version()}, {platfor
 
 def _wait_latency(when: str, started: float) -> str:
     with BenchServer() as server:
-        print(f"wait latency: {wait_latency.samples()} runs per method on {server.address}", flush=True)
+        print(
+            f"wait latency: {wait_latency.samples()} runs per method, {wait_latency.push_samples()} more"
+            f" for the pushed ones, on {server.address}",
+            flush=True,
+        )
         rows = wait_latency.measure(server.address)
     return wait_latency_section(rows, MACHINE, when, time.monotonic() - started)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.wait_latency import Row, reply_seconds, samples
+from bench.wait_latency import Row, push_samples, reply_seconds, samples, short_reply_seconds
 
 HEADER = "# Benchmarks\n\nMeasured by `make bench` (`python -m bench`) against a real server on 127.0.0.1.\n"
 
 
 def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: float) -> str:
     low, high = reply_seconds()
+    short_low, short_high = short_reply_seconds()
     lines = [
         "## How soon `Run.wait()` returns after a run ends",
         "",
@@ -20,7 +21,10 @@ def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: floa
         "poller's phase against the run's end is uniform. The pollers start at the run's creation, like",
         "OpenAI's `create_and_poll` (Get, then sleep the interval, until the status is terminal);",
         "the methods take turns sample by sample, one run at a time, against one server (SQLite).",
-        f"{samples()} runs per method, so p99 is close to the worst sample. Calls per run counts every",
+        f"{samples()} runs per method; the pollers' p99 is close to the worst sample. Then the two methods",
+        f"the server tells, `Run.wait()` and the Wait long-poll, take turns over {push_samples()} more runs",
+        f"each, short ones ({short_low:g}-{short_high:g} s: how soon they learn does not depend on the run's",
+        "length), so that their p99 is not just their worst sample. Calls per run counts every",
         "RPC the method made (Get, ListenBatches, Listen, Wait). Source: `bench/wait_latency.py`.",
         "",
         "| method | runs | p50 (ms) | p99 (ms) | mean (ms) | calls per run |",

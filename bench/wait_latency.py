@@ -5,6 +5,9 @@ Compares ``Run.wait()`` (rides ListenBatches) with the plain polling loops of th
 Each sample is one run of the builtin model that streams its reply over a random 0.1-1.1 s
 (``/sleep``), so a poller's phase against the run's end is uniform, as it is in real use. The
 methods take turns sample by sample, one run at a time, so they share the same conditions.
+Then the methods told by the server (``Run.wait()`` and the Wait long-poll) take turns over many
+more, short runs: their latency does not depend on the run's length, and a p99 needs a hundred
+samples or more to be more than the worst one.
 
 Latency of a sample = the wall-clock time when the method returned, minus the ``created_at`` of
 the run's terminal event (stamped by the server on the same machine).
@@ -29,6 +32,15 @@ SEED = 20260
 
 def samples() -> int:
     return _mode.sized(25, 2)
+
+
+def push_samples() -> int:
+    """Further runs for the methods the server tells (no poller phase to spread)."""
+    return _mode.sized(200, 2)
+
+
+def short_reply_seconds() -> tuple[float, float]:
+    return (_mode.seconds(0.02, 0.01), _mode.seconds(0.06, 0.02))
 
 
 def reply_seconds() -> tuple[float, float]:
@@ -79,6 +91,7 @@ def server_long_poll(client: spindle.Client, run: spindle.Run) -> None:
 class Method:
     name: str
     wait: Waiter
+    pushed: bool  # told by the server: also measured over the short runs
     latencies: list[float] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
 
@@ -99,29 +112,22 @@ def percentile(values: list[float], share: int) -> float:
 
 def measure(address: str, count: int | None = None) -> list[Row]:
     methods = [
-        Method("`Run.wait()` (ListenBatches, fallback Get)", ride_listen),
-        Method("polling Get every 0.5 s", poll_every(0.5)),
-        Method("polling Get every 1 s", poll_every(1.0)),
-        Method("server `Wait` long-poll (`client.runs.wait`)", server_long_poll),
+        Method("`Run.wait()` (ListenBatches, fallback Get)", ride_listen, pushed=True),
+        Method("polling Get every 0.5 s", poll_every(0.5), pushed=False),
+        Method("polling Get every 1 s", poll_every(1.0), pushed=False),
+        Method("server `Wait` long-poll (`client.runs.wait`)", server_long_poll, pushed=True),
     ]
     counter = CallCounter()
     rng = random.Random(SEED)
     with spindle.Client(address, interceptors=[counter]) as client:
-        assistant = client.assistants.create(name="bench")
-        span = reply_seconds()
-        for _ in range(samples() if count is None else count):
-            seconds = rng.uniform(*span)
-            for method in methods:
-                text = f"/sleep {seconds:.3f}\nthe reply of a benchmark run"
-                thread = client.threads.create(messages=[text])
-                run = client.runs.create(thread_id=thread, assistant_id=assistant)
-                before = counter.calls
-                method.wait(client, run)
-                returned = time.time()
-                method.calls.append(counter.calls - before)
-                terminal = list(run.listen(timeout=30))[-1]
-                assert terminal.is_terminal and terminal.created_at is not None
-                method.latencies.append(returned - terminal.created_at.timestamp())
+        assistant = client.assistants.create(name="bench").id
+        rounds = [(methods, reply_seconds(), samples() if count is None else count)]
+        rounds.append(([m for m in methods if m.pushed], short_reply_seconds(), push_samples()))
+        for taking_turns, span, runs in rounds:
+            for _ in range(runs):
+                seconds = rng.uniform(*span)
+                for method in taking_turns:
+                    sample(client, counter, assistant, method, seconds)
     return [
         Row(
             m.name,
@@ -133,3 +139,19 @@ def measure(address: str, count: int | None = None) -> list[Row]:
         )
         for m in methods
     ]
+
+
+def sample(
+    client: spindle.Client, counter: CallCounter, assistant: str, method: Method, seconds: float
+) -> None:
+    """One run whose reply streams over ``seconds``, waited for by ``method``."""
+    text = f"/sleep {seconds:.3f}\nthe reply of a benchmark run"
+    thread = client.threads.create(messages=[text])
+    run = client.runs.create(thread_id=thread, assistant_id=assistant)
+    before = counter.calls
+    method.wait(client, run)
+    returned = time.time()
+    method.calls.append(counter.calls - before)
+    terminal = list(run.listen(timeout=30))[-1]
+    assert terminal.is_terminal and terminal.created_at is not None
+    method.latencies.append(returned - terminal.created_at.timestamp())
