@@ -117,6 +117,9 @@ def test_run_get_that_meets_a_busy_database_reads_in_the_pool(make_server: MakeS
     try:
         run = stubs.wait(stubs.start("hello").id)
         get = run_pb2.GetRunRequest(run_id=run.id)
+        # Wait read the run and kept it in memory; any write empties that cache (sqlite_cache),
+        # so this Get reads the file.
+        stubs.thread("a write")
         with concurrent.futures.ThreadPoolExecutor(1) as pool, LockHolder(server.sqlite_path, "recovering"):
             lookup = pool.submit(stubs.runs.Get, get, timeout=60)
             server.wait_for_log(lambda e: e.get("event") == "sqlite_inline_read_busy", timeout=60)

@@ -176,6 +176,41 @@ def record_commit(began: float, writes: int) -> None:
     STORE_BATCH_WRITES.observe(writes)
 
 
+class CacheCounts:
+    """Lookups in the SQLite store's cache of run bodies (store/sqlite_cache.py), as plain
+    numbers added to on the event loop (no lock, no value object per Get), exported at scrape
+    time by `CacheCollector`."""
+
+    __slots__ = ("hits", "misses")
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+
+
+class CacheCollector:
+    def __init__(self, counts: CacheCounts) -> None:
+        self._counts = counts
+
+    def describe(self) -> Iterable[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "spindle_store_run_cache_lookups",
+            "Run bodies looked up in the SQLite store's memory (RunService.Get), by result:"
+            " hit, or miss (not kept, or a write in flight: read from the file)",
+            labels=["result"],
+        )
+        family.add_metric(["hit"], self._counts.hits)
+        family.add_metric(["miss"], self._counts.misses)
+        return [family]
+
+
+RUN_CACHE = CacheCounts()
+REGISTRY.register(CacheCollector(RUN_CACHE))
+
+
 # ---- model calls (models/*_backend.py) ---------------------------------------------------------
 
 

@@ -165,7 +165,10 @@ _GET_BY_ID = {
     table: f"SELECT body FROM {table} WHERE id = ? AND project = ?"
     for table in ("assistants", "threads", "messages", "runs")
 }
-_GET_RUN = _GET_BY_ID["runs"]
+_GET_RUN = _GET_BY_ID["runs"]  # its arguments (id, project) are the cache's key
+# A fault point that sends RunService.Get's read to the reader pool and holds it there, after
+# the read and before the cache is filled (tests steer a write into that window).
+_POOL_POINT = "store.get_run.after_pool_read"
 _THREAD_MESSAGES = "SELECT body FROM messages WHERE thread_id = ? ORDER BY seq"
 _RUN_STEPS = "SELECT body FROM run_steps WHERE run_id = ? ORDER BY seq"
 _READ_EVENTS = "SELECT body FROM run_events WHERE run_id = ? AND idx >= ? ORDER BY idx LIMIT ?"
@@ -241,7 +244,7 @@ class SqliteStore:
                 faults.reached_sync(f"idempotency.in_transaction:{record.method}")
             return result
 
-        result = await self.db.write(write, after_commit)
+        result = await self.db.write(write, after_commit, fault=record.method)
         record.recorded = True
         return result
 
@@ -472,18 +475,37 @@ class SqliteStore:
         return await self._write(write, record, _run_answer, self._publish)
 
     async def get_run(self, project: str, run_id: str) -> run_pb2.Run:
-        return run_pb2.Run.FromString(await self.get_run_body(project, run_id))
+        key = (run_id, project)
+        body = self.db.cache.get(key)
+        if body is None:
+            body = await self._read_run_body(key, self.db.cache.generation, steered=False)
+        return run_pb2.Run.FromString(body)
 
     async def get_run_body(self, project: str, run_id: str) -> bytes:
-        # The hottest read (RunService.Get): read at once on the loop's connection, with no
+        # The hottest read (RunService.Get): from memory when no write is in flight since it
+        # was read (sqlite_cache); else read at once on the loop's connection, with no
         # coroutine below this one and no parse; the reader pool only if the file is busy.
-        args = (run_id, project)
-        rows = self.db.read_rows_now(_GET_RUN, args)
+        key = (run_id, project)
+        cache = self.db.cache
+        body = cache.get(key)
+        if body is not None:
+            return body
+        return await self._read_run_body(key, cache.generation, faults.ENABLED)
+
+    async def _read_run_body(self, key: tuple[str, str], generation: int, steered: bool) -> bytes:
+        """The body of the run `key` (id, project) from the file, kept in the cache if no write
+        ran since `generation` was taken. `steered`: RunService.Get under fault points: with
+        _POOL_POINT named, its read goes to the pool and is held there after the read, before
+        the fill. Internal reads (get_run) are never steered, so a test counts its own Gets."""
+        rows = None if steered and faults.configured(_POOL_POINT) else self.db.read_rows_now(_GET_RUN, key)
         if rows is None:
-            rows = await self.db.read_rows_in_pool(_GET_RUN, args)
+            rows = await self.db.read_rows_in_pool(_GET_RUN, key)
+            if steered:
+                await faults.reached(_POOL_POINT)
         if not rows:
-            raise NotFoundError("run", run_id)
+            raise NotFoundError("run", key[0])
         body: bytes = rows[0][0]  # a BLOB column: bytes, sent as they are
+        self.db.cache.fill(key, body, generation)
         return body
 
     async def get_run_any_project(self, run_id: str) -> tuple[str, run_pb2.Run]:

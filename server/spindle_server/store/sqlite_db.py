@@ -28,8 +28,9 @@ from typing import Any, TypeVar
 
 import structlog
 
-from spindle_server import metrics
+from spindle_server import faults, metrics
 from spindle_server.store.errors import STORAGE_BUSY, STORAGE_FULL, STORAGE_UNAVAILABLE, UnavailableError
+from spindle_server.store.sqlite_cache import BodyCache
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
@@ -93,6 +94,8 @@ class _Write:
     # A write of rows (write_row): runs with the writes next to it that have the same `merge`.
     merge: Merge | None = None
     row: Any = None
+    # Names the fault point `sqlite.after_commit:FAULT` this write reaches once committed (tests).
+    fault: str = ""
 
 
 # Runs the rows of consecutive writes of one kind as one statement (a multi-row INSERT) and
@@ -119,16 +122,14 @@ class SqliteDatabase:
         self._lock_file: Any = None
         self._closing = False
         self.batches = 0
+        # Stored bodies the event loop may answer from memory: kept coherent by the writer
+        # thread, which every change to the file goes through (see sqlite_cache).
+        self.cache = BodyCache()
 
     def open(self, schema: str) -> None:
         """Take the single-owner lock, set the pragmas, create the schema, start the writer."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(str(self.path) + ".lock", "w")  # noqa: SIM115 - held until close()
-        try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            self._lock_file.close()
-            raise UnavailableError(f"database {self.path} is owned by another running server") from exc
+        self._take_ownership()
         self._loop = asyncio.get_running_loop()
         # The writer's statements stay prepared: a batch's multi-row INSERT has one text per
         # row count (write_row), beyond sqlite3's default cache of 128.
@@ -140,6 +141,38 @@ class SqliteDatabase:
         self._writer = threading.Thread(target=self._write_loop, args=(connection,), name="sqlite-writer")
         self._writer.daemon = True
         self._writer.start()
+
+    def _take_ownership(self) -> None:
+        """One process owns the file (DESIGN.md, Storage): the writer thread is the only way in,
+        which the cache of bodies relies on. A second server (or anything else opening it with
+        this class) is refused here, at start, rather than sharing the file.
+
+        The lock is a flock on a file of its own next to the database, `<db>.lock`, held
+        for the database's life (released by close(), or by the kernel when the process dies,
+        kill -9 included). Not a lock on the database file itself: SQLite takes POSIX (fcntl)
+        locks on it, and closing any descriptor of a file drops all of the process's POSIX
+        locks on that file, so a descriptor of ours on the database would be one more way
+        to lose SQLite's locks. flock locks are apart from fcntl ones, and on a file SQLite
+        never opens they cannot meet its locks: other processes (the sqlite3 shell, backups,
+        the tests' read-only checks) still open the database as SQLite allows."""
+        lock_path = Path(str(self.path) + ".lock")
+        lock_file = open(lock_path, "a+")  # noqa: SIM115 - held until close(); "a+": not truncated
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            lock_file.seek(0)
+            owner = lock_file.read().strip()
+            lock_file.close()
+            pid = f" (pid {owner})" if owner.isdigit() else ""
+            raise UnavailableError(
+                f"database {self.path} is owned by another running server{pid}, which holds"
+                f" {lock_path}: one process owns a SQLite file; stop it or use another --database"
+            ) from exc
+        lock_file.seek(0)
+        lock_file.truncate()
+        lock_file.write(str(os.getpid()))
+        lock_file.flush()
+        self._lock_file = lock_file
 
     async def close(self) -> None:
         # Refuse new work first: a write queued behind _STOP would never be answered, and a
@@ -197,9 +230,12 @@ class SqliteDatabase:
         self,
         fn: Callable[[sqlite3.Connection], T],
         after_commit: Callable[[T], None] | None = None,
+        *,
+        fault: str = "",
     ) -> T:
-        """Run `fn` in the next batch; `after_commit(result)` runs in the loop before the caller resumes."""
-        return await self._enqueue(_Write(fn, self._future(), after_commit))
+        """Run `fn` in the next batch; `after_commit(result)` runs in the loop before the caller
+        resumes. `fault`: the qualifier of the fault point `sqlite.after_commit` (tests)."""
+        return await self._enqueue(_Write(fn, self._future(), after_commit, fault=fault))
 
     async def write_row(self, merge: Merge, row: Any) -> Any:
         """Write `row` in the next batch with `merge` (see Merge), in one statement with the
@@ -325,6 +361,7 @@ class SqliteDatabase:
                 except queue.Empty:
                     break
             if batch:
+                self.cache.writing()  # before anything of the batch runs; `_answer` ends it
                 busy = self._commit_batch(connection, batch)
                 if busy is not None:
                     stopping = self._fail_queued(busy) or stopping
@@ -403,6 +440,13 @@ class SqliteDatabase:
         began: float,
         busy: UnavailableError | None,
     ) -> UnavailableError | None:
+        if faults.ENABLED:  # committed, not yet known to the loop: Gets must read the file
+            for write, (ok, _) in zip(batch, outcomes, strict=True):
+                if ok and write.fault:
+                    faults.reached_sync(f"sqlite.after_commit:{write.fault}")
+        # Before anyone is told of the batch (its callers, listeners): the cache is emptied
+        # and answers again. A batch that failed is a change too (coarse, never wrong).
+        self.cache.written()
         self.batches += 1
         metrics.record_commit(began, len(batch))
         assert self._loop is not None
