@@ -481,6 +481,10 @@ class SqliteStore:
             body = await self._read_run_body(key, self.db.cache.generation, steered=False)
         return run_pb2.Run.FromString(body)
 
+    def kept_run_body(self, project: str, run_id: str) -> bytes | None:
+        """RunService.Get's answer from memory, with no coroutine (sqlite_cache), or None."""
+        return self.db.cache.get((run_id, project))
+
     async def get_run_body(self, project: str, run_id: str) -> bytes:
         # The hottest read (RunService.Get): from memory when no write is in flight since it
         # was read (sqlite_cache); else read at once on the loop's connection, with no
@@ -497,6 +501,7 @@ class SqliteStore:
         ran since `generation` was taken. `steered`: RunService.Get under fault points: with
         _POOL_POINT named, its read goes to the pool and is held there after the read, before
         the fill. Internal reads (get_run) are never steered, so a test counts its own Gets."""
+        self.db.cache.missed()
         rows = None if steered and faults.configured(_POOL_POINT) else self.db.read_rows_now(_GET_RUN, key)
         if rows is None:
             rows = await self.db.read_rows_in_pool(_GET_RUN, key)

@@ -77,14 +77,18 @@ class BodyCache:
     # ---- the event loop's side ---------------------------------------------------------------
 
     def get(self, key: Hashable) -> bytes | None:
-        """The kept body, or None (not kept, or a batch is in flight: read the file)."""
+        """The kept body, or None (not kept, or a batch is in flight: read the file, and count
+        that read with `missed`)."""
         if not self._writing:
             body = self._entries.get(key)
             if body is not None:
                 self._counts.hits += 1
                 return body
-        self._counts.misses += 1
         return None
+
+    def missed(self) -> None:
+        """A body read from the file after `get` had none."""
+        self._counts.misses += 1
 
     @property
     def generation(self) -> int:
