@@ -56,3 +56,14 @@ def test_a_read_that_a_batch_overlapped_is_not_kept() -> None:
     began = cache.generation
     assert cache.fill("run", b"new", began)
     assert cache.get("run") == b"new"
+
+
+def test_a_closed_cache_keeps_and_answers_nothing_even_after_a_last_batch() -> None:
+    cache = BodyCache()
+    cache.fill("run", b"body", cache.generation)
+    cache.close()
+    assert cache.get("run") is None
+    cache.writing()
+    cache.written()  # the writer's last batches, after close began
+    assert not cache.fill("run", b"body", cache.generation)
+    assert cache.get("run") is None

@@ -25,6 +25,9 @@ and then the dict, each one step under the GIL; a batch that begins between the 
 this Get did, which may then answer the state before it, as it may when their order is the
 other way round.
 
+`close()` (the database closing) ends it for good: the writer's last batches do not bring it
+back, and once the owner's lock is let go another process may write the file.
+
 A change another process makes to the file while the server runs (the sqlite3 shell: the
 design does not allow it, nothing stops it) is seen after the next batch, which comes within a
 second on an idle server (the claim loop's poll is a batch).
@@ -48,6 +51,7 @@ MAX_BYTES = 8 * 1024 * 1024
 class BodyCache:
     __slots__ = (
         "_bytes",
+        "_closed",
         "_counts",
         "_entries",
         "_generation",
@@ -63,6 +67,7 @@ class BodyCache:
         self._entries: OrderedDict[Hashable, bytes] = OrderedDict()
         self._bytes = 0  # the sum of the kept bodies' lengths
         self._writing = False
+        self._closed = False
         self._generation = 0
         self._lock = threading.Lock()
         self._counts = metrics.RUN_CACHE
@@ -127,4 +132,11 @@ class BodyCache:
             self._entries.clear()
             self._bytes = 0
             self._generation += 1
-            self._writing = False
+            self._writing = self._closed
+
+    def close(self) -> None:
+        """For good: nothing is answered or kept any more (the database is closing)."""
+        with self._lock:
+            self._closed = self._writing = True
+            self._entries.clear()
+            self._bytes = 0

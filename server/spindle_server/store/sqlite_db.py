@@ -178,6 +178,9 @@ class SqliteDatabase:
         # Refuse new work first: a write queued behind _STOP would never be answered, and a
         # read after the pool's shutdown would be a RuntimeError (INTERNAL) for its caller.
         self._closing = True
+        # And nothing answered from memory: once the lock below is let go, another process
+        # may own the file.
+        self.cache.close()
         if self._writer is not None:
             self._hand_over()  # the writes asked for in this turn go before _STOP
             self._queue.put(_STOP)
