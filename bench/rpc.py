@@ -610,7 +610,10 @@ echo 227. The marking costs every batch two uncontended locks and an empty dict'
 in two A/B runs of 8 and 10 windows, a durable Create at 16 in flight cost 410 -> 396 and
 442 -> 406 us, a whole run 3.08 -> 3.24 and 3.45 -> 3.47 ms (runs/s 113 -> 125 and 125 -> 132),
 all within the windows' spread. Left above the echo, about 18 us: the wrapper's clock and
-metrics, the request's parse and the context variables, mostly paid by the floor too.
+metrics, the request's parse and the context variables, mostly paid by the floor too. `py-spy
+record` (Python frames, 500 Hz, 8 s of h2load's Get load) finds the handler, the wrapper, the
+request's parse and the metrics together in under 1% of the samples: the rest is grpc's and
+uvloop's own code, as in the echo.
 """
 
 # Written with the change it describes (measured as it says); `make bench` does not re-run it.
