@@ -103,6 +103,7 @@ def test_message_roles_and_content(stubs: Stubs) -> None:
         )
     )
     assert user.role == message_pb2.USER and len(user.content) == 2
+    assert user.labels == {"source": "test"} and user.created_at.seconds > 0 and user.id.startswith("msg_")
     assistant_message = stubs.messages.Create(
         message_pb2.CreateMessageRequest(
             thread_id=thread.id, role=message_pb2.ASSISTANT, text="earlier answer"

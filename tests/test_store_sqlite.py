@@ -307,7 +307,9 @@ async def test_a_batch_of_messages_is_one_commit_and_each_gets_its_own_answer(st
     batches = store.db.batches
     outcomes = await asyncio.gather(*(store.insert_message(p, m) for p, m in writes), return_exceptions=True)
     assert store.db.batches == batches + 1
-    assert outcomes[0] is None and outcomes[2] is None and outcomes[5] is None
+    # Each stored message answers its bytes as written (MessageService.Create sends them as they are).
+    for i in (0, 2, 5):
+        assert outcomes[i] == writes[i][1].SerializeToString()
     assert isinstance(outcomes[1], NotFoundError) and isinstance(outcomes[3], NotFoundError)
     assert isinstance(outcomes[4], StateError) and outcomes[4].reason == "THREAD_HAS_ACTIVE_RUN"
     in_a = await store.list_messages(PROJECT, "thread_a", PageQuery(limit=10, descending=False))
@@ -322,7 +324,8 @@ async def test_a_batch_of_messages_is_one_commit_and_each_gets_its_own_answer(st
     outcomes = await asyncio.gather(
         *(store.insert_message(PROJECT, m) for m in again), return_exceptions=True
     )
-    assert outcomes[0] is None and outcomes[2] is None and isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert outcomes[0] == again[0].SerializeToString() and outcomes[2] == again[2].SerializeToString()
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
     in_b = await store.list_messages(PROJECT, "thread_b", PageQuery(limit=10, descending=False))
     assert [m.id for m in in_b.items] == ["msg_3", "msg_7", "msg_8"]
 

@@ -24,7 +24,6 @@ from spindle.v1 import (
     assistant_pb2,
     assistant_pb2_grpc,
     message_pb2,
-    message_pb2_grpc,
     run_pb2,
     thread_pb2,
     thread_pb2_grpc,
@@ -36,7 +35,7 @@ from spindle_server.api.assistants import AssistantServicer
 from spindle_server.api.interceptor import ApiKeys, CallInterceptor
 from spindle_server.api.readiness import ReadinessGate
 from spindle_server.api.runs import RunServicer
-from spindle_server.api.threads import MessageServicer, ThreadServicer
+from spindle_server.api.threads import MessageServicer, ThreadServicer, add_message_service
 from spindle_server.broadcast import EventHub
 from spindle_server.compat.openai.app import OpenAIFacade, Servicers
 from spindle_server.compat.openai.serve import OpenAIEndpoint
@@ -209,7 +208,7 @@ class SpindleServer:
         )
         assistant_pb2_grpc.add_AssistantServiceServicer_to_server(servicers.assistants, api)
         thread_pb2_grpc.add_ThreadServiceServicer_to_server(servicers.threads, api)
-        message_pb2_grpc.add_MessageServiceServicer_to_server(servicers.messages, api)
+        add_message_service(servicers.messages, api)  # Create answers the stored bytes
         runs.add_to_server(servicers.runs, api)  # Listen sends the shared log's bytes
         # No grpc registered methods on this server at all: their presence alone costs every
         # call server CPU (BENCHMARKS.md); health and reflection are found as generic handlers.

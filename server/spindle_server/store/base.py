@@ -212,8 +212,9 @@ class Store(Protocol):
     async def list_threads(self, project: str, query: PageQuery) -> Page[thread_pb2.Thread]: ...
     async def insert_message(
         self, project: str, message: message_pb2.Message, *, record: RequestKey | None = None
-    ) -> None:
-        """StateError while the thread has an active run."""
+    ) -> bytes:
+        """StateError while the thread has an active run. Returns the message as stored (its
+        serialized bytes): MessageService.Create answers them as they are."""
         ...
 
     async def get_message(self, project: str, message_id: str) -> message_pb2.Message: ...

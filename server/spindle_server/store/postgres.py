@@ -400,7 +400,7 @@ class PostgresStore:
 
     async def insert_message(
         self, project: str, message: message_pb2.Message, *, record: RequestKey | None = None
-    ) -> None:
+    ) -> bytes:
         body = message.SerializeToString()
         args = (message.id, project, message.thread_id, message.run_id, body)
 
@@ -409,13 +409,14 @@ class PostgresStore:
 
         if record is not None:
             await self._write(write, record, lambda _: body)
-            return
+            return body
         # Alone, the function's call is its own transaction: committed (the WAL flushed, with
         # synchronous_commit on) before its answer comes back, in one round trip.
         began = time.perf_counter()
         async with self._connection() as conn:
             await write(conn)
         metrics.record_commit(began, 1)
+        return body
 
     async def get_message(self, project: str, message_id: str) -> message_pb2.Message:
         return await self._get("messages", message_pb2.Message, "message", project, message_id)

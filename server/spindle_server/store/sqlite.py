@@ -399,12 +399,12 @@ class SqliteStore:
 
     async def insert_message(
         self, project: str, message: message_pb2.Message, *, record: RequestKey | None = None
-    ) -> None:
+    ) -> bytes:
         body = message.SerializeToString()
         row = (message.id, project, message.thread_id, message.run_id, body)
         if record is None:
             await self.db.write_row(_insert_messages_checked, row)
-            return
+            return body
 
         def write(conn: sqlite3.Connection) -> None:
             ((ok, failure),) = _insert_messages_checked(conn, [row])
@@ -412,6 +412,7 @@ class SqliteStore:
                 raise failure
 
         await self._write(write, record, lambda _: body)
+        return body
 
     async def get_message(self, project: str, message_id: str) -> message_pb2.Message:
         return await self._get("messages", message_pb2.Message, "message", project, message_id)

@@ -240,15 +240,18 @@ class SqliteDatabase:
         resumes. `fault`: the qualifier of the fault point `sqlite.after_commit` (tests)."""
         return await self._enqueue(_Write(fn, self._future(), after_commit, fault=fault))
 
-    async def write_row(self, merge: Merge, row: Any) -> Any:
+    def write_row(self, merge: Merge, row: Any) -> asyncio.Future[Any]:
         """Write `row` in the next batch with `merge` (see Merge), in one statement with the
-        rows of the writes queued next to it with the same `merge`; its outcome's value.
+        rows of the writes queued next to it with the same `merge`; to await: its outcome's value.
 
         The writer thread runs each statement with the interpreter lock released and must
         take it back from the busy event loop after it: a batch of N such writes is one
         statement instead of N, each with a SAVEPOINT and its RELEASE (BENCHMARKS.md,
-        rpc-speed: a durable MessageService.Create)."""
-        return await self._enqueue(_Write(_no_fn, self._future(), None, merge, row))
+        rpc-speed: a durable MessageService.Create). Not a coroutine: the caller awaits the
+        write's future itself, one coroutine fewer on every durable Create."""
+        future = self._future()
+        self._queued(_Write(_no_fn, future, None, merge, row))
+        return future
 
     def _future(self) -> asyncio.Future[Any]:
         if self._closing or self._writer is None or self._loop is None:
@@ -256,11 +259,14 @@ class SqliteDatabase:
         return self._loop.create_future()
 
     async def _enqueue(self, write: _Write) -> Any:
+        self._queued(write)
+        return await write.future
+
+    def _queued(self, write: _Write) -> None:
         assert self._loop is not None
         self._pending.append(write)
         if len(self._pending) == 1:
             self._loop.call_soon(self._hand_over)
-        return await write.future
 
     def _hand_over(self) -> None:
         """Gives the writer the writes this turn of the event loop asked for, in one piece:
