@@ -670,7 +670,7 @@ time (py-spy `--native --idle`, 20 s): 64% waiting for work, 21% waiting to take
 interpreter lock back after a statement, 12% in `fdatasync`; it holds the lock 2% of the time.
 Its CPU is the kernel's: per commit about 10 `pwrite` (5 WAL frames: the messages table, its
 two indexes, and `sqlite_sequence`, since the table is AUTOINCREMENT), 6 `fcntl` (the WAL
-index's locks), the `fdatasync`, and about 3 context switches a call (the wake-up by the queue,
+index's locks), the `fdatasync`, and 2-3 context switches a call (the wake-up by the queue,
 and sqlite3 lets the lock go around the step and again around the reset after it). Nothing in
 it is O(batch) per write: one list a loop turn, one statement and one `call_soon_threadsafe` a
 batch, a future per write (each call's task waits on its own), the statement's text cached by
