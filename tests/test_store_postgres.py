@@ -363,8 +363,9 @@ async def test_one_request_id_from_two_replicas_is_applied_once(
         ),
         return_exceptions=True,
     )
-    applied = [i for i, r in enumerate(results) if r is None]
+    applied = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]
     assert len(applied) == 1, results
+    assert results[applied[0]] == twins[applied[0]].SerializeToString()  # the message as stored
     replays = [r for r in results if isinstance(r, RequestReplayed)]
     assert len(replays) == 9
     assert {r.record.response for r in replays} == {twins[applied[0]].SerializeToString()}

@@ -129,7 +129,7 @@ async def test_queued_twins_apply_once_and_share_the_answer(store: SqliteStore) 
         *(store.insert_message(PROJECT, m, record=request_key(method="messages.create")) for m in twins),
         return_exceptions=True,
     )
-    assert results[0] is None  # queued first, so written first
+    assert results[0] == twins[0].SerializeToString()  # queued first, so written first
     assert all(isinstance(r, RequestReplayed) for r in results[1:])
     answers = {r.record.response for r in results[1:] if isinstance(r, RequestReplayed)}
     assert answers == {twins[0].SerializeToString()}
