@@ -680,11 +680,13 @@ Changed (`api/threads.py`, `store/`): Create answers the message's bytes as the 
 serialize the same message again; without a request_id the handler awaits the write directly
 (no idempotency coroutines), `SqliteDatabase.write_row` returns the write's future (two
 coroutines fewer), and the new message gets its timestamp in place and no empty labels map.
-The handler in a tight loop: 11.0 -> 9.0 us. A/B against main's server, three runs of 8, 10
-and 12 alternating 2 s windows at load average 4-8: server CPU per call at 16 in flight 407 ->
-402, 426 -> 448, 449 -> 401 us (the echo's 219, 257, 254), at 256 in flight 328 -> 314, 310 ->
-345, 378 -> 347 (228, 253, 254): a few percent, within the noise of a busy machine; a whole run
-(Listen) 3,328 -> 3,396 us (128 -> 132 runs/s), the same. At 256 in flight each call was cheaper
+The handler in a tight loop: 11.0 -> 9.0 us. A/B against main's server, four runs of 8, 10, 12
+and 8 alternating 2 s windows at load average 3-8: server CPU per call at 16 in flight 407 ->
+402, 426 -> 448, 449 -> 401 and 396 -> 385 us (the echo's 219, 257, 254, 232), at 256 in flight
+328 -> 314, 310 -> 345, 378 -> 347 and 379 -> 337 (228, 253, 254, 243): a few percent, about
+the noise of a busy machine (in the last run, the quietest, calls/s 0.60 -> 0.56 of the echo's
+at 16 in flight and 0.63 -> 0.68 at 256); a whole run (Listen) 3,328 -> 3,396 us (128 -> 132
+runs/s), the same. At 256 in flight each call was cheaper
 than at 16 in all these runs, for both builds (the writer and grpc's poller 130-150 -> 80-100 us
 a call, with 4-30 writes a commit): the last `make bench`'s reverse (387 against 349 us) was not
 reproduced; at 256 in flight h2load resets up to 256 streams at the end of each window, whose
