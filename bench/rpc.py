@@ -686,9 +686,9 @@ and 8 alternating 2 s windows at load average 3-8: server CPU per call at 16 in 
 328 -> 314, 310 -> 345, 378 -> 347 and 379 -> 337 (228, 253, 254, 243): a few percent, about
 the noise of a busy machine (in the last run, the quietest, calls/s 0.60 -> 0.56 of the echo's
 at 16 in flight and 0.63 -> 0.68 at 256); a whole run (Listen) 3,328 -> 3,396 us (128 -> 132
-runs/s), the same. At 256 in flight each call was cheaper
-than at 16 in all these runs, for both builds (the writer and grpc's poller 130-150 -> 80-100 us
-a call, with 4-30 writes a commit): the last `make bench`'s reverse (387 against 349 us) was not
+runs/s), the same. At 256 in flight each call was cheaper than at 16 in all these runs, for
+both builds (more writes share a commit: the writer and grpc's poller 130-150 -> 80-100 us a
+call): the last `make bench`'s reverse (387 against 349 us) was not
 reproduced; at 256 in flight h2load resets up to 256 streams at the end of each window, whose
 Creates commit and are logged CANCELLED without being counted (about 2.5% of a 3 s window's
 calls there, 0.2% at 16). What remains is per batch: the writer's wake-ups, the lock's
