@@ -248,13 +248,25 @@ def _spindle_window(
     if errors.get("CANCELLED", 0) <= allowed:
         spindle.cancel_allowance[method] = allowed - errors.pop("CANCELLED", 0)
     if any(errors.values()):
-        raise RuntimeError(f"{method} on {spindle.store} answered errors under load: {errors}")
+        raise RuntimeError(
+            f"{method} on {spindle.store} answered errors under load: {errors}; the server's log ends:\n"
+            + _log_tail(served)
+        )
     answered = after.get("OK", 0) - before.get("OK", 0)
     if answered < window.succeeded:
         raise RuntimeError(f"{method}: h2load counted {window.succeeded} calls, the server {answered}")
     if window.failed or window.errored or window.succeeded == 0:
         raise RuntimeError(f"{method}: {window}")
     return spindle.sample(window.per_second, answered, cpu, store_cpu)
+
+
+def _log_tail(served: ServedProcess, lines: int = 12) -> str:
+    """The last lines of a bench server's log (its errors are logged at info, with their run id
+    and detail), for a window that failed."""
+    path = getattr(served, "log_path", None)
+    if path is None or not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def _echo_window(
