@@ -95,6 +95,8 @@ class BenchServer(ServedProcess):
         self._folder.cleanup()
 
 
-def echo_server() -> ServedProcess:
-    """The bare grpc.aio baseline (`bench/echo_server.py`)."""
-    return ServedProcess([sys.executable, "-m", "bench.echo_server"])
+def echo_server(durable_dir: Path | None = None) -> ServedProcess:
+    """The bare grpc.aio baseline (`bench/echo_server.py`); with `durable_dir`, its floor of a
+    durable write too (`Append`, a SQLite file in that folder)."""
+    flags = [] if durable_dir is None else ["--durable-dir", str(durable_dir)]
+    return ServedProcess([sys.executable, "-m", "bench.echo_server", *flags])

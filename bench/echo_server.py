@@ -2,17 +2,22 @@
 (raw bytes, no protobuf): what any Python gRPC service costs on this machine. `GetRun` is the
 floor of a protobuf method instead: it decodes a GetRunRequest and answers with a Run kept in
 memory (set once with `Remember`, raw bytes), so its only cost beyond the echo is protobuf's.
+`Append` (with `--durable-dir`) is the floor of a durable write (bench/_durable_floor.py): the
+echo's answer, once the request is committed to a SQLite file in that folder.
 
-Run as `python -m bench.echo_server`; it prints its port like spindle-server does.
+Run as `python -m bench.echo_server [--durable-dir DIR]`; it prints its port like spindle-server does.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
 from bench._bare import serve
+from bench._durable_floor import DurableLog
 from spindle.v1 import run_pb2
 
 
@@ -41,6 +46,9 @@ async def _stream(request: bytes, _: grpc.aio.ServicerContext) -> AsyncIterator[
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.echo_server")
+    parser.add_argument("--durable-dir", type=Path, help="serve Append, writing its SQLite file here")
+    options = parser.parse_args()
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(_echo),
         "Stream": grpc.unary_stream_rpc_method_handler(_stream),
@@ -51,6 +59,10 @@ def main() -> None:
             response_serializer=run_pb2.Run.SerializeToString,
         ),
     }
+    if options.durable_dir is not None:
+        handlers["Append"] = grpc.unary_unary_rpc_method_handler(
+            DurableLog(options.durable_dir / "floor.db").append
+        )
     serve("bench.Echo", handlers)
 
 
