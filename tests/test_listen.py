@@ -169,6 +169,20 @@ def test_frozen_listeners_are_not_buffered_by_the_server(make_server) -> None:  
             time.sleep(0.1)
         assert len(handed) == len(frozen) - 1
         assert max(handed) < total, (handed, total)
+        # A stream read to its end is logged OK with every message it sent (Listen and
+        # ListenBatches write with ctx.write: the count comes from the handler, not a generator).
+        batches = list(stubs.runs.ListenBatches(run_pb2.ListenRunRequest(run_id=run.id), timeout=60))
+        assert [e.index for b in batches for e in b.events] == list(range(total))
+        expected = {"Listen": len(late), "ListenBatches": len(batches)}
+        logged: dict[str, list[int]] = {}
+        while time.monotonic() < deadline + 10 and any(n not in logged.get(m, []) for m, n in expected.items()):
+            logged = {}
+            for e in server.log_events():
+                if e.get("code") == "OK" and str(e.get("method", "")).startswith("/spindle.v1.RunService/Listen"):
+                    method = str(e["method"]).rsplit("/", 1)[1]
+                    logged.setdefault(method, []).append(int(e["messages"]))  # type: ignore[call-overload]
+            time.sleep(0.1)
+        assert all(n in logged.get(m, []) for m, n in expected.items()), (logged, expected)
     finally:
         for channel in frozen_channels:
             channel.close()

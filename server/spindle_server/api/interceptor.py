@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import secrets
 import time
@@ -20,6 +21,7 @@ from typing import Any, cast
 
 import grpc
 import structlog
+from grpc._cython import cygrpc
 
 from spindle_server import keys as api_keys
 from spindle_server import metrics
@@ -39,6 +41,8 @@ SLOW_CALL_SECONDS = 1.0
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]
+# A stream handler that writes its messages (`await ctx.write(message)`) and returns None.
+WriterBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
 
 
 class ApiKeys:
@@ -134,8 +138,14 @@ class CallInterceptor:
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
+            streaming = handler.unary_stream
+            wrapped = (
+                self._writer(method, streaming)
+                if inspect.iscoroutinefunction(streaming)
+                else self._stream(method, streaming)
+            )
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),
+                wrapped,
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -210,6 +220,29 @@ class CallInterceptor:
             except Exception as exc:
                 await self._fail(call, ctx, exc)
             finally:
+                self._finish(call)
+
+        return behavior
+
+    def _writer(self, method: str, inner: WriterBehavior) -> WriterBehavior:
+        """A stream handler that writes (grpc.aio calls a coroutine function's handler with
+        the reader/writer API): the call is one await in a try, no generator step per message;
+        the handler notes how many it sent (context.note_messages)."""
+
+        async def behavior(request: Any, ctx: grpc.aio.ServicerContext) -> None:
+            call = _Call(method, ctx, streaming=True)
+            try:
+                self._admit(call, request)
+                await inner(request, ctx)
+            except (asyncio.CancelledError, cygrpc.ExecuteBatchError):
+                # The client went away: grpc cancels the call's task, or a write finds the
+                # stream closed (grpc ends such a call quietly, as when it writes itself).
+                call.code = "CANCELLED"
+                raise
+            except Exception as exc:
+                await self._fail(call, ctx, exc)
+            finally:
+                call.messages = context.current_messages.get()
                 self._finish(call)
 
         return behavior

@@ -9,7 +9,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, S
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 
 from spindle.v1 import assistant_pb2, run_pb2, run_pb2_grpc
 from spindle_server import clock, ids, metrics
@@ -354,30 +353,37 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
     ) -> AsyncIterator[run_pb2.StreamEvent]:
         """The run's events as messages (the facades build on these)."""
         async with contextlib.aclosing(self._follow(request, ctx, wire=False)) as stream:
-            async for event in stream:
-                yield event
+            async for events in stream:
+                for event in events:
+                    yield event
 
-    def listen_wire(
-        self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[bytes, None]:
-        """gRPC's Listen: the same events as the bytes of the shared log, serialized once for
-        every listener (registered with a serializer that passes bytes through)."""
-        return self._follow(request, ctx, wire=True)
+    async def write_stream(
+        self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext, *, batches: bool
+    ) -> None:
+        """gRPC's Listen, or ListenBatches with `batches`: the same events as the bytes of the
+        shared log, serialized once for every listener (ListenBatches' framed as
+        StreamEventBatch messages of up to BATCH_BYTES), each written with `ctx.write`. A
+        coroutine handler (grpc.aio's reader/writer API): a message costs one await, not a step
+        of each generator between the servicer and gRPC. The count goes to the access log."""
+        write = ctx.write
+        sent = 0
+        try:
+            async with contextlib.aclosing(self._follow(request, ctx, wire=True, batches=batches)) as stream:
+                async for messages in stream:
+                    for message in messages:
+                        await write(message)
+                        sent += 1
+        finally:
+            context.note_messages(sent)
 
     async def ListenBatches(
         self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[run_pb2.StreamEventBatch]:
-        """ListenBatches as messages (gRPC itself sends listen_batches_wire's bytes)."""
-        async with contextlib.aclosing(self.listen_batches_wire(request, ctx)) as stream:
-            async for data in stream:
-                yield run_pb2.StreamEventBatch.FromString(data)
-
-    def listen_batches_wire(
-        self, request: run_pb2.ListenRunRequest, ctx: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[bytes, None]:
-        """ListenBatches: what Listen would send, framed as StreamEventBatch messages of up to
-        BATCH_BYTES, straight from the shared log's bytes (one generator per stream, as Listen)."""
-        return self._follow(request, ctx, wire=True, batches=True)
+        """ListenBatches as messages (gRPC itself sends write_stream's bytes)."""
+        async with contextlib.aclosing(self._follow(request, ctx, wire=True, batches=True)) as stream:
+            async for messages in stream:
+                for data in messages:
+                    yield run_pb2.StreamEventBatch.FromString(data)
 
     async def _follow(
         self,
@@ -386,7 +392,10 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         *,
         wire: bool,
         batches: bool = False,
-    ) -> AsyncGenerator[Any, None]:
+    ) -> AsyncGenerator[Sequence[Any], None]:
+        """The stream's messages, a sequence of them at a time (a replayed block, or what was
+        published since the listener's last wake-up): its caller's loop over them is the only
+        per-message work, with no generator step per message."""
         v = Validator()
         v.resource_id("run_id", request.run_id, "run")
         if request.events_start_idx < 0:
@@ -420,14 +429,8 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                             ended = final is not None and final < next_index + len(batch)
                             if final is not None and ended:
                                 batch = batch[: final + 1 - next_index]
-                            if batches and len(batch) == 1:
-                                yield batch[0]  # the feed's framed bytes are the whole message
-                            elif batches:
-                                for message in join_batches(batch):
-                                    yield message
-                            else:
-                                for item in batch:
-                                    yield item
+                            # A lone framed event is the whole message, as it is.
+                            yield list(join_batches(batch)) if batches and len(batch) > 1 else batch
                             if ended:
                                 return
                             next_index += len(batch)
@@ -479,26 +482,19 @@ def join_batches(framed: Sequence[bytes]) -> Iterator[bytes]:
         yield b"".join(parts)
 
 
-def wire_message(message: Message | bytes) -> bytes:
-    """Listen's response serializer: the shared log's bytes as they are, a message serialized."""
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
 def add_to_server(servicer: RunServicer, server: grpc.aio.Server) -> None:
     """RunService as generated, except Get, Listen and ListenBatches: they send the stored run's
-    and the shared log's bytes as they are (Get's get_wire returns bytes; Listen's wire_message
-    serializes what is not bytes yet)."""
+    and the shared log's bytes as they are, registered without a serializer (grpc sends bytes
+    as they are, as a bare bytes method does, without a Python call per message)."""
     captured = _CapturedHandlers()
     run_pb2_grpc.add_RunServiceServicer_to_server(servicer, captured)
-    for name, behavior in (("Listen", servicer.listen_wire), ("ListenBatches", servicer.listen_batches_wire)):
+    for name, batches in (("Listen", False), ("ListenBatches", True)):
         generated = captured.handlers[name]
+        # A partial, not a wrapper: no coroutine frame more per open stream.
+        behavior = functools.partial(servicer.write_stream, batches=batches)
         captured.handlers[name] = grpc.unary_stream_rpc_method_handler(
-            behavior,
-            request_deserializer=generated.request_deserializer,
-            response_serializer=wire_message,
+            behavior, request_deserializer=generated.request_deserializer
         )
-    # No serializer at all for Get: grpc sends the bytes get_wire returns as they are (as a bare
-    # bytes method does), without a Python call per response.
     captured.handlers["Get"] = grpc.unary_unary_rpc_method_handler(
         servicer.get_wire, request_deserializer=captured.handlers["Get"].request_deserializer
     )
