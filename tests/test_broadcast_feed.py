@@ -19,8 +19,8 @@ async def test_a_fresh_read_does_not_join_a_read_that_began_before_a_commit() ->
     began = asyncio.Event()
     release = asyncio.Event()
 
-    async def load(start: int, limit: int) -> list[run_pb2.StreamEvent]:
-        snapshot = list(log[start : start + limit])  # the read's snapshot, taken now
+    async def load(start: int, limit: int) -> list[bytes]:
+        snapshot = [event.SerializeToString() for event in log[start : start + limit]]  # taken now
         began.set()
         await release.wait()
         return snapshot
@@ -44,7 +44,7 @@ async def test_listeners_in_step_share_one_framed_batch() -> None:
     backlog joins the framed events into the StreamEventBatch that carries them all."""
     from spindle_server.api.runs import frame_batches, join_batches
 
-    async def no_store(start: int, limit: int) -> list[run_pb2.StreamEvent]:
+    async def no_store(start: int, limit: int) -> list[bytes]:
         raise AssertionError("the tail holds every event")
 
     events = [

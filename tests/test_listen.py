@@ -175,10 +175,14 @@ def test_frozen_listeners_are_not_buffered_by_the_server(make_server) -> None:  
         assert [e.index for b in batches for e in b.events] == list(range(total))
         expected = {"Listen": len(late), "ListenBatches": len(batches)}
         logged: dict[str, list[int]] = {}
-        while time.monotonic() < deadline + 10 and any(n not in logged.get(m, []) for m, n in expected.items()):
+        while time.monotonic() < deadline + 10 and any(
+            n not in logged.get(m, []) for m, n in expected.items()
+        ):
             logged = {}
             for e in server.log_events():
-                if e.get("code") == "OK" and str(e.get("method", "")).startswith("/spindle.v1.RunService/Listen"):
+                if e.get("code") == "OK" and str(e.get("method", "")).startswith(
+                    "/spindle.v1.RunService/Listen"
+                ):
                     method = str(e["method"]).rsplit("/", 1)[1]
                     logged.setdefault(method, []).append(int(e["messages"]))  # type: ignore[call-overload]
             time.sleep(0.1)

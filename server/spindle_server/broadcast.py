@@ -30,10 +30,12 @@ BLOCK_CACHE_BYTES = 8 << 20
 # written by another process), so it is rare.
 RECHECK_SECONDS = 30.0
 
-Loader = Callable[[int, int], Awaitable[list[run_pb2.StreamEvent]]]
-"""Reads up to `limit` stored events of the run from index `start`: (start, limit) -> events."""
-# A block: its events, their wire bytes and, once a ListenBatches listener asked, framed (`frame`).
-Block = tuple[list[run_pb2.StreamEvent], list[bytes], list[list[bytes]]]
+Loader = Callable[[int, int], Awaitable[list[bytes]]]
+"""Reads up to `limit` stored events of the run from index `start`, serialized as stored:
+(start, limit) -> their bytes."""
+# A block: its events' wire bytes as stored; once a listener of messages (a facade) asked, the
+# events parsed; once a ListenBatches listener asked, framed (`frame`).
+Block = tuple[list[bytes], list[list[run_pb2.StreamEvent]], list[list[bytes]]]
 
 # Events that come with a change of the run's status; the deltas in between do not.
 _STATUS_EVENTS = frozenset(
@@ -195,14 +197,18 @@ class RunFeed:
                 task.add_done_callback(self._loaded)
             # shield: a listener that goes away does not cancel the read the others await
             block = await asyncio.shield(task)
-        events, wires, framings = block
+        wires, parsed, framings = block
         if framed:
             if not framings:  # made for the first ListenBatches reader of the block, kept for all
                 framings.append([frame(data) for data in wires])
                 if self._blocks.get(first) is block:
                     self._block_bytes += sum(map(len, framings[0]))
             return framings[0][start - first :]
-        return (wires if wire else events)[start - first :]
+        if wire:
+            return wires[start - first :]
+        if not parsed:  # parsed for the first reader of messages (a facade), kept for all
+            parsed.append([run_pb2.StreamEvent.FromString(data) for data in wires])
+        return parsed[0][start - first :]
 
     def _loaded(self, task: asyncio.Task[Block]) -> None:
         for first, (loading, _) in list(self._loading.items()):
@@ -214,12 +220,14 @@ class RunFeed:
     async def _load(self, first: int, load: Loader) -> Block:
         if faults.ENABLED:  # tests hold it to see listeners share one read
             await faults.reached("broadcast.block_read")
-        events = await load(first, BLOCK)
-        wires = [event.SerializeToString() for event in events]
-        block: Block = (events, wires, [])
-        for event in events:
-            self._note_final(event)
-        if len(events) == BLOCK or self.final is not None:
+        # The stored bytes are sent as they are: no event is parsed and serialized again.
+        wires = await load(first, BLOCK)
+        block: Block = (wires, [], [])
+        if wires:
+            # The log ends at its terminal event (nothing is appended after it): only a block's
+            # last event can be one.
+            self._note_final(run_pb2.StreamEvent.FromString(wires[-1]))
+        if len(wires) == BLOCK or self.final is not None:
             # Complete for good (full, or holding the end of the log): keep it for the others,
             # the oldest kept ones first out past the byte budget.
             self._blocks[first] = block
@@ -235,7 +243,7 @@ class RunFeed:
 
 
 def _block_size(block: Block) -> int:
-    return sum(map(len, block[1])) + sum(len(data) for framed in block[2] for data in framed)
+    return sum(map(len, block[0])) + sum(len(data) for framed in block[2] for data in framed)
 
 
 def frame(wire: bytes) -> bytes:

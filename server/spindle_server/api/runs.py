@@ -414,7 +414,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             next_index = request.events_start_idx
             stale = False  # woken without finding events: the run's status may have moved on
             fresh = False  # the log read anew from the store, not through a read in flight
-            load = functools.partial(self._store.read_events, run_id)
+            load = functools.partial(self._store.read_event_wires, run_id)
             changed: asyncio.Future[None] | None = None
             with self._hub.subscribe(run_id) as feed, metrics.LISTEN_STREAMS.track_inprogress():
                 try:

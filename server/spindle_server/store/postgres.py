@@ -578,6 +578,11 @@ class PostgresStore:
         return [_parse(run_pb2.RunStep, row["body"]) for row in rows]
 
     async def read_events(self, run_id: str, start: int, limit: int) -> list[run_pb2.StreamEvent]:
+        return [
+            _parse(run_pb2.StreamEvent, body) for body in await self.read_event_wires(run_id, start, limit)
+        ]
+
+    async def read_event_wires(self, run_id: str, start: int, limit: int) -> list[bytes]:
         rows = await self._read(
             lambda c: c.fetch(
                 "SELECT body FROM run_events WHERE run_id = $1 AND idx >= $2 ORDER BY idx LIMIT $3",
@@ -586,7 +591,7 @@ class PostgresStore:
                 limit,
             )
         )
-        return [_parse(run_pb2.StreamEvent, row["body"]) for row in rows]
+        return [row["body"] for row in rows]
 
     async def tool_round_texts(self, run_id: str) -> dict[str, str]:
         rows = await self._read(

@@ -599,10 +599,14 @@ class SqliteStore:
         return await self._list("run_steps", run_pb2.RunStep, "run_id = ?", [run_id], query)
 
     async def read_events(self, run_id: str, start: int, limit: int) -> list[run_pb2.StreamEvent]:
+        wires = await self.read_event_wires(run_id, start, limit)
+        return [run_pb2.StreamEvent.FromString(wire) for wire in wires]
+
+    async def read_event_wires(self, run_id: str, start: int, limit: int) -> list[bytes]:
         # A block of the log (Listen's feed reads it once for all of a run's listeners): one
         # statement on the loop's connection, not a reader-pool hop, like the reads above.
         rows = await self.db.read_rows(_READ_EVENTS, (run_id, start, limit))
-        return [run_pb2.StreamEvent.FromString(row[0]) for row in rows]
+        return [row[0] for row in rows]
 
     async def tool_round_texts(self, run_id: str) -> dict[str, str]:
         rows = await self.db.read_rows("SELECT step_id, said FROM step_texts WHERE run_id = ?", (run_id,))
