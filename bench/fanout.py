@@ -48,7 +48,7 @@ def rounds() -> int:
 
 def replay_rounds(listeners: int) -> int:
     """A single listener's round is short (under a second here) and noisier: more of them."""
-    return _mode.sized(7 if listeners == 1 else 3, 1)
+    return _mode.sized(11 if listeners == 1 else 3, 1)
 
 
 def replay_words() -> int:
@@ -801,6 +801,27 @@ quiet run" below is an earlier full run (2026-12-06, load average 5 falling to 1
 before/after figures were taken with the two builds (or methods) taking turns at the load
 given; where absolute rates swing between rounds, compare ratios and the server's CPU per event.
 
+- Replay, per-event work (this pass). Syscalls counted with `perf stat` (tracepoints) over
+  one-listener replays: Spindle's Listen and the bare stream make the same calls per event
+  (sendmsg 1.00, eventfd/socket writes 1.7-1.9, epoll 1.7-1.9, recvfrom 1.00, 3.6-4.0 context
+  switches): one send, then a wake-up of the loop through grpc's poller thread, per message;
+  gRPC awaits each message's completion before the next, so no design above it sends fewer.
+  The difference was user time on the loop thread (per-thread /proc, 12-15 us per event
+  against the bare server's 9), and py-spy (`--native`) put it in the feed's block reads
+  (each stored event parsed, then serialized again: 2.4 us per event under py-spy), in grpc's
+  Cython, and in two async generators per message (the interceptor's around the servicer's).
+  Changed: (1) Listen and ListenBatches are coroutine handlers that `await ctx.write(message)`
+  (grpc.aio's reader/writer API; its generator path calls the same write): the servicer yields a
+  block or a wake-up's events at a time and the interceptor wraps one await; measured alone,
+  the Python per message falls from 0.29 to 0.10 us. (2) No Python serializer per message (every
+  message is bytes already). (3) The feed reads blocks as the stored bytes
+  (`Store.read_event_wires`), sends them as they are, parses only a block's last event (the
+  only one that can be terminal) and the whole block only for a facade's reader. Old and new
+  builds taking turns with the bare stream window by window (load 3-6), server CPU per event,
+  medians of 9 windows: 1 listener 62.0 -> 58.0 us (bare 54.0) and 44.0 -> 42.0 (bare 38.0),
+  ratios to the bare stream 0.91 -> 0.97 and 0.92 -> 0.93; 50 listeners 27.0 -> 25.4 us (bare
+  23.1, ratios 0.91 and 0.90 at load 6) and 24.8 -> 23.3 us (bare 23.5; ratios 1.04 and 1.02 at load 3-5; lower in 7 of 9 windows). The one-listener rounds swing 30-66 us
+  per event from window to window on this shared machine, so the row now takes 11 rounds.
 - Load generator (this pass). Before, Python reader processes read every stream (4 for the
   1,000-listener broadcast, 2 for replay) and cost more CPU than the server they measured (one
   run: 38.5 CPU-s in the readers for 506,441 ListenBatches messages, 23.7 CPU-s in the server).
