@@ -818,10 +818,12 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   (`Store.read_event_wires`), sends them as they are, parses only a block's last event (the
   only one that can be terminal) and the whole block only for a facade's reader. Old and new
   builds taking turns with the bare stream window by window (load 3-6), server CPU per event,
-  medians of 9 windows: 1 listener 62.0 -> 58.0 us (bare 54.0) and 44.0 -> 42.0 (bare 38.0),
-  ratios to the bare stream 0.91 -> 0.97 and 0.92 -> 0.93; 50 listeners 27.0 -> 25.4 us (bare
-  23.1, ratios 0.91 and 0.90 at load 6) and 24.8 -> 23.3 us (bare 23.5; ratios 1.04 and 1.02 at load 3-5; lower in 7 of 9 windows). The one-listener rounds swing 30-66 us
-  per event from window to window on this shared machine, so the row now takes 11 rounds.
+  medians of 9 windows, two runs each: 1 listener 62.0 -> 58.0 us (bare 54.0) and 44.0 -> 42.0
+  (bare 38.0), ratios to the bare stream 0.91 -> 0.97 and 0.92 -> 0.93; 50 listeners 27.0 ->
+  25.4 us (bare 23.1; ratios 0.91 and 0.90 at load 6) and 24.8 -> 23.3 (bare 23.5; ratios 1.04
+  and 1.02), lower in 8 and 7 of the 9 windows. What a lone listener costs beyond the bare
+  stream is now about 4 us per event, within one window's swing (30-66 us per event from
+  window to window on this shared machine); the one-listener row now takes 11 rounds.
 - Load generator (this pass). Before, Python reader processes read every stream (4 for the
   1,000-listener broadcast, 2 for replay) and cost more CPU than the server they measured (one
   run: 38.5 CPU-s in the readers for 506,441 ListenBatches messages, 23.7 CPU-s in the server).
