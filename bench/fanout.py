@@ -823,8 +823,13 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   25.4 us (bare 23.1; ratios 0.91 and 0.90 at load 6) and 24.8 -> 23.3 (bare 23.5; ratios 1.04
   and 1.02), lower in 8 and 7 of the 9 windows. What a lone listener costs beyond the bare
   stream is now about 4 us per event, within one window's swing (30-66 us per event from
-  window to window on this shared machine); the one-listener row now takes 11 rounds.
-- Load generator (this pass). Before, Python reader processes read every stream (4 for the
+  window to window on this shared machine); the one-listener row now takes 11 rounds. One
+  full run of this benchmark on the new build (load 2-4, not the table's run): replay to 1
+  listener 0.93 (35.0 / 34.0 us), to 50 listeners 1.12 (27.3 / 25.1 us); ListenBatches
+  broadcast p99 72.6 ms while the bare ticker's p99 was 7.9 s (the machine was busy); memory
+  per idle stream 23.8 KB (Listen) and 26.6 KB (ListenBatches), bare 20.7 KB: 3.1 and 5.9 KB
+  over the bare stream, as before (3.2 and 6.8 KB in the table's run).
+- Load generator (the pass before). Before, Python reader processes read every stream (4 for the
   1,000-listener broadcast, 2 for replay) and cost more CPU than the server they measured (one
   run: 38.5 CPU-s in the readers for 506,441 ListenBatches messages, 23.7 CPU-s in the server).
   Now h2load (one C process per 450 streams, counts only) holds and drains 900 of the 1,000
