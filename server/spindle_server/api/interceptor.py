@@ -234,9 +234,11 @@ class CallInterceptor:
             try:
                 self._admit(call, request)
                 await inner(request, ctx)
-            except (asyncio.CancelledError, cygrpc.ExecuteBatchError):
-                # The client went away: grpc cancels the call's task, or a write finds the
-                # stream closed (grpc ends such a call quietly, as when it writes itself).
+            except (asyncio.CancelledError, cygrpc.BaseError) as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise  # the handler's own abort: its status stands
+                # The client went away (grpc cancels the call's task, or a write finds the stream
+                # closed) or the server stops: grpc ends such a call itself, as when it writes.
                 call.code = "CANCELLED"
                 raise
             except Exception as exc:
