@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.wait_latency import Row, push_samples, reply_seconds, samples, short_reply_seconds
+from bench.wait_latency import PROFILE, Row, push_samples, reply_seconds, samples, short_reply_seconds
 
 HEADER = "# Benchmarks\n\nMeasured by `make bench` (`python -m bench`) against a real server on 127.0.0.1.\n"
 
@@ -43,6 +43,7 @@ def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: floa
         "late at worst, and pays one Get per interval; `Run.wait()` is told by the stream within",
         "milliseconds (one Get to start, one ListenBatches stream, one Get to read the finished run).",
         "",
+        PROFILE,
     ]
     return "\n".join(lines)
 

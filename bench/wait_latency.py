@@ -30,6 +30,45 @@ from bench import _mode
 SEED = 20260
 
 
+# Written when it was measured (as it says); `make bench` does not re-run this timeline.
+PROFILE = """\
+**Profile: where `Run.wait()`'s milliseconds go.** A timeline of 150 short runs (wall-clock stamps
+in the server around the terminal commit, its publish to the feed, the ListenBatches yield and
+the stream's end, the executor's end of the run, the Get's handler; in the client around the
+event's arrival and the Get), p50 in ms after the terminal event's `created_at`: the commit's
+transaction began at -0.16 (`created_at` is stamped inside it), committed (synchronous=FULL: the
+fsync) at 0.65, published to the feed at 0.69, yielded by ListenBatches at 0.79; the executor's
+bookkeeping (its write returns, the task ends, the slot is freed) takes 0.95-1.01, after the
+yield; the client has the event at 1.13 (the stream's generator ends on the server at 1.16) and
+sends the Get at 1.33; the Get's handler starts at 2.35 and answers at 2.44 (0.08 ms: the body
+is read from the file, since the commit emptied the memory cache); the client has it at 2.83,
+`wait()` returns at 2.89. The slow part is the Get's trip to the handler: 0.92 ms, where the
+wait's first Get (right after Create) takes 0.49, in the same runs; the handler and the answer's
+trip are 0.08 and 0.40 (first Get: 0.06 and 0.29).
+
+What that Get is not slowed by (each an A/B in one process, runs taking turns): the stream
+still open on its channel (a Get on a second channel, its own connection: 0.73 vs 0.40 to the
+handler; from a second client process: 0.94 vs 0.55); the stream's teardown on the server (the
+server kept the stream open 5 ms after the terminal event: 0.79 vs 0.93); the client's channel
+spin thread (`SingleThreadedUnaryStream`: wait() p50 2.34 vs 2.41 ms, p99 the same within the
+noise); BDP pings (`grpc.http2.bdp_probe` off: p50 2.24 vs 2.24). Ending the stream before the
+Get is worse: cancelling it costs the client about 0.3 ms before the Get can go (p50 3.75 vs
+3.88, p90 23 vs 14 under load), and reading its end first waits for the trailers, which come
+about 0.8 ms after the event (p50 +0.3 ms). A Get costs what this one does whenever the
+processes were idle a few milliseconds before it: back to back 0.82 ms p50, after 1 ms idle
+0.79, after 5 ms 1.26, after 20 ms 1.63 (the wake-ups of the threads on the path on this
+shared 2-core machine, as it seems), and the run's last events come about 5 ms apart. So
+nothing the server or the client does after the terminal commit was found in the way: what
+is left is the commit's fsync (0.65) and one more round trip than the server's Wait
+long-poll, which the design fixes (Listen as the trigger, Get as the judge). A terminal
+event that carried the finished Run would save that round trip (the Wait long-poll's p50 is
+1.2-2.1 ms lower in the same runs); DONE carries the reply and usage, not the Run. Both methods'
+p99 follow the machine's load, not the path: four whole runs of this benchmark at load average
+3-6 gave wait() p50 2.9-4.5 ms (median 3.3), p99 17-93 ms and the Wait long-poll p50 1.7-2.3
+ms, p99 22-53 ms; 200 runs in a quieter stretch, wait() p50 2.2 ms, p99 5.9 ms.
+"""
+
+
 def samples() -> int:
     return _mode.sized(25, 2)
 
