@@ -16,10 +16,39 @@ from support.server import ServerProcess
 
 
 def free_port() -> int:
-    """A port nothing listens on right now (127.0.0.1 only)."""
+    """A port nothing listens on right now (127.0.0.1 only). Only right now: once this returns,
+    any process binding port 0 may be given it; to keep one, use HeldPort."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class HeldPort:
+    """A port on 127.0.0.1 kept from other processes for as long as this is open, while a
+    server of ours listens there, is stopped, and listens there again.
+
+    A server restarted "on the same port" is otherwise down long enough for another process
+    binding port 0 (another test's or a benchmark's server, on a shared machine) to be given
+    that port: our restart then fails to bind, and our client talks to that other server (a
+    Get of our run answers NOT_FOUND). Here a socket stays bound to the port with SO_REUSEADDR
+    and never listens: Linux then gives the port to no one binding port 0 or binding it
+    without SO_REUSEADDR, while a listener with SO_REUSEADDR (grpc sets it) may still take it;
+    a connection to it while no server listens is refused, as for a free port."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind(("127.0.0.1", 0))
+        self.port = int(self._socket.getsockname()[1])
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def __enter__(self) -> HeldPort:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 class Restarter:
@@ -28,6 +57,7 @@ class Restarter:
     def __init__(self, server: ServerProcess) -> None:
         self.server = server
         self._threads: list[threading.Thread] = []
+        self._failures: list[BaseException] = []  # a restart's, raised by join()
 
     @property
     def address(self) -> str:
@@ -38,10 +68,13 @@ class Restarter:
         down = threading.Event()
 
         def bounce() -> None:
-            self.server.stop()
-            down.set()
-            time.sleep(down_for)  # clients meet a refused connection meanwhile
-            self.server.start()
+            try:
+                self.server.stop()
+                down.set()
+                time.sleep(down_for)  # clients meet a refused connection meanwhile
+                self.server.start()
+            except BaseException as exc:  # told by join(), not lost in this thread
+                self._failures.append(exc)
 
         thread = threading.Thread(target=bounce, daemon=True)
         self._threads.append(thread)
@@ -49,9 +82,12 @@ class Restarter:
         return down
 
     def join(self, timeout: float = 60.0) -> None:
-        """Wait for every restart begun so far to finish."""
+        """Wait for every restart begun so far to finish; raises the first that failed (a
+        client's errors after a failed restart are about a server that is not ours)."""
         for thread in self._threads:
             thread.join(timeout)
+        if self._failures:
+            raise RuntimeError("a restart of the server failed") from self._failures[0]
 
 
 class ListenOnlyProxy:

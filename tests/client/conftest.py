@@ -1,7 +1,7 @@
 """Fixtures for the client's tests: real servers (tests/support), real stubs, no mocks.
 
 `client`/`aclient` talk to the shared session server; `restartable` gives a dedicated server on a
-fixed free port, so it can be stopped and started again under a connected client.
+port held for it (HeldPort), so it can be stopped and started again under a connected client.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import pytest_asyncio
-from client_support import Restarter, free_port
+from client_support import HeldPort, Restarter
 
 import spindle
 from support.server import ServerProcess
@@ -46,12 +46,13 @@ def weather(client: spindle.Client) -> spindle.Assistant:
 
 @pytest.fixture
 def restartable(make_server: Callable[..., ServerProcess]) -> Iterator[Restarter]:
-    """A dedicated server on a fixed port that comes back on the same address after a restart.
+    """A dedicated server on a held port that comes back on the same address after a restart.
 
     A short grace period makes a stop quick; the server then re-queues the run it was executing.
     Restarts run in the background; teardown waits for them before make_server kills the server,
     so a failing test never leaves a server started behind its back.
     """
-    restarter = Restarter(make_server("--port", str(free_port()), "--grace-period", "0.3"))
-    yield restarter
-    restarter.join()
+    with HeldPort() as port:  # ours across restarts, not another process's (HeldPort)
+        restarter = Restarter(make_server("--port", str(port.port), "--grace-period", "0.3"))
+        yield restarter
+        restarter.join()

@@ -1,17 +1,19 @@
 """Resuming across a server restart: listen reconnects from the last index + 1, wait and calls go on.
 
-The server is a dedicated one on a fixed port; it is stopped (SIGTERM, short grace period: it
+The server is a dedicated one on a port held for it (HeldPort); it is stopped (SIGTERM, short grace period: it
 re-queues the run it was executing, voiding the partial reply) and started again on the same
 database while the client is in the middle of a `/sleep` run.
 """
 
 from __future__ import annotations
 
+import errno
+import socket
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from client_support import Restarter, free_port
+from client_support import HeldPort, Restarter
 
 import spindle
 from fake_openai import (
@@ -73,6 +75,39 @@ def test_wait_and_calls_survive_a_restart(restartable: Restarter) -> None:
         assert client.threads.get(thread.id, timeout=120).id == thread.id
 
 
+def test_the_port_stays_ours_while_the_server_is_down(restartable: Restarter) -> None:
+    """No other process can take the restarted server's port while it is down (another test's
+    server there would answer our client: a Get of our run NOT_FOUND), and the server listens
+    there again. An explicit bind stands for any other process's; binding port 0 is refused
+    that port too, by the same rule."""
+    host, port = restartable.address.rsplit(":", 1)
+    restartable.server.stop()
+    with socket.socket() as other, pytest.raises(OSError) as refused:
+        other.bind((host, int(port)))
+    assert refused.value.errno == errno.EADDRINUSE
+    with spindle.Client(restartable.address) as client, pytest.raises(spindle.Unavailable):
+        client.threads.get("thread_x", timeout=1.0)  # refused while down, as for a free port
+    restartable.server.start()
+    assert restartable.address == f"{host}:{port}"
+    with spindle.Client(restartable.address, timeout=10) as client:
+        assert client.threads.get(client.threads.create().id).id
+
+
+def test_a_failed_restart_is_reported_by_join(make_server: Callable[..., ServerProcess]) -> None:
+    """A restart that could not listen again fails the test that joins it, rather than leaving
+    its client to meet whatever answers on that port."""
+    with HeldPort() as held:
+        restarter = Restarter(make_server("--port", str(held.port), "--grace-period", "0.3"))
+        restarter.server.stop()
+        with socket.socket() as squatter:  # the one way to take a held port: listen with SO_REUSEADDR
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            squatter.bind(("127.0.0.1", held.port))
+            squatter.listen()
+            restarter.restart(down_for=0).wait(timeout=30)
+            with pytest.raises(RuntimeError, match="a restart of the server failed"):
+                restarter.join()
+
+
 async def test_async_listen_resumes_across_a_restart(restartable: Restarter) -> None:
     async with spindle.AsyncClient(restartable.address, timeout=10) as client:
         assistant = await client.assistants.create(name="restart")
@@ -123,9 +158,10 @@ def test_a_restart_after_tool_calls_voids_only_the_text_of_the_retried_turn(
         text_stream("The weather ", "is", stall_after=2),  # role + "The weather ", then it hangs
         text_stream("It is ", "sunny."),
     )
+    port = HeldPort()  # ours across the restart (HeldPort)
     restarter = Restarter(
         make_server(
-            *("--port", str(free_port()), "--grace-period", "0.3"),
+            *("--port", str(port.port), "--grace-period", "0.3"),
             *("--provider", f"fake={provider.base_url},max_retries=0"),
             env={"SPINDLE_PROVIDER_FAKE_API_KEY": "sk-test"},
         )
@@ -154,7 +190,10 @@ def test_a_restart_after_tool_calls_voids_only_the_text_of_the_retried_turn(
                 timeout=60,
             )
     finally:
-        restarter.join()
+        try:
+            restarter.join()
+        finally:
+            port.close()
     assert any(e.discard_partial_message for e in events), "the restart re-queued the turn"
     assert result.is_succeeded and result.text == "Let me check. It is sunny."
     assert events[-1].text == result.text and texts[-1] == result.text
