@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -189,3 +190,32 @@ def test_a_second_server_on_the_file_is_refused_until_the_first_has_exited(make_
     stubs = Stubs.connect(third.address)
     assert get(stubs, run.id) == run
     stubs.close()
+
+
+def test_a_run_kept_for_its_project_is_not_answered_to_another(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    """The cache's key is (run id, project): with the run kept for its own project, another
+    project's Get of that id reads the file, scoped, and answers NOT_FOUND."""
+    keys_file = tmp_path / "keys"
+
+    def add_key(project: str) -> str:
+        command = [sys.executable, "-m", "spindle_server", "keys", "add", "--project", project]
+        added = subprocess.run(
+            [*command, "--file", str(keys_file)], capture_output=True, text=True, timeout=60
+        )
+        assert added.returncode == 0, added.stderr
+        return added.stdout.strip()
+
+    alpha_key, beta_key = add_key("alpha"), add_key("beta")
+    server = make_server("--metrics-port", "0", "--api-keys-file", str(keys_file))
+    alpha, beta = Stubs.connect(server.address, alpha_key), Stubs.connect(server.address, beta_key)
+    try:
+        run = get_from_memory(server, alpha, alpha.wait(alpha.start("for alpha only").id).id)
+        with pytest.raises(grpc.RpcError) as hidden:
+            get(beta, run.id)
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        assert get_from_memory(server, alpha, run.id) == run
+    finally:
+        alpha.close()
+        beta.close()
