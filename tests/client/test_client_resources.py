@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import pytest
 from client_faults import CountUnary
-from client_support import free_port
+from client_support import HeldPort
 
 import spindle
 from support.server import ServerProcess
@@ -110,9 +110,10 @@ def test_api_key_is_sent_as_a_bearer_token(
 
 def test_unreachable_server_is_retried_until_the_deadline() -> None:
     counter = CountUnary()
-    unreachable = spindle.Client(f"127.0.0.1:{free_port()}", interceptors=[counter])
-    with unreachable as client, pytest.raises(spindle.Unavailable):
-        client.threads.get("thread_x", timeout=1.0)
+    with HeldPort() as nothing:  # refused all along: no other process can start listening there
+        unreachable = spindle.Client(f"127.0.0.1:{nothing.port}", interceptors=[counter])
+        with unreachable as client, pytest.raises(spindle.Unavailable):
+            client.threads.get("thread_x", timeout=1.0)
     assert counter.record.calls["/spindle.v1.ThreadService/Get"] >= 3
 
 
