@@ -15,14 +15,6 @@ import grpc
 from support.server import ServerProcess
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (127.0.0.1 only). Only right now: once this returns,
-    any process binding port 0 may be given it; to keep one, use HeldPort."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class HeldPort:
     """A port on 127.0.0.1 kept from other processes for as long as this is open, while a
     server of ours listens there, is stopped, and listens there again.
