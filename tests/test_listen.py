@@ -218,3 +218,34 @@ def test_a_burst_of_listeners_is_served(server: ServerProcess, stubs: Stubs) -> 
     expected = [e.index for e in stubs.events(run.id)]
     wrong = [log for log in logs if log != expected]
     assert not wrong, f"{len(wrong)} wrong; expected {expected}; got {wrong[0]}"
+
+
+def get_run(stubs: Stubs, run_id: str) -> run_pb2.Run:
+    return stubs.runs.Get(run_pb2.GetRunRequest(run_id=run_id), timeout=10)
+
+
+def test_done_carries_the_run_as_stored(stubs: Stubs) -> None:
+    """DONE's `done.run` is the run exactly as the completing transaction stored it (status,
+    completed_at, usage, reply, updated_at): what a Get right after returns, so a waiter needs
+    no Get after the event. Replayed or live, the event is the one in the log."""
+    run = stubs.start("carry the run")
+    stubs.wait(run.id)
+    done = stubs.events(run.id)[-1]
+    stored = get_run(stubs, run.id)
+    assert done.type == EventType.DONE and done.done.HasField("run")
+    assert stored.status == run_pb2.COMPLETED and stored.completed_at.seconds
+    assert done.done.run == stored
+    assert done.done.message == stored.reply and done.done.usage == stored.usage
+
+
+def test_a_terminal_status_carries_the_run_as_stored(stubs: Stubs) -> None:
+    """A run cancelled mid-reply ends with a STATUS event whose `status_change.run` is the run as
+    stored (CANCELLED, cancelled_at, updated_at): equal to Get's."""
+    run = stubs.start("/sleep 30\na reply that will not finish")
+    stubs.wait_for(run.id, {run_pb2.IN_PROGRESS})
+    stubs.runs.Cancel(run_pb2.CancelRunRequest(run_id=run.id), timeout=10)
+    final = stubs.wait(run.id)
+    assert final.status == run_pb2.CANCELLED
+    last = stubs.events(run.id)[-1]
+    assert last.type == EventType.STATUS and last.status == run_pb2.CANCELLED
+    assert last.status_change.run == get_run(stubs, run.id)

@@ -77,6 +77,18 @@ class RunChange:
 RunMutation = Callable[[run_pb2.Run], RunChange]
 
 
+def embed_stored_run(change: RunChange) -> None:
+    """The terminal event of a change carries the run exactly as this transaction stores it
+    (updated_at included): DONE in ``done.run``, a terminal STATUS in ``status_change.run``. A
+    waiter then has the finished run from the event and needs no Get after it. Call it last,
+    once the store has stamped the run, before the run and its events are serialized."""
+    for event in change.events:
+        if event.type == run_pb2.StreamEvent.DONE:
+            event.done.run.CopyFrom(change.run)
+        elif event.type == run_pb2.StreamEvent.STATUS and event.status in TERMINAL_STATUSES:
+            event.status_change.run.CopyFrom(change.run)
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimedRun:
     run: run_pb2.Run

@@ -47,6 +47,7 @@ from spindle_server.store.base import (
     RunClaim,
     RunFilter,
     RunMutation,
+    embed_stored_run,
 )
 from spindle_server.store.errors import (
     FencedError,
@@ -942,6 +943,7 @@ async def _mutate_run(
     for event in change.events:
         if event.status == run_pb2.RUN_STATUS_UNSPECIFIED:
             event.status = run.status
+    embed_stored_run(change)
     await _insert_messages(conn, row["project"], change.messages)
     for step in change.steps:
         await conn.execute(

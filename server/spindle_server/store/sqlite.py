@@ -29,6 +29,7 @@ from spindle_server.store.base import (
     RunClaim,
     RunFilter,
     RunMutation,
+    embed_stored_run,
 )
 from spindle_server.store.errors import FencedError, NotFoundError, QuotaError, StateError, StoreError
 from spindle_server.store.sqlite_db import SqliteDatabase
@@ -933,11 +934,13 @@ def _mutate_run(
 
 
 def _finished_change(change: RunChange) -> RunChange:
-    """The change as stored: the run's updated_at now, each event's status the run's unless set."""
+    """The change as stored: the run's updated_at now, each event's status the run's unless set,
+    the terminal event carrying the stored run."""
     change.run.updated_at.CopyFrom(clock.timestamp(clock.now()))
     for event in change.events:
         if event.status == run_pb2.RUN_STATUS_UNSPECIFIED:
             event.status = change.run.status
+    embed_stored_run(change)
     return change
 
 
