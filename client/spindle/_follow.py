@@ -11,9 +11,12 @@ wait is over (terminal, or paused in TOOL_CALLS), :class:`Follow` says which fai
 another try and when the deadline has passed, :func:`poll_policy` is the fallback's backoff.
 
 ``wait`` reads the run with Get (it may be ready already), then rides the stream from the
-handle's place. The stream is only a trigger: on a terminal or TOOL_CALLS event it reads the run
-with Get and returns when Get says the run is ready. An old TOOL_CALLS event replayed from the log
-(already answered) therefore never ends a wait. Get is also the judge of failures: when the stream
+handle's place. A terminal event that carries the finished run (DONE's ``done.run``, a terminal
+STATUS's ``status_change.run``: :func:`finished_run`) ends the wait with that run, no Get after
+it. Otherwise the stream is only a trigger: on a terminal event without the run (ERROR, or a
+server older than ``done.run``) or a TOOL_CALLS event it reads the run with Get and returns when
+Get says the run is ready. An old TOOL_CALLS event replayed from the log (already answered)
+therefore never ends a wait. Get is also the judge of failures: when the stream
 fails for good (a proxy that cannot stream, a server out of room for more streams), the wait goes
 on by polling Get alone, and an error that Get gives too (NOT_FOUND, UNAUTHENTICATED) is raised.
 """
@@ -45,6 +48,18 @@ def is_ready(run: run_pb2.Run) -> bool:
     """A wait is over: the run is terminal or paused for tool results."""
     status = RunStatus(run.status)
     return status.is_finished or status.is_paused
+
+
+def finished_run(event: run_pb2.StreamEvent) -> run_pb2.Run | None:
+    """The finished run a terminal event carries (DONE's ``done.run``, a terminal STATUS's
+    ``status_change.run``), else None: ERROR, any other event, a server that does not send it."""
+    if event.type == run_pb2.StreamEvent.DONE:
+        run = event.done.run if event.done.HasField("run") else None
+    elif event.type == run_pb2.StreamEvent.STATUS and event.status_change.HasField("run"):
+        run = event.status_change.run
+    else:
+        return None
+    return run if run is not None and RunStatus(run.status).is_finished else None
 
 
 def poll_policy(poll_interval: float | None) -> RetryPolicy:
@@ -107,6 +122,10 @@ class Follow:
         return run_pb2.ListenRunRequest(run_id=self.run_id, events_start_idx=self.cursor.next_index)
 
 
+Received = tuple[RunEvent, run_pb2.StreamEvent]
+"""A new event of a stream, decoded, with its proto (whose ``done.run`` the decoded one lacks)."""
+
+
 def _events(raw: Any, batched: bool) -> Sequence[run_pb2.StreamEvent]:
     """The events of one message: a StreamEventBatch's (ListenBatches) or the StreamEvent itself."""
     events: Sequence[run_pb2.StreamEvent] = raw.events if batched else (raw,)
@@ -116,9 +135,9 @@ def _events(raw: Any, batched: bool) -> Sequence[run_pb2.StreamEvent]:
 # ---- sync -------------------------------------------------------------------------------------
 
 
-def _stream_once(transport: SyncTransport, follow: Follow) -> Generator[RunEvent, None, None]:
+def _stream_once(transport: SyncTransport, follow: Follow) -> Generator[Received, None, None]:
     """One stream from the cursor (ListenBatches, else Listen: see :func:`_open`); yields new
-    events one by one (observed), raises ApiError on failure."""
+    events one by one (observed, with their protos), raises ApiError on failure."""
     while True:
         batched = transport.listen_batches
         try:
@@ -128,7 +147,7 @@ def _stream_once(transport: SyncTransport, follow: Follow) -> Generator[RunEvent
                         event = follow.cursor.accept(item)
                         if event is not None:
                             follow.on_event(event)
-                            yield event
+                            yield event, item
             return
         except Unimplemented:
             if not batched:
@@ -152,7 +171,7 @@ def listen(transport: SyncTransport, follow: Follow) -> Generator[RunEvent, None
         received = False
         try:
             with closing(_stream_once(transport, follow)) as events:
-                for event in events:
+                for event, _ in events:
                     received = True
                     backoff.reset()
                     yield event
@@ -177,8 +196,11 @@ def wait(
         if ride:
             try:
                 with closing(_stream_once(transport, follow)) as events:
-                    for event in events:
+                    for event, item in events:
                         backoff.reset()
+                        if (run := finished_run(item)) is not None:
+                            follow.on_run(run)  # as a Get would: the handle takes it
+                            return run
                         if follow.triggers_check(event):
                             run = _poll_once(transport, follow, poll_timeout)
                             if run is not None and is_ready(run):
@@ -206,7 +228,7 @@ def _poll_once(transport: SyncTransport, follow: Follow, poll_timeout: float | N
 # ---- async ------------------------------------------------------------------------------------
 
 
-async def _astream_once(transport: AsyncTransport, follow: Follow) -> AsyncGenerator[RunEvent, None]:
+async def _astream_once(transport: AsyncTransport, follow: Follow) -> AsyncGenerator[Received, None]:
     """Async twin of :func:`_stream_once`."""
     while True:
         batched = transport.listen_batches
@@ -217,7 +239,7 @@ async def _astream_once(transport: AsyncTransport, follow: Follow) -> AsyncGener
                         event = follow.cursor.accept(item)
                         if event is not None:
                             follow.on_event(event)
-                            yield event
+                            yield event, item
             return
         except Unimplemented:
             if not batched:
@@ -241,7 +263,7 @@ async def alisten(transport: AsyncTransport, follow: Follow) -> AsyncGenerator[R
         received = False
         try:
             async with aclosing(_astream_once(transport, follow)) as events:
-                async for event in events:
+                async for event, _ in events:
                     received = True
                     backoff.reset()
                     yield event
@@ -266,8 +288,11 @@ async def await_run(
         if ride:
             try:
                 async with aclosing(_astream_once(transport, follow)) as events:
-                    async for event in events:
+                    async for event, item in events:
                         backoff.reset()
+                        if (run := finished_run(item)) is not None:
+                            follow.on_run(run)
+                            return run
                         if follow.triggers_check(event):
                             run = await _apoll_once(transport, follow, poll_timeout)
                             if run is not None and is_ready(run):
