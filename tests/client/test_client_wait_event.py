@@ -10,6 +10,7 @@ still reads the run with one more Get.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from spindle._run_base import _FIELDS
 from spindle.v1 import run_pb2
 from support.faults import Holds
 from support.server import ServerProcess
+from support.stubs import Stubs
 
 POINT = "engine.before_turn_end_write"
 
@@ -33,10 +35,11 @@ def method_name(details: Any) -> str:
 
 class ReleaseAfterGet(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """Once armed: records each call's method, and lets the held run end as soon as the first
-    Get has its answer."""
+    Get has its answer (after ``first``, e.g. a Cancel, has been done)."""
 
-    def __init__(self, holds: Holds) -> None:
+    def __init__(self, holds: Holds, first: Callable[[], object] = lambda: None) -> None:
         self.holds = holds
+        self.first = first
         self.methods: list[str] | None = None  # None: not armed
 
     def arm(self) -> None:
@@ -57,6 +60,7 @@ class ReleaseAfterGet(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIn
         self.methods.append(method)
         if self.methods == ["Get"]:
             answered()  # the Get has its answer (a live run): now the run may end
+            self.first()
             self.holds.release(POINT)
 
 
@@ -165,20 +169,25 @@ def test_wait_on_a_server_without_done_run_reads_it_with_get(
 def test_wait_takes_the_cancelled_run_from_its_status_event(
     make_server: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
-    """A run cancelled while held before its completion write ends CANCELLED with a terminal
-    STATUS that carries the run: the wait needs no Get after it either."""
+    """A run cancelled (on another connection) once the wait's first Get has seen it live, held
+    before its completion write, ends CANCELLED with a terminal STATUS that carries the run: the
+    wait needs no Get after it either."""
     server, holds = held_server(make_server, tmp_path)
-    counter = ReleaseAfterGet(holds)
-    with spindle.Client(server.address, timeout=20, interceptors=[counter]) as client:
-        assistant = client.assistants.create(name="echo")
-        run = client.runs.create(thread_id=client.threads.create(messages=["hi"]), assistant_id=assistant)
-        holds.wait_reached(POINT)
-        run.cancel()  # CANCELLING: the executor ends it CANCELLED once it is let go
-        counter.arm()
-        result = run.wait(timeout=30)
-        assert counter.methods == ["Get", "ListenBatches"]
-        assert result.status is spindle.RunStatus.CANCELLED
-        assert fields(run) == fields(client.runs.get(run.id))
+    other = Stubs.connect(server.address)
+    try:
+        cancel = functools.partial(other.runs.Cancel, timeout=10)
+        counter = ReleaseAfterGet(holds, lambda: cancel(run_pb2.CancelRunRequest(run_id=run.id)))
+        with spindle.Client(server.address, timeout=20, interceptors=[counter]) as client:
+            assistant = client.assistants.create(name="echo")
+            run = client.runs.create(thread_id=client.threads.create(messages=["hi"]), assistant_id=assistant)
+            holds.wait_reached(POINT)
+            counter.arm()
+            result = run.wait(timeout=30)
+            assert counter.methods == ["Get", "ListenBatches"]
+            assert result.status is spindle.RunStatus.CANCELLED
+            assert fields(run) == fields(client.runs.get(run.id))
+    finally:
+        other.close()
 
 
 async def test_await_takes_the_finished_run_from_done(
