@@ -41,7 +41,8 @@ def wait_latency_section(rows: list[Row], machine: str, when: str, elapsed: floa
         "",
         "Reading it: polling learns of the end half an interval late on average and a whole interval",
         "late at worst, and pays one Get per interval; `Run.wait()` is told by the stream within",
-        "milliseconds (one Get to start, one ListenBatches stream, one Get to read the finished run).",
+        "milliseconds (one Get to start, one ListenBatches stream whose terminal event carries the",
+        "finished run: no Get after it).",
         "",
         PROFILE,
     ]

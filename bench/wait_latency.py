@@ -66,6 +66,14 @@ event that carried the finished Run would save that round trip (the Wait long-po
 p99 follow the machine's load, not the path: four whole runs of this benchmark at load average
 3-6 gave wait() p50 2.9-4.5 ms (median 3.3), p99 17-93 ms and the Wait long-poll p50 1.7-2.3
 ms, p99 22-53 ms; 200 runs in a quieter stretch, wait() p50 2.2 ms, p99 5.9 ms.
+
+**Then: the terminal event carries the finished run.** DONE has `done.run` and a terminal STATUS
+its `status_change.run`, filled by the store in the transaction that ends the run (equal to a Get
+right after), and `wait()` ends on that event with no Get after it (ERROR, TOOL_CALLS and an
+older server's DONE still trigger the Get): 2 calls per run instead of 3. Whole runs of this
+benchmark, before and after, each with the Wait long-poll in the same run: before, wait() p50
+2.3 and 3.4 ms, p99 16.7 and 59.4 (long-poll p50 1.4 and 2.1, p99 12.3 and 6.9): 1.6x the
+long-poll's p50; after, p50 1.5 ms, p99 6.5 (long-poll 1.6, 6.8): level with it.
 """
 
 
