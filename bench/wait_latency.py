@@ -62,7 +62,7 @@ nothing the server or the client does after the terminal commit was found in the
 is left is the commit's fsync (0.65) and one more round trip than the server's Wait
 long-poll, which the design fixes (Listen as the trigger, Get as the judge). A terminal
 event that carried the finished Run would save that round trip (the Wait long-poll's p50 is
-1.2-2.1 ms lower in the same runs); DONE carries the reply and usage, not the Run. Both methods'
+1.2-2.1 ms lower in the same runs); DONE carried the reply and usage, not the Run (below). Both methods'
 p99 follow the machine's load, not the path: four whole runs of this benchmark at load average
 3-6 gave wait() p50 2.9-4.5 ms (median 3.3), p99 17-93 ms and the Wait long-poll p50 1.7-2.3
 ms, p99 22-53 ms; 200 runs in a quieter stretch, wait() p50 2.2 ms, p99 5.9 ms.
