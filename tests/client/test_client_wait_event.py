@@ -122,6 +122,17 @@ def held_server(make_server: Callable[..., ServerProcess], tmp_path: Path) -> tu
     return make_server(env=holds.env(POINT)), holds
 
 
+def held_run_waited(
+    client: spindle.Client, holds: Holds, counter: ReleaseAfterGet
+) -> tuple[spindle.Run, spindle.RunResult]:
+    """A run held before its completion write, then waited for (its first Get lets it go)."""
+    assistant = client.assistants.create(name="echo")
+    run = client.runs.create(thread_id=client.threads.create(messages=["hi"]), assistant_id=assistant)
+    holds.wait_reached(POINT)
+    counter.arm()
+    return run, run.wait(timeout=30)
+
+
 def fields(run: spindle.Run | spindle.AsyncRun) -> dict[str, object]:
     return {name: getattr(run, name) for name in _FIELDS}
 
@@ -134,11 +145,7 @@ def test_wait_takes_the_finished_run_from_done(
     server, holds = held_server(make_server, tmp_path)
     counter = ReleaseAfterGet(holds)
     with spindle.Client(server.address, timeout=20, interceptors=[counter]) as client:
-        assistant = client.assistants.create(name="echo")
-        run = client.runs.create(thread_id=client.threads.create(messages=["hi"]), assistant_id=assistant)
-        holds.wait_reached(POINT)
-        counter.arm()
-        result = run.wait(timeout=30)
+        run, result = held_run_waited(client, holds, counter)
         assert counter.methods == ["Get", "ListenBatches"]
         assert result.status is spindle.RunStatus.COMPLETED and result.text == "You said: hi"
         assert fields(run) == fields(client.runs.get(run.id))
@@ -155,11 +162,7 @@ def test_wait_on_a_server_without_done_run_reads_it_with_get(
         OldEventsProxy(server.address) as proxy,
         spindle.Client(proxy.address, timeout=20, interceptors=[counter]) as client,
     ):
-        assistant = client.assistants.create(name="echo")
-        run = client.runs.create(thread_id=client.threads.create(messages=["hi"]), assistant_id=assistant)
-        holds.wait_reached(POINT)
-        counter.arm()
-        result = run.wait(timeout=30)
+        run, result = held_run_waited(client, holds, counter)
         assert counter.methods == ["Get", "ListenBatches", "Get"]
         assert proxy.count("ListenBatches") == 1
         assert result.status is spindle.RunStatus.COMPLETED

@@ -12,7 +12,7 @@ import grpc
 
 from spindle.v1 import assistant_pb2, run_pb2, run_pb2_grpc
 from spindle_server import clock, ids, metrics
-from spindle_server.api import context, idempotency, validation
+from spindle_server.api import context, idempotency, registration, validation
 from spindle_server.api.errors import quota_exceeded
 from spindle_server.api.paging import next_page_token, page_query
 from spindle_server.api.threads import messages_from_inputs
@@ -486,35 +486,19 @@ def add_to_server(servicer: RunServicer, server: grpc.aio.Server) -> None:
     """RunService as generated, except Get, Listen and ListenBatches: they send the stored run's
     and the shared log's bytes as they are, registered without a serializer (grpc sends bytes
     as they are, as a bare bytes method does, without a Python call per message)."""
-    captured = _CapturedHandlers()
-    run_pb2_grpc.add_RunServiceServicer_to_server(servicer, captured)
-    for name, batches in (("Listen", False), ("ListenBatches", True)):
-        generated = captured.handlers[name]
-        # A partial, not a wrapper: no coroutine frame more per open stream.
-        behavior = functools.partial(servicer.write_stream, batches=batches)
-        captured.handlers[name] = grpc.unary_stream_rpc_method_handler(
-            behavior, request_deserializer=generated.request_deserializer
-        )
-    captured.handlers["Get"] = grpc.unary_unary_rpc_method_handler(
-        servicer.get_wire, request_deserializer=captured.handlers["Get"].request_deserializer
+
+    def replace(handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        for name, batches in (("Listen", False), ("ListenBatches", True)):
+            # A partial, not a wrapper: no coroutine frame more per open stream.
+            behavior = functools.partial(servicer.write_stream, batches=batches)
+            handlers[name] = grpc.unary_stream_rpc_method_handler(
+                behavior, request_deserializer=handlers[name].request_deserializer
+            )
+        handlers["Get"] = registration.unary_bytes(servicer.get_wire, handlers["Get"])
+
+    registration.add_with_replacements(
+        run_pb2_grpc.add_RunServiceServicer_to_server, servicer, server, replace
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.name, captured.handlers),))
-    server.add_registered_method_handlers(captured.name, captured.handlers)
-
-
-class _CapturedHandlers:
-    """Stands in for a server to take the method handlers the generated code registers."""
-
-    def __init__(self) -> None:
-        self.name = ""
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        pass
-
-    def add_registered_method_handlers(self, name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        self.name = name
-        self.handlers = dict(handlers)
 
 
 def _check_run_id(run_id: str) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import cast
 
 import grpc
 
 from spindle.v1 import message_pb2, message_pb2_grpc, thread_pb2, thread_pb2_grpc
 from spindle_server import clock, ids
-from spindle_server.api import context, idempotency, masks, validation
+from spindle_server.api import context, idempotency, masks, registration, validation
 from spindle_server.api.paging import next_page_token, page_query
 from spindle_server.api.validation import Validator
 from spindle_server.limits import DEFAULT_LIMITS, Limits
@@ -221,25 +220,10 @@ class MessageServicer(message_pb2_grpc.MessageServiceServicer):
 def add_message_service(servicer: MessageServicer, server: grpc.aio.Server) -> None:
     """MessageService as generated, except Create: it answers bytes (create_wire) and has no
     response serializer, so grpc sends them as they are."""
-    captured = _CapturedHandlers()
-    message_pb2_grpc.add_MessageServiceServicer_to_server(servicer, cast(grpc.aio.Server, captured))
-    captured.handlers["Create"] = grpc.unary_unary_rpc_method_handler(
-        servicer.create_wire, request_deserializer=captured.handlers["Create"].request_deserializer
+
+    def replace(handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        handlers["Create"] = registration.unary_bytes(servicer.create_wire, handlers["Create"])
+
+    registration.add_with_replacements(
+        message_pb2_grpc.add_MessageServiceServicer_to_server, servicer, server, replace
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(captured.name, captured.handlers),))
-    server.add_registered_method_handlers(captured.name, captured.handlers)
-
-
-class _CapturedHandlers:
-    """Stands in for a server to take the method handlers the generated code registers."""
-
-    def __init__(self) -> None:
-        self.name = ""
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, handlers: object) -> None:
-        pass
-
-    def add_registered_method_handlers(self, name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-        self.name = name
-        self.handlers = dict(handlers)
