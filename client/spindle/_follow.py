@@ -53,13 +53,13 @@ def is_ready(run: run_pb2.Run) -> bool:
 def finished_run(event: run_pb2.StreamEvent) -> run_pb2.Run | None:
     """The finished run a terminal event carries (DONE's ``done.run``, a terminal STATUS's
     ``status_change.run``), else None: ERROR, any other event, a server that does not send it."""
-    if event.type == run_pb2.StreamEvent.DONE:
-        run = event.done.run if event.done.HasField("run") else None
+    if event.type == run_pb2.StreamEvent.DONE and event.done.HasField("run"):
+        run = event.done.run
     elif event.type == run_pb2.StreamEvent.STATUS and event.status_change.HasField("run"):
         run = event.status_change.run
     else:
         return None
-    return run if run is not None and RunStatus(run.status).is_finished else None
+    return run if RunStatus(run.status).is_finished else None
 
 
 def poll_policy(poll_interval: float | None) -> RetryPolicy:
