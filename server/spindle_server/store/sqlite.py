@@ -448,10 +448,7 @@ class SqliteStore:
         claim: RunClaim | None = None,
     ) -> MutationResult:
         def write(conn: sqlite3.Connection) -> MutationResult:
-            _require_thread(conn, project, run.thread_id)
-            _require_no_active_run(conn, run.thread_id, "start another run")
-            if max_active_runs is not None:
-                _require_run_quota(conn, project, max_active_runs)
+            _require_new_run_allowed(conn, project, run.thread_id, max_active_runs)
             _insert_messages(conn, project, messages)
             if claim is None:
                 _insert_run_row(conn, project, run, deadline, next_event_idx=len(events))
@@ -788,19 +785,44 @@ def _require_no_active_run(conn: sqlite3.Connection, thread_id: str, action: str
         )
 
 
-def _require_run_quota(conn: sqlite3.Connection, project: str, limit: int) -> None:
-    # Counted in the inserting transaction (the writer is serial): two creates cannot both see
-    # one free slot. The partial index runs_active_per_project holds only active runs.
-    (active,) = conn.execute(
-        f"SELECT COUNT(*) FROM (SELECT 1 FROM runs WHERE project = ? AND status IN ({_ACTIVE}) LIMIT ?)",
-        (project, limit),
-    ).fetchone()
-    if active >= limit:
+_NEW_RUN_CHECKS = (
+    "SELECT EXISTS(SELECT 1 FROM threads WHERE id = ? AND project = ?),"
+    f" (SELECT id FROM runs WHERE thread_id = ? AND status IN ({_ACTIVE}))"
+)
+_NEW_RUN_CHECKS_WITH_QUOTA = (
+    _NEW_RUN_CHECKS
+    + f", (SELECT COUNT(*) FROM (SELECT 1 FROM runs WHERE project = ? AND status IN ({_ACTIVE}) LIMIT ?))"
+)
+
+
+def _require_new_run_allowed(
+    conn: sqlite3.Connection, project: str, thread_id: str, max_active_runs: int | None
+) -> None:
+    """The thread exists in the project and has no active run, and the project is under its
+    quota of active runs, in one statement (the insert of a run is on the path from Create to
+    its first delta), failing in that order. The quota is counted in the inserting transaction
+    (the writer is serial): two creates cannot both see one free slot; the partial index
+    runs_active_per_project holds only active runs."""
+    if max_active_runs is None:
+        thread, active_run = conn.execute(_NEW_RUN_CHECKS, (thread_id, project, thread_id)).fetchone()
+        active = 0
+    else:
+        thread, active_run, active = conn.execute(
+            _NEW_RUN_CHECKS_WITH_QUOTA, (thread_id, project, thread_id, project, max_active_runs)
+        ).fetchone()
+    if not thread:
+        raise NotFoundError("thread", thread_id)
+    if active_run is not None:
+        raise StateError(
+            "THREAD_HAS_ACTIVE_RUN",
+            f"thread {thread_id} has an active run {active_run}; cannot start another run until it ends",
+        )
+    if max_active_runs is not None and active >= max_active_runs:
         raise QuotaError(
             "ACTIVE_RUNS_LIMIT",
             f"projects/{project}",
-            f"{active} runs are active; at most {limit} are allowed at once",
-            limit,
+            f"{active} runs are active; at most {max_active_runs} are allowed at once",
+            max_active_runs,
         )
 
 
@@ -866,6 +888,8 @@ def _message_refused(conn: sqlite3.Connection, row: tuple[str, str, str, str, by
 
 
 def _insert_messages(conn: sqlite3.Connection, project: str, messages: Sequence[message_pb2.Message]) -> None:
+    if not messages:
+        return
     conn.executemany(
         "INSERT INTO messages(id, project, thread_id, run_id, body) VALUES (?, ?, ?, ?, ?)",
         [(m.id, project, m.thread_id, m.run_id, m.SerializeToString()) for m in messages],
@@ -883,11 +907,23 @@ def _append_events(
         if not event.HasField("created_at"):
             event.created_at.CopyFrom(created)
         stored.append(event)
-    conn.executemany(
-        "INSERT INTO run_events(run_id, idx, body) VALUES (?, ?, ?)",
-        [(run_id, event.index, event.SerializeToString()) for event in stored],
-    )
+    # One statement for a change's events (executemany steps once per row), in chunks of at
+    # most EVENT_ROWS rows (a prepared text each, under the writer's statement cache).
+    for first in range(0, len(stored), EVENT_ROWS):
+        chunk = stored[first : first + EVENT_ROWS]
+        conn.execute(
+            _insert_events_sql(len(chunk)),
+            [value for event in chunk for value in (run_id, event.index, event.SerializeToString())],
+        )
     return stored
+
+
+EVENT_ROWS = 256
+
+
+@functools.lru_cache(maxsize=EVENT_ROWS)
+def _insert_events_sql(count: int) -> str:
+    return "INSERT INTO run_events(run_id, idx, body) VALUES " + ", ".join(["(?, ?, ?)"] * count)
 
 
 def _take_lease(conn: sqlite3.Connection, run_id: str, owner: str, lease_seconds: float) -> int:
@@ -907,11 +943,11 @@ def _mutate_run(
     project: str | None = None,
 ) -> MutationResult:
     row = conn.execute(
-        "SELECT project, body, lease_epoch, next_event_idx FROM runs WHERE id = ?", (run_id,)
+        "SELECT project, body, lease_epoch, next_event_idx, status FROM runs WHERE id = ?", (run_id,)
     ).fetchone()
     if row is None or (project is not None and row[0] != project):
         raise NotFoundError("run", run_id)
-    row_project, body, current_epoch, next_index = row
+    row_project, body, current_epoch, next_index, stored_status = row
     if epoch is not None and epoch != current_epoch:
         raise FencedError(f"run {run_id}: lease epoch {epoch} was superseded by {current_epoch}")
     change: RunChange = mutate(_parse(run_pb2.Run, body))
@@ -922,8 +958,13 @@ def _mutate_run(
     _finished_change(change)
     _write_change_rows(conn, row_project, run_id, change)
     stored = _append_events(conn, run_id, next_index, change.events)
-    assignments = "status = ?, body = ?, next_event_idx = ?"
-    args: list[Any] = [run.status, run.SerializeToString(), next_index + len(stored)]
+    assignments = "body = ?, next_event_idx = ?"
+    args: list[Any] = [run.SerializeToString(), next_index + len(stored)]
+    if run.status != stored_status:
+        # Only when it changes: every index of the status column (three) and the trigger on
+        # it are rewritten when it is assigned, even to its own value (each streamed delta).
+        assignments += ", status = ?"
+        args.append(run.status)
     if change.deadline is not None:
         assignments += ", deadline = ?"
         args.append(change.deadline)
