@@ -77,6 +77,7 @@ class RunFeed:
         "_waiters",
         "_wires",
         "final",
+        "project",
         "subscribers",
     )
 
@@ -96,6 +97,9 @@ class RunFeed:
         self._publishes = 0
         self._recheck: asyncio.TimerHandle | None = None
         self.final: int | None = None  # index of the run's terminal event, once seen
+        # The run's project, set by the Create that holds the feed (EventHub.hold) once its
+        # insert committed: until its terminal event, the run exists in that project.
+        self.project: str | None = None
         self.subscribers = 0
 
     def changed(self, waiter: asyncio.Future[None] | None = None) -> asyncio.Future[None]:
@@ -111,6 +115,11 @@ class RunFeed:
         if self._recheck is None:
             self._recheck = asyncio.get_running_loop().call_later(RECHECK_SECONDS, self._recheck_now)
         return waiter
+
+    def known(self, project: str) -> bool:
+        """The run is known to exist in `project`: its Create holds the feed, until its terminal
+        event (a finished run may be deleted by retention)."""
+        return self.project == project and self.final is None
 
     def forget(self, waiter: asyncio.Future[None] | None) -> None:
         if waiter is not None:
@@ -264,6 +273,8 @@ def _varint(value: int) -> bytes:
 class EventHub:
     def __init__(self) -> None:
         self._feeds: dict[str, RunFeed] = {}
+        # Feeds held by the Create of their run (`hold`), with the timer that lets each go.
+        self._held: dict[str, tuple[RunFeed, asyncio.TimerHandle]] = {}
 
     def publish(self, events: Sequence[run_pb2.StreamEvent]) -> None:
         """Store callback, after commit: events of one or more runs, in index order per run."""
@@ -274,6 +285,8 @@ class EventHub:
             feed = self._feeds.get(run_id)
             if feed is not None:
                 feed.publish(run_events)
+                if feed.final is not None and run_id in self._held:
+                    self._release(run_id)
 
     def watched(self) -> Collection[str]:
         """The runs with live subscribers (Listen and Wait): a live view, `in` is a dict lookup.
@@ -284,14 +297,46 @@ class EventHub:
 
     @contextmanager
     def subscribe(self, run_id: str) -> Iterator[RunFeed]:
+        feed = self.open(run_id)
+        try:
+            yield feed
+        finally:
+            self.leave(run_id, feed)
+
+    def open(self, run_id: str) -> RunFeed:
+        """One more subscriber of the run's feed (made if it has none); give it back with `leave`."""
         feed = self._feeds.get(run_id)
         if feed is None:
             feed = self._feeds[run_id] = RunFeed()
         feed.subscribers += 1
-        try:
-            yield feed
-        finally:
-            feed.subscribers -= 1
-            if feed.subscribers == 0:
-                del self._feeds[run_id]
-                feed.close()
+        return feed
+
+    def leave(self, run_id: str, feed: RunFeed) -> None:
+        feed.subscribers -= 1
+        if feed.subscribers == 0:
+            del self._feeds[run_id]
+            feed.close()
+
+    def hold(self, run_id: str) -> RunFeed:
+        """The feed of a run about to be created here, subscribed before its insert commits, so
+        that its events from index 0 on are in the tail for the listener that follows Create's
+        answer (no read of the store, no project check: see `known`). Let go with `let_go`."""
+        return self.open(run_id)
+
+    def let_go(self, run_id: str, feed: RunFeed, project: str | None, seconds: float) -> None:
+        """Ends a `hold`: now if `project` is None (the run was not created, or not started
+        here), else at its terminal event or after `seconds`, whichever comes first (a feed
+        nobody listens to is not kept for long), the run known meanwhile to be in `project`."""
+        if project is None or feed.final is not None:
+            self.leave(run_id, feed)
+            return
+        feed.project = project
+        self._held[run_id] = (feed, asyncio.get_running_loop().call_later(seconds, self._release, run_id))
+
+    def _release(self, run_id: str) -> None:
+        held = self._held.pop(run_id, None)
+        if held is not None:
+            feed, timer = held
+            timer.cancel()
+            feed.project = None
+            self.leave(run_id, feed)

@@ -31,6 +31,9 @@ MAX_WAIT_SECONDS = 600.0
 # written by another process), so it is rare: an idle listener costs nothing in between.
 IDLE_RECHECK_SECONDS = 30.0
 WAIT_READY = TERMINAL_STATUSES | {run_pb2.TOOL_CALLS}
+# How long a run's Create holds its feed (and the events published meanwhile) for the listener
+# that follows its answer: the first delta is then sent from memory.
+FEED_HOLD_SECONDS = 2.0
 
 
 def _deadline_margin(remaining: float) -> float:
@@ -127,15 +130,24 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
             for message in messages:
                 message.run_id = ""
             # The engine inserts it, and claims it in that transaction when it has a free slot.
-            result = await self._engine.create_run(
-                project,
-                run,
-                messages,
-                deadline,
-                [events.status_change(run, "queued")],
-                record=record,
-                max_active_runs=self._limits.max_active_runs_per_project,
-            )
+            # The run's feed is held from before its insert: the listener that follows this
+            # answer finds the run's first events in memory (BENCHMARKS.md, listen-fanout).
+            feed = self._hub.hold(run.id)
+            started = False
+            try:
+                result = await self._engine.create_run(
+                    project,
+                    run,
+                    messages,
+                    deadline,
+                    [events.status_change(run, "queued")],
+                    record=record,
+                    max_active_runs=self._limits.max_active_runs_per_project,
+                )
+                started = result.claimed is not None
+            finally:
+                # Held on only for a run this server started: its events are published here.
+                self._hub.let_go(run.id, feed, project if started else None, FEED_HOLD_SECONDS)
             return result.run
 
         created = await idempotency.once(self._store, project, "runs.create", request, run_pb2.Run, create)
@@ -410,13 +422,15 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         try:
             # Only the id and status are kept: an idle stream does not hold the whole Run.
             run_id = request.run_id
-            status = (await self._store.get_run(project, run_id)).status
             next_index = request.events_start_idx
             stale = False  # woken without finding events: the run's status may have moved on
             fresh = False  # the log read anew from the store, not through a read in flight
             load = functools.partial(self._store.read_event_wires, run_id)
             changed: asyncio.Future[None] | None = None
             with self._hub.subscribe(run_id) as feed, metrics.LISTEN_STREAMS.track_inprogress():
+                # A run held by its Create needs no read to be found (nor its status, until
+                # there is nothing to send): its events are in the feed's tail.
+                status = None if feed.known(project) else (await self._store.get_run(project, run_id)).status
                 try:
                     while True:
                         changed = feed.changed(changed)
@@ -435,7 +449,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                                 return
                             next_index += len(batch)
                             continue
-                        if stale:
+                        if stale or status is None:
                             stale = False
                             status = (await self._store.get_run(project, run_id)).status
                         if status in TERMINAL_STATUSES:
