@@ -29,6 +29,8 @@ BLOCK_CACHE_BYTES = 8 << 20
 # Every commit of this process wakes its listeners; this wake-up is only a safety net (a store
 # written by another process), so it is rare.
 RECHECK_SECONDS = 30.0
+# The fault point a held feed's timer reaches before it lets the feed go (tests hold it there).
+HOLD_EXPIRY = "broadcast.hold_expiry"
 
 Loader = Callable[[int, int], Awaitable[list[bytes]]]
 """Reads up to `limit` stored events of the run from index `start`, serialized as stored:
@@ -275,6 +277,7 @@ class EventHub:
         self._feeds: dict[str, RunFeed] = {}
         # Feeds held by the Create of their run (`hold`), with the timer that lets each go.
         self._held: dict[str, tuple[RunFeed, asyncio.TimerHandle]] = {}
+        self._expiring: set[asyncio.Future[None]] = set()  # held at HOLD_EXPIRY (tests)
 
     def publish(self, events: Sequence[run_pb2.StreamEvent]) -> None:
         """Store callback, after commit: events of one or more runs, in index order per run."""
@@ -331,7 +334,19 @@ class EventHub:
             self.leave(run_id, feed)
             return
         feed.project = project
-        self._held[run_id] = (feed, asyncio.get_running_loop().call_later(seconds, self._release, run_id))
+        self._held[run_id] = (feed, asyncio.get_running_loop().call_later(seconds, self._expire, run_id))
+
+    def _expire(self, run_id: str) -> None:
+        if faults.ENABLED and faults.configured(HOLD_EXPIRY):  # tests keep the hold until released
+            task = asyncio.ensure_future(self._expire_when_reached(run_id))
+            self._expiring.add(task)
+            task.add_done_callback(self._expiring.discard)
+            return
+        self._release(run_id)
+
+    async def _expire_when_reached(self, run_id: str) -> None:
+        await faults.reached(HOLD_EXPIRY)
+        self._release(run_id)
 
     def _release(self, run_id: str) -> None:
         held = self._held.pop(run_id, None)
