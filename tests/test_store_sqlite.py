@@ -74,6 +74,36 @@ async def test_a_failing_write_does_not_undo_the_others(store: SqliteStore) -> N
     assert "kept" in texts
 
 
+async def test_a_lone_write_that_fails_leaves_nothing_and_the_next_one_commits(store: SqliteStore) -> None:
+    """A batch of one write runs without a SAVEPOINT: its failure rolls its whole transaction back."""
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO threads(id, project, body) VALUES ('thread_half', ?, x'')", (PROJECT,))
+        raise StateError("HALF", "failed after its first statement")
+
+    batches = store.db.batches
+    with pytest.raises(StateError):
+        await store.db.write(half_then_fail)
+    assert store.db.batches == batches + 1  # alone in its batch
+    with pytest.raises(NotFoundError):
+        await store.get_thread(PROJECT, "thread_half")
+    await store.insert_thread(PROJECT, thread_pb2.Thread(id="thread_whole"), [])
+    assert (await store.get_thread(PROJECT, "thread_whole")).id == "thread_whole"
+
+
+async def test_a_change_of_many_events_is_stored_whole_and_in_order(store: SqliteStore) -> None:
+    """A change's events go in multi-row INSERTs of at most EVENT_ROWS rows: a change of more
+    is stored across several, gap-free."""
+    await queued_run(store)
+    (claim,) = await store.claim_runs("owner", 30, 10, transitions.start(clock.now(), 3600, 3))
+    deltas = [events.message_delta(f"w{i} ") for i in range(600)]
+    result = await store.mutate_run("run_1", transitions.stream(deltas), epoch=claim.epoch)
+    assert [e.index for e in result.events] == list(range(2, 602))
+    logged = await store.read_events("run_1", 0, 1000)
+    assert [e.index for e in logged] == list(range(602))
+    assert "".join(e.message_delta.text for e in logged[2:]) == "".join(f"w{i} " for i in range(600))
+
+
 async def test_writes_are_durable_and_keep_savepoint_undo_in_memory(store: SqliteStore) -> None:
     # Each write of a group commit runs under a SAVEPOINT; SQLite keeps its undo pages in a
     # temporary file unless temp_store is MEMORY, which about halved the append path's speed.
