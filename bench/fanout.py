@@ -901,6 +901,38 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   a 2 ms p50 beyond reach on this machine for Listen, which sends three messages (two status
   changes, then the delta), each awaited by grpc. ListenBatches sends what is there in one
   message: its row is the client SDK's figure.
+- Create -> first delta, third pass (a launcher that wraps the server's functions with
+  `time.time_ns` stamps, not committed, and the client's stamps on the same clock; p50 in us
+  from the client's send, previous build -> this one, 250 runs each taking turns, load 4-5,
+  ListenBatches): Create arrives 531 -> 500, the insert committed 1,382 -> 1,346, Create returns
+  1,483 -> 1,481, the client has the answer 1,882 -> 1,956, the first delta queued 1,887 ->
+  1,852 and committed 2,722 -> 2,510, Listen arrives 2,614 -> 2,635, its first write 2,932 ->
+  2,724, the client reads the delta 3,439 -> 3,417 (Listen: first write 2,895 -> 2,737, read
+  3,746 -> 3,630). Before, Listen spent 0.3 ms between its arrival and its first write: a read of
+  the run for its project and status (a miss of the body cache: the next delta's write was in
+  flight) and a read of block 0 of the log (a task, a read, for one listener). Changed: a run's
+  Create holds the run's feed from before its insert until its terminal event or 2 s
+  (`EventHub.hold`), so the listener that follows the answer finds events 0, 1, 2 in the tail,
+  and the feed knows the run's project (a listener of another project reads the run and gets
+  NOT_FOUND as before); Listen now writes 0.1 ms after it arrives. The store's part: the
+  insert's three checks in one SELECT, a change's events in one multi-row INSERT, a lone write
+  without SAVEPOINT and RELEASE, and a mutation assigns `status` only when it changes (each
+  streamed delta rewrote the three indexes on it and dirtied their pages in the WAL: 17-23 us
+  against 8 us an UPDATE in a micro-benchmark); the delta's statements 245 -> 125 us. A/B
+  without stamps, 500 runs each, load 4.7-5.7: Listen p50 4.46 -> 4.24 ms, p99 25.0 -> 20.9;
+  ListenBatches p50 4.14 -> 3.93, p99 22.9 -> 19.1; paired by run, -0.14 and -0.28 ms, faster in
+  266 and 284 of 500 runs (another 400 runs at load 5: -0.33 and -0.18 ms). What did not help:
+  handing a write at once to an idle writer (paired -0.23 and -0.29 ms at load 4.6, but one
+  turn's writes would no longer commit together, which the store promises), and
+  `sys.setswitchinterval(0.0005)` (+0.48 and +0.11 ms). Where it stands: the first delta is now
+  committed before Listen arrives, and from Listen's arrival the server needs 0.1 ms; of the
+  3.4 ms, about 2.2 ms are the client's and gRPC's (send to arrival 0.5, answer to client 0.45,
+  the client's Listen to its arrival 0.7, write to read 0.5 ms at load 4-5) and 0.96 ms Create's
+  own (its checks and assistant read 0.2, the hand-over to the writer 0.1, the insert's
+  statements 0.2, the commit 0.33, the answer 0.1). Left: the engine's reads and prompt (0.2 ms)
+  could run during the insert's commit, when the loop is idle, if the insert said whether a
+  message reached the thread meanwhile; and 2 ms is below what this client and gRPC cost on a
+  loaded machine, whatever the server does.
 - Broadcast, 1,000 listeners at 50 events/s, read by h2load and the Python sample. Listen sends
   one message per event per listener, 50,000 messages/s: in that pass's run (load 6-11) p50 4.1 s,
   p99 6.1 s, and the bare ticker, the same readers, p50 5.3 s, p99 12.0 s: with cheap readers it
