@@ -921,7 +921,8 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   against 8 us an UPDATE in a micro-benchmark); the delta's statements 245 -> 125 us. A/B
   without stamps, 500 runs each, load 4.7-5.7: Listen p50 4.46 -> 4.24 ms, p99 25.0 -> 20.9;
   ListenBatches p50 4.14 -> 3.93, p99 22.9 -> 19.1; paired by run, -0.14 and -0.28 ms, faster in
-  266 and 284 of 500 runs (another 400 runs at load 5: -0.33 and -0.18 ms). What did not help:
+  266 and 284 of 500 runs (two more runs of 400: -0.33 and -0.18 ms at load 5; at load 2-3
+  -0.37 and -0.54 ms, p50 4.63 -> 4.17 and 4.47 -> 4.00, 270 and 272 faster). What did not help:
   handing a write at once to an idle writer (paired -0.23 and -0.29 ms at load 4.6, but one
   turn's writes would no longer commit together, which the store promises), and
   `sys.setswitchinterval(0.0005)` (+0.48 and +0.11 ms). Where it stands: the first delta is now
