@@ -40,6 +40,22 @@ T = TypeVar("T")
 _ACTIVE = ",".join(str(s) for s in sorted(ACTIVE_STATUSES))
 _TERMINAL = ",".join(str(s) for s in sorted(TERMINAL_STATUSES))
 
+# messages.seq is a plain rowid, not AUTOINCREMENT: every commit of a message would write
+# sqlite_sequence's page too (one more WAL frame and page write per durable Create). Without
+# it a new row's seq is the largest one's + 1, so a seq freed by deleting the largest rows can
+# come back; messages are deleted only with their thread, whose id is never reused, and every
+# reader of seq (paging cursors, a run's prompt) reads within one thread, where seq still
+# only grows: a live thread's rows are never deleted, so each new one is above them all.
+_MESSAGES_TABLE = """CREATE TABLE IF NOT EXISTS {name} (
+  seq INTEGER PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  thread_id TEXT NOT NULL,
+  run_id TEXT NOT NULL DEFAULT '',
+  body BLOB NOT NULL
+);"""
+_MESSAGES_INDEX = "CREATE INDEX IF NOT EXISTS messages_thread ON messages(thread_id, seq);"
+
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS assistants (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -55,15 +71,8 @@ CREATE TABLE IF NOT EXISTS threads (
   body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS threads_project ON threads(project, seq);
-CREATE TABLE IF NOT EXISTS messages (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT,
-  id TEXT NOT NULL UNIQUE,
-  project TEXT NOT NULL,
-  thread_id TEXT NOT NULL,
-  run_id TEXT NOT NULL DEFAULT '',
-  body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_thread ON messages(thread_id, seq);
+{_MESSAGES_TABLE.format(name="messages")}
+{_MESSAGES_INDEX}
 CREATE TABLE IF NOT EXISTS runs (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
   id TEXT NOT NULL UNIQUE,
@@ -136,6 +145,33 @@ CREATE TRIGGER IF NOT EXISTS runs_forget AFTER DELETE ON runs
 """
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """What SCHEMA's IF NOT EXISTS cannot do for a database made by an older version, in the
+    writer's first transaction (all of it or none)."""
+    _drop_messages_autoincrement(conn)
+    _apply_limits_schema(conn)
+
+
+def _drop_messages_autoincrement(conn: sqlite3.Connection) -> None:
+    """A messages table made AUTOINCREMENT (before this version) rebuilt as the plain rowid
+    table SCHEMA makes now: every row kept with its seq (so order and paging cursors hold),
+    its index made again."""
+    (sql,) = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+    ).fetchone()
+    if "AUTOINCREMENT" not in sql.upper():
+        return
+    conn.execute("DROP TABLE IF EXISTS messages_rebuilt")  # never left by a commit; to be sure
+    conn.execute(_MESSAGES_TABLE.format(name="messages_rebuilt"))
+    conn.execute(
+        "INSERT INTO messages_rebuilt(seq, id, project, thread_id, run_id, body)"
+        " SELECT seq, id, project, thread_id, run_id, body FROM messages ORDER BY seq"
+    )
+    conn.execute("DROP TABLE messages")  # its index and its sqlite_sequence row go with it
+    conn.execute("ALTER TABLE messages_rebuilt RENAME TO messages")
+    conn.execute(_MESSAGES_INDEX)
+
+
 def _apply_limits_schema(conn: sqlite3.Connection) -> None:
     created = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs_finished'"
@@ -206,7 +242,7 @@ class SqliteStore:
 
     async def start(self) -> None:
         self.db.open(SCHEMA)
-        await self.db.write(_apply_limits_schema)
+        await self.db.write(_migrate)
 
     async def close(self) -> None:
         await self.db.close()
