@@ -212,3 +212,34 @@ def test_labels_at_the_limits_are_accepted(stubs: Stubs) -> None:
     labels = {f"k{i:02d}" + "x" * 60: "v" * 512 for i in range(16)}
     assistant = stubs.assistant(name="labels", labels=labels)
     assert dict(assistant.labels) == labels
+
+
+def test_a_message_is_stored_as_given_by_text_or_by_parts(stubs: Stubs) -> None:
+    """Create builds the message field by field (a text's part in place, the timestamp's
+    seconds and nanos set directly): what it answers is what Get and List read back."""
+    thread = stubs.threads.Create(
+        thread_pb2.CreateThreadRequest(messages=[message_pb2.MessageInput(text="first", labels={"k": "v"})])
+    )
+    by_text = stubs.messages.Create(message_pb2.CreateMessageRequest(thread_id=thread.id, text="second"))
+    by_parts = stubs.messages.Create(
+        message_pb2.CreateMessageRequest(
+            thread_id=thread.id,
+            role=message_pb2.ASSISTANT,
+            content=[
+                message_pb2.ContentPart(text=message_pb2.TextPart(text="a")),
+                message_pb2.ContentPart(text=message_pb2.TextPart(text="b")),
+            ],
+        )
+    )
+    text_part = message_pb2.ContentPart(text=message_pb2.TextPart(text="second"))
+    assert list(by_text.content) == [text_part] and by_text.role == message_pb2.USER
+    assert dict(by_text.labels) == {} and by_text.thread_id == thread.id
+    assert [p.text.text for p in by_parts.content] == ["a", "b"] and by_parts.role == message_pb2.ASSISTANT
+    for message in (by_text, by_parts):
+        assert stubs.messages.Get(message_pb2.GetMessageRequest(message_id=message.id)) == message
+        # A valid Timestamp (nanos below a second), from the server's clock as the thread's is.
+        assert 0 <= message.created_at.nanos < 1_000_000_000
+        assert abs(message.created_at.seconds - thread.created_at.seconds) < 86_400
+    listed = stubs.messages.List(message_pb2.ListMessagesRequest(thread_id=thread.id, order=common_pb2.ASC))
+    assert [m.content[0].text.text for m in listed.messages] == ["first", "second", "a"]
+    assert dict(listed.messages[0].labels) == {"k": "v"} and listed.messages[1:] == [by_text, by_parts]

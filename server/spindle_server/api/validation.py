@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from google.protobuf import json_format, struct_pb2
 
@@ -242,17 +242,18 @@ class Validator:
             self.add(f"{field}.function_name", f"{choice.function_name!r} is not one of the tools")
 
     def message_content(
-        self, field: str, content: Iterable[message_pb2.ContentPart], text: str
-    ) -> list[message_pb2.ContentPart]:
-        """Check `content`/`text` and return the parts to store (text -> one text part)."""
-        parts = list(content)
-        if text and parts:
-            self.add(field + "text", "give either text or content, not both")
-            return []
+        self, field: str, content: Sequence[message_pb2.ContentPart], text: str
+    ) -> list[message_pb2.ContentPart] | str:
+        """Check `content`/`text` and return what to store: the parts, or the text alone (one
+        text part, which `threads.new_message` makes in place)."""
         limit = self.limits.max_message_chars
-        if text:
+        if text:  # the common case first: no list of the (empty) parts
+            if content:
+                self.add(field + "text", "give either text or content, not both")
+                return []
             self.text(field + "text", text, limit)
-            return [message_pb2.ContentPart(text=message_pb2.TextPart(text=text))]
+            return text
+        parts = list(content)
         if not parts:
             self.add(field + "content", "is required (or text)")
             return []
@@ -272,7 +273,9 @@ class Validator:
             self.add(field + "content", "must not be empty")
         return parts
 
-    def message_input(self, field: str, message: message_pb2.MessageInput) -> list[message_pb2.ContentPart]:
+    def message_input(
+        self, field: str, message: message_pb2.MessageInput
+    ) -> list[message_pb2.ContentPart] | str:
         self.enum(f"{field}.role", message.role, message_pb2.MessageRole)
         self.labels(f"{field}.labels", message.labels)
         return self.message_content(f"{field}.", message.content, message.text)
