@@ -722,6 +722,54 @@ reproduced; at 256 in flight h2load resets up to 256 streams at the end of each 
 Creates commit and are logged CANCELLED without being counted (about 2.5% of a 3 s window's
 calls there, 0.2% at 16). What remains is per batch: the writer's wake-ups, the lock's
 hand-offs and the commit's `fdatasync`, shared by 2-3 writes at 16 in flight.
+
+**Profile, Create above the floor.** With the floor of a durable write measured beside it,
+Create's distance to the goal is its CPU above the floor's (per thread, from
+`/proc/PID/task/*/stat`: at 16 in flight the event loop's thread about 205 against 151 us a
+call, the writer 126 against 101). Three changes, each measured in alternating 2 s h2load
+windows (echo, floor, the old build and the new, in a shuffled order each round; medians; load
+average 4-9 while other benchmarks ran). The messages table lost AUTOINCREMENT
+(`store/sqlite.py`): seq is a plain rowid, so a commit no longer writes `sqlite_sequence`'s page;
+a database of an older version is rebuilt at start in the writer's first transaction with every
+seq kept (a seq can now come back after the largest rows are deleted, but messages are deleted
+only with their thread, whose id never returns, and every reader of seq reads within one live
+thread, where each new row is above all the others: page tokens hold,
+`tests/test_store_sqlite_migration.py`). 8 windows: server CPU per call 395 -> 363 us at 16 in
+flight (writer 87 -> 78), 293 -> 290 at 256. The handler's own work (`api/threads.py`,
+`api/validation.py`): the new message built in place (its text part added, not a ContentPart and
+a TextPart made and copied in; created_at's two fields set, not `Timestamp.FromNanoseconds`, which
+is Python), a text checked without listing the empty parts, empty labels and request_id neither
+checked nor copied: in a tight loop the message and its bytes 7.7 -> 2.0 us, the content's check
+2.8 -> 0.3, the whole handler 26 -> 7 us; in place (with the change before, two runs of 10
+windows) the event loop's thread 218 -> 194 and 204 -> 188 us at 16 in flight, 208 -> 180 and
+180 -> 172 at 256; server CPU per call 379 -> 342 and 360 -> 332 (16), 351 -> 313 and 292 -> 282
+(256); calls/s 0.54 -> 0.61 and 0.57 -> 0.62 of the echo's at 16, 0.63 -> 0.68 and 0.68 -> 0.82
+at 256. Ids (`ids.py`): 96 random bits put each new message in a random leaf of the messages
+table's UNIQUE index on id, which outgrows SQLite's page cache after some 100,000 messages (a
+page read from the file and one more WAL frame per message in every commit); an id is now the
+creation time in milliseconds, then 52 random bits (still 24 hex characters after the prefix),
+so new ids go to the index's end, in the pages the last commits wrote. A commit of 3 messages on
+a table of 100,000, alone in a loop: 135-139 -> 102-108 us of CPU. In place, against the build
+before it (8 windows, load 9): the writer 68 -> 60 us a call at 16 in flight and 38 -> 28 at 256.
+All three against main's build, two runs of 12 windows (load 7-8 and 5-7): server CPU per call
+at 16 in flight 349 -> 350 and 376 -> 358 us (the writer 80 -> 78 and 92 -> 79, the loop 202 ->
+198 and 214 -> 206), calls/s 0.49 -> 0.53 and 0.50 -> 0.56 of the echo's (the floor 0.80 and
+0.75); at 256 in flight 280 -> 256 and 306 -> 304 us, calls/s 0.68 -> 0.82 and 0.68 -> 0.70
+(the floor 1.09 and 0.96). By CPU, at 16 in flight, 0.65 and 0.64 of the echo's. At 16 in
+flight the rate follows the commits' sharing more than the work per call: a commit is shared by
+the writes that reached the writer while the one before was on disk, and a quicker loop hands
+them over sooner, in smaller batches (2.1 writes a commit against main's 2.9 in the first run,
+by `spindle_store_commit_batch_size`), so the writer paid more commits a call for cheaper work;
+the same builds reached 0.61-0.62 of the echo's at 16 in flight in the three earlier runs (load
+4-9) and 0.53-0.56 in these two.
+Tried and not kept: random bytes for ids taken from the OS 256 ids at a time (0.66 -> 0.64 us an
+id in a tight loop: the `getrandom` call is cheap here); the commit's metrics as plain numbers
+instead of prometheus_client's histograms (1.5 us a batch). What is left above the floor: about
+40-50 us a call on the event loop's thread (the wrapper, the request's parse, the checks, the
+message and its bytes, three coroutines where the floor has one, the future and its answer:
+about 10 us in a tight loop, two to four times that among grpc's own work) and the writer's
+commit, 3 pages against the floor's 1 (the table, the index on id, the thread's index), each a
+WAL frame with its checksum.
 """
 
 
