@@ -89,6 +89,11 @@ class RunServiceStub:
                 request_serializer=spindle_dot_v1_dot_run__pb2.ListenRunRequest.SerializeToString,
                 response_deserializer=spindle_dot_v1_dot_run__pb2.StreamEventBatch.FromString,
                 _registered_method=True)
+        self.CreateAndListen = channel.unary_stream(
+                '/spindle.v1.RunService/CreateAndListen',
+                request_serializer=spindle_dot_v1_dot_run__pb2.CreateRunRequest.SerializeToString,
+                response_deserializer=spindle_dot_v1_dot_run__pb2.StreamEventBatch.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -171,6 +176,17 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAndListen(self, request, context):
+        """Create and ListenBatches in one call (OpenAI's `runs.create(stream=True)`): creates the run as
+        Create does (the same validation, errors and idempotency by request_id: a retry streams the
+        same run), then streams its events from index 0, the first a STATUS carrying the run, ending
+        after the terminal event. An error before the run exists ends the stream with Create's status
+        and no message. The stream is only a listener: the run goes on if the client goes away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +243,11 @@ def add_RunServiceServicer_to_server(servicer, server):
             'ListenBatches': grpc.unary_stream_rpc_method_handler(
                     servicer.ListenBatches,
                     request_deserializer=spindle_dot_v1_dot_run__pb2.ListenRunRequest.FromString,
+                    response_serializer=spindle_dot_v1_dot_run__pb2.StreamEventBatch.SerializeToString,
+            ),
+            'CreateAndListen': grpc.unary_stream_rpc_method_handler(
+                    servicer.CreateAndListen,
+                    request_deserializer=spindle_dot_v1_dot_run__pb2.CreateRunRequest.FromString,
                     response_serializer=spindle_dot_v1_dot_run__pb2.StreamEventBatch.SerializeToString,
             ),
     }
@@ -526,6 +547,33 @@ class RunService:
             target,
             '/spindle.v1.RunService/ListenBatches',
             spindle_dot_v1_dot_run__pb2.ListenRunRequest.SerializeToString,
+            spindle_dot_v1_dot_run__pb2.StreamEventBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAndListen(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/spindle.v1.RunService/CreateAndListen',
+            spindle_dot_v1_dot_run__pb2.CreateRunRequest.SerializeToString,
             spindle_dot_v1_dot_run__pb2.StreamEventBatch.FromString,
             options,
             channel_credentials,

@@ -56,6 +56,13 @@ class RunServiceStub:
     was committed together, arrives in batches (each under 1 MiB, or one larger event alone).
     The same events in the same order, ending after the terminal event.
     """
+    CreateAndListen: _grpc.UnaryStreamMultiCallable[_run_pb2.CreateRunRequest, _run_pb2.StreamEventBatch]
+    """Create and ListenBatches in one call (OpenAI's `runs.create(stream=True)`): creates the run as
+    Create does (the same validation, errors and idempotency by request_id: a retry streams the
+    same run), then streams its events from index 0, the first a STATUS carrying the run, ending
+    after the terminal event. An error before the run exists ends the stream with Create's status
+    and no message. The stream is only a listener: the run goes on if the client goes away.
+    """
 
 @_typing.type_check_only
 class RunServiceAsyncStub(RunServiceStub):
@@ -84,6 +91,13 @@ class RunServiceAsyncStub(RunServiceStub):
     """Listen with consecutive events grouped into few messages: a replay backlog, or whatever
     was committed together, arrives in batches (each under 1 MiB, or one larger event alone).
     The same events in the same order, ending after the terminal event.
+    """
+    CreateAndListen: _aio.UnaryStreamMultiCallable[_run_pb2.CreateRunRequest, _run_pb2.StreamEventBatch]  # type: ignore[assignment]
+    """Create and ListenBatches in one call (OpenAI's `runs.create(stream=True)`): creates the run as
+    Create does (the same validation, errors and idempotency by request_id: a retry streams the
+    same run), then streams its events from index 0, the first a STATUS carrying the run, ending
+    after the terminal event. An error before the run exists ends the stream with Create's status
+    and no message. The stream is only a listener: the run goes on if the client goes away.
     """
 
 class RunServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -176,6 +190,19 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         """Listen with consecutive events grouped into few messages: a replay backlog, or whatever
         was committed together, arrives in batches (each under 1 MiB, or one larger event alone).
         The same events in the same order, ending after the terminal event.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateAndListen(
+        self,
+        request: _run_pb2.CreateRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_run_pb2.StreamEventBatch], _abc.AsyncIterator[_run_pb2.StreamEventBatch]]:
+        """Create and ListenBatches in one call (OpenAI's `runs.create(stream=True)`): creates the run as
+        Create does (the same validation, errors and idempotency by request_id: a retry streams the
+        same run), then streams its events from index 0, the first a STATUS carrying the run, ending
+        after the terminal event. An error before the run exists ends the stream with Create's status
+        and no message. The stream is only a listener: the run goes on if the client goes away.
         """
 
 def add_RunServiceServicer_to_server(servicer: RunServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

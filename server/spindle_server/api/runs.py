@@ -397,6 +397,25 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                 for data in messages:
                     yield run_pb2.StreamEventBatch.FromString(data)
 
+    async def create_and_write(
+        self, request: run_pb2.CreateRunRequest, ctx: grpc.aio.ServicerContext
+    ) -> None:
+        """gRPC's CreateAndListen: Create, then ListenBatches of the run from index 0 on the
+        same call (its feed, held by Create, answers from memory). An error before the run
+        exists is Create's own, raised before any message."""
+        self._listens.open(context.project())()  # out of streams: refused before a run is made
+        run = await self.Create(request, ctx)
+        await self.write_stream(run_pb2.ListenRunRequest(run_id=run.id), ctx, batches=True)
+
+    async def CreateAndListen(
+        self, request: run_pb2.CreateRunRequest, ctx: grpc.aio.ServicerContext
+    ) -> AsyncIterator[run_pb2.StreamEventBatch]:
+        """CreateAndListen as messages (gRPC itself sends create_and_write's bytes)."""
+        self._listens.open(context.project())()
+        run = await self.Create(request, ctx)
+        async for batch in self.ListenBatches(run_pb2.ListenRunRequest(run_id=run.id), ctx):
+            yield batch
+
     async def _follow(
         self,
         request: run_pb2.ListenRunRequest,
@@ -497,9 +516,9 @@ def join_batches(framed: Sequence[bytes]) -> Iterator[bytes]:
 
 
 def add_to_server(servicer: RunServicer, server: grpc.aio.Server) -> None:
-    """RunService as generated, except Get, Listen and ListenBatches: they send the stored run's
-    and the shared log's bytes as they are, registered without a serializer (grpc sends bytes
-    as they are, as a bare bytes method does, without a Python call per message)."""
+    """RunService as generated, except Get, Listen, ListenBatches and CreateAndListen: they send
+    the stored run's and the shared log's bytes as they are, registered without a serializer (grpc
+    sends bytes as they are, as a bare bytes method does, without a Python call per message)."""
 
     def replace(handlers: dict[str, grpc.RpcMethodHandler]) -> None:
         for name, batches in (("Listen", False), ("ListenBatches", True)):
@@ -508,6 +527,9 @@ def add_to_server(servicer: RunServicer, server: grpc.aio.Server) -> None:
             handlers[name] = grpc.unary_stream_rpc_method_handler(
                 behavior, request_deserializer=handlers[name].request_deserializer
             )
+        handlers["CreateAndListen"] = grpc.unary_stream_rpc_method_handler(
+            servicer.create_and_write, request_deserializer=handlers["CreateAndListen"].request_deserializer
+        )
         handlers["Get"] = registration.unary_bytes(servicer.get_wire, handlers["Get"])
 
     registration.add_with_replacements(
