@@ -122,6 +122,9 @@ class Follow:
         return run_pb2.ListenRunRequest(run_id=self.run_id, events_start_idx=self.cursor.next_index)
 
 
+Batches = Generator[run_pb2.StreamEventBatch, None, None]
+AsyncBatches = AsyncGenerator[run_pb2.StreamEventBatch, None]
+
 Received = tuple[RunEvent, run_pb2.StreamEvent]
 """A new event of a stream, decoded, with its proto (whose ``done.run`` the decoded one lacks)."""
 
@@ -135,13 +138,18 @@ def _events(raw: Any, batched: bool) -> Sequence[run_pb2.StreamEvent]:
 # ---- sync -------------------------------------------------------------------------------------
 
 
-def _stream_once(transport: SyncTransport, follow: Follow) -> Generator[Received, None, None]:
-    """One stream from the cursor (ListenBatches, else Listen: see :func:`_open`); yields new
-    events one by one (observed, with their protos), raises ApiError on failure."""
+def _stream_once(
+    transport: SyncTransport, follow: Follow, opened: Batches | None = None
+) -> Generator[Received, None, None]:
+    """One stream from the cursor (ListenBatches, else Listen: see :func:`_open`; or `opened`,
+    batches already under way from the cursor, CreateAndListen's); yields new events one by one
+    (observed, with their protos), raises ApiError on failure."""
     while True:
-        batched = transport.listen_batches
+        batched = True if opened is not None else transport.listen_batches
+        stream = opened if opened is not None else _open(transport, follow, batched)
+        opened = None
         try:
-            with closing(_open(transport, follow, batched)) as stream:
+            with closing(stream):
                 for raw in stream:
                     for item in _events(raw, batched):
                         event = follow.cursor.accept(item)
@@ -164,13 +172,17 @@ def _open(transport: SyncTransport, follow: Follow, batched: bool) -> Generator[
     return transport.stream(transport.runs.Listen, request, run_pb2.StreamEvent, timeout=timeout)
 
 
-def listen(transport: SyncTransport, follow: Follow) -> Generator[RunEvent, None, None]:
-    """Events until the terminal one; reconnects after transient failures until the deadline."""
+def listen(
+    transport: SyncTransport, follow: Follow, opened: Batches | None = None
+) -> Generator[RunEvent, None, None]:
+    """Events until the terminal one; reconnects after transient failures until the deadline.
+    `opened`: the first stream, already under way (CreateAndListen's); reconnects are ListenBatches."""
     backoff = follow.retry.backoff()
     while not follow.cursor.finished:
         received = False
         try:
-            with closing(_stream_once(transport, follow)) as events:
+            with closing(_stream_once(transport, follow, opened)) as events:
+                opened = None
                 for event, _ in events:
                     received = True
                     backoff.reset()
@@ -228,12 +240,16 @@ def _poll_once(transport: SyncTransport, follow: Follow, poll_timeout: float | N
 # ---- async ------------------------------------------------------------------------------------
 
 
-async def _astream_once(transport: AsyncTransport, follow: Follow) -> AsyncGenerator[Received, None]:
+async def _astream_once(
+    transport: AsyncTransport, follow: Follow, opened: AsyncBatches | None = None
+) -> AsyncGenerator[Received, None]:
     """Async twin of :func:`_stream_once`."""
     while True:
-        batched = transport.listen_batches
+        batched = True if opened is not None else transport.listen_batches
+        stream = opened if opened is not None else _aopen(transport, follow, batched)
+        opened = None
         try:
-            async with aclosing(_aopen(transport, follow, batched)) as stream:
+            async with aclosing(stream):
                 async for raw in stream:
                     for item in _events(raw, batched):
                         event = follow.cursor.accept(item)
@@ -256,13 +272,16 @@ def _aopen(transport: AsyncTransport, follow: Follow, batched: bool) -> AsyncGen
     return transport.stream(transport.runs.Listen, request, run_pb2.StreamEvent, timeout=timeout)
 
 
-async def alisten(transport: AsyncTransport, follow: Follow) -> AsyncGenerator[RunEvent, None]:
+async def alisten(
+    transport: AsyncTransport, follow: Follow, opened: AsyncBatches | None = None
+) -> AsyncGenerator[RunEvent, None]:
     """Async twin of :func:`listen`."""
     backoff = follow.retry.backoff()
     while not follow.cursor.finished:
         received = False
         try:
-            async with aclosing(_astream_once(transport, follow)) as events:
+            async with aclosing(_astream_once(transport, follow, opened)) as events:
+                opened = None
                 async for event, _ in events:
                     received = True
                     backoff.reset()

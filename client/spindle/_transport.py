@@ -53,6 +53,7 @@ class SyncTransport(_Stubs):
         self.channel = channel if channel is not None else sync_channel(settings)
         super().__init__(self.channel)
         self.listen_batches = True  # False once the server answered ListenBatches UNIMPLEMENTED
+        self.create_and_listen = True  # False once it answered CreateAndListen UNIMPLEMENTED
 
     def call(self, call: Call[R, T], timeout: float | None = None, *, retry: RetryPolicy | None = None) -> T:
         """Make one call of the API (see ``unary``) and read its response."""
@@ -89,12 +90,18 @@ class SyncTransport(_Stubs):
             time.sleep(delay)
 
     def stream(
-        self, method: Method, request: Message, item_type: type[R], *, timeout: float | None
+        self,
+        method: Method,
+        request: Message,
+        item_type: type[R],
+        *,
+        timeout: float | None,
+        request_id: str | None = None,
     ) -> Generator[R, None, None]:
         """One server-streaming call (no retry: the caller resumes from where it got to)."""
         call = None
         try:
-            call = method(request, timeout=timeout, metadata=self.settings.metadata())
+            call = method(request, timeout=timeout, metadata=self.settings.metadata(request_id))
             for raw in call:
                 item: R = raw
                 yield item
@@ -116,6 +123,7 @@ class AsyncTransport(_Stubs):
         self.channel = channel if channel is not None else async_channel(settings)
         super().__init__(self.channel)
         self.listen_batches = True  # False once the server answered ListenBatches UNIMPLEMENTED
+        self.create_and_listen = True  # False once it answered CreateAndListen UNIMPLEMENTED
 
     async def call(
         self, call: Call[R, T], timeout: float | None = None, *, retry: RetryPolicy | None = None
@@ -154,12 +162,18 @@ class AsyncTransport(_Stubs):
             await asyncio.sleep(delay)
 
     async def stream(
-        self, method: Method, request: Message, item_type: type[R], *, timeout: float | None
+        self,
+        method: Method,
+        request: Message,
+        item_type: type[R],
+        *,
+        timeout: float | None,
+        request_id: str | None = None,
     ) -> AsyncGenerator[R, None]:
         """One server-streaming call (no retry: the caller resumes from where it got to)."""
         call = None
         try:
-            call = method(request, timeout=timeout, metadata=self.settings.metadata())
+            call = method(request, timeout=timeout, metadata=self.settings.metadata(request_id))
             async for raw in call:
                 item: R = raw
                 yield item

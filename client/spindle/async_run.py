@@ -167,9 +167,29 @@ class AsyncRun(RunHandleBase):
     ) -> RunResult:
         """Listen to the run, calling your callbacks (plain or ``async def``), and return its
         result; see ``Run.stream``."""
+        events = self.listen(events_start_idx=events_start_idx, timeout=timeout)
+        return await self._stream(events, on_text, on_event, on_tool_calls, tools, timeout)
+
+    def _listen_opened(
+        self, opened: _follow.AsyncBatches, timeout: float | None
+    ) -> AsyncGenerator[RunEvent, None]:
+        """``listen()`` from index 0 on a stream already under way (CreateAndListen's)."""
+        follow = self._follow(EventCursor(0), timeout, self._runs.transport.settings.retry)
+        return _follow.alisten(self._runs.transport, follow, opened)
+
+    async def _stream(
+        self,
+        listened: AsyncGenerator[RunEvent, None],
+        on_text: AsyncTextCallback | None,
+        on_event: AsyncEventCallback | None,
+        on_tool_calls: AsyncToolCallsCallback | None,
+        tools: Tools | None,
+        timeout: float | None,
+    ) -> RunResult:
+        """``stream()`` over the events of ``listened``."""
         functions = as_tool_functions(tools) if tools is not None else None
         deadline = Deadline(timeout)
-        async with aclosing(self.listen(events_start_idx=events_start_idx, timeout=timeout)) as events:
+        async with aclosing(listened) as events:
             async for event in events:
                 for returned in self._callbacks(event, on_event, on_text):
                     await _settle(returned)

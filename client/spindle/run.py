@@ -176,9 +176,29 @@ class Run(RunHandleBase):
         calls and the stream goes on; otherwise the pause is returned (unless ``on_tool_calls``
         submitted results itself with ``run.submit_tool_results``). ``timeout`` covers it all.
         """
+        events = self.listen(events_start_idx=events_start_idx, timeout=timeout)
+        return self._stream(events, on_text, on_event, on_tool_calls, tools, timeout)
+
+    def _listen_opened(
+        self, opened: _follow.Batches, timeout: float | None
+    ) -> Generator[RunEvent, None, None]:
+        """``listen()`` from index 0 on a stream already under way (CreateAndListen's)."""
+        follow = self._follow(EventCursor(0), timeout, self._runs.transport.settings.retry)
+        return _follow.listen(self._runs.transport, follow, opened)
+
+    def _stream(
+        self,
+        listened: Generator[RunEvent, None, None],
+        on_text: TextCallback | None,
+        on_event: EventCallback | None,
+        on_tool_calls: ToolCallsCallback | None,
+        tools: Tools | None,
+        timeout: float | None,
+    ) -> RunResult:
+        """``stream()`` over the events of ``listened``."""
         functions = as_tool_functions(tools) if tools is not None else None
         deadline = Deadline(timeout)
-        with closing(self.listen(events_start_idx=events_start_idx, timeout=timeout)) as events:
+        with closing(listened) as events:
             for event in events:
                 for _ in self._callbacks(event, on_event, on_text):
                     pass

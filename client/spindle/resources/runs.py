@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Unpack
 
-from spindle import _paging, _requests
+from spindle import _create_stream, _paging, _requests
 from spindle._encode import Order, ToolResultsSpec
 from spindle._requests import Call, IdLike, RunOptions, RunOverrides, as_id
 from spindle._run_base import EventCallback, TextCallback, ToolCallsCallback
@@ -206,14 +206,21 @@ class Runs:
         """
         deadline = Deadline(timeout)
         options = _requests.options_with_tools(overrides, tools, declare_tools)
-        run = self._create_within(deadline, thread_id, assistant_id, request_id, options)
-        return run.stream(
-            on_text=on_text,
-            on_event=on_event,
-            on_tool_calls=on_tool_calls,
-            tools=tools,
-            timeout=deadline.remaining(),
+        create = _requests.create_run(thread_id, assistant_id, options, request_id)
+        # One call, CreateAndListen, where the server has it: the first delta needs no second
+        # round trip. Else (an older server) Create, then the run's stream.
+        opened = (
+            _create_stream.open_created(self.transport, create, deadline)
+            if self.transport.create_and_listen
+            else None
         )
+        if opened is None:
+            run = Run(self, self.transport.call(create, deadline.cap(None)))
+            events = run.listen(timeout=deadline.remaining())
+        else:
+            run = Run(self, opened[0])
+            events = run._listen_opened(opened[1], deadline.remaining())
+        return run._stream(events, on_text, on_event, on_tool_calls, tools, deadline.remaining())
 
     def create_and_run(
         self,
