@@ -154,31 +154,47 @@ async def _attach(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
 
 async def _first_delta(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:
     """Per run: the time from sending Create to the first PARTIAL_MESSAGE read by the stream
-    (the thread is made first, outside the measured time). The runs take turns between Listen
-    and ListenBatches (what the client SDK follows a run with): samples per method."""
+    (the thread is made first, outside the measured time). The runs take turns between Create
+    then Listen, Create then ListenBatches, and CreateAndListen (one call, what the client SDK's
+    create_and_stream makes): samples per method."""
     threads = thread_pb2_grpc.ThreadServiceStub(channel)
     runs = run_pb2_grpc.RunServiceStub(channel)
-    samples: dict[str, list[float]] = {"Listen": [], "ListenBatches": []}
+    samples: dict[str, list[float]] = {"Listen": [], "ListenBatches": [], "CreateAndListen": []}
+    methods = list(samples)
     for number in range(spec["runs"] * len(samples)):
-        method = "Listen" if number % 2 == 0 else "ListenBatches"
+        method = methods[number % len(methods)]
         thread = await threads.Create(
             thread_pb2.CreateThreadRequest(messages=[message_pb2.MessageInput(text="hello there")])
         )
+        create = run_pb2.CreateRunRequest(assistant_id=spec["assistant"], thread_id=thread.id)
         started = time.perf_counter()
-        run = await runs.Create(run_pb2.CreateRunRequest(assistant_id=spec["assistant"], thread_id=thread.id))
-        first = None
-        request = run_pb2.ListenRunRequest(run_id=run.id)
-        if method == "Listen":
-            async for event in runs.Listen(request):
-                if first is None and event.type == run_pb2.StreamEvent.PARTIAL_MESSAGE:
-                    first = time.perf_counter() - started
-        else:
-            async for batch in runs.ListenBatches(request):
-                if first is None and any(e.type == run_pb2.StreamEvent.PARTIAL_MESSAGE for e in batch.events):
-                    first = time.perf_counter() - started
-        assert first is not None, "the run streamed no text"
-        samples[method].append(first * 1000)
+        first = await _first_text(runs, method, create)
+        samples[method].append((first - started) * 1000)
     _emit({"samples_ms": samples})
+
+
+async def _first_text(
+    runs: run_pb2_grpc.RunServiceStub, method: str, create: run_pb2.CreateRunRequest
+) -> float:
+    """When the first PARTIAL_MESSAGE of a run created by `create` was read (`method`'s way);
+    the stream is read to its end."""
+    first = None
+    if method == "Listen":
+        run = await runs.Create(create)
+        async for event in runs.Listen(run_pb2.ListenRunRequest(run_id=run.id)):
+            if first is None and event.type == run_pb2.StreamEvent.PARTIAL_MESSAGE:
+                first = time.perf_counter()
+    else:
+        if method == "ListenBatches":
+            run = await runs.Create(create)
+            batches = runs.ListenBatches(run_pb2.ListenRunRequest(run_id=run.id))
+        else:
+            batches = runs.CreateAndListen(create)
+        async for batch in batches:
+            if first is None and any(e.type == run_pb2.StreamEvent.PARTIAL_MESSAGE for e in batch.events):
+                first = time.perf_counter()
+    assert first is not None, "the run streamed no text"
+    return first
 
 
 async def _live(spec: dict[str, Any], channel: grpc.aio.Channel) -> None:

@@ -576,7 +576,8 @@ async def _start_ticks(address: str, count: int, interval_ms: int) -> None:
 
 
 def first_delta_rows(spindle: Target) -> list[Latency]:
-    """Listen's and ListenBatches' (the client SDK's) first delta, taking turns run by run."""
+    """The first delta after Create then Listen, Create then ListenBatches, and CreateAndListen
+    (one call, the client SDK's create_and_stream), taking turns run by run."""
     spec = _spec(
         spindle.address, LISTEN, b"", mode="first-delta", runs=first_delta_runs(), assistant=spindle.assistant
     )
@@ -584,17 +585,22 @@ def first_delta_rows(spindle: Target) -> list[Latency]:
         group.go()
         (result,) = group.read()
     rows = []
+    ways = {
+        "Listen": "Create then Listen",
+        "ListenBatches": "Create then ListenBatches",
+        "CreateAndListen": "one call (CreateAndListen)",
+    }
     for method, samples in result["samples_ms"].items():
         rows.append(
             Latency(
-                f"Create -> first PARTIAL_MESSAGE at the client (builtin model, no delay), {method}",
+                f"Create -> first PARTIAL_MESSAGE at the client (builtin model, no delay), {ways[method]}",
                 len(samples),
                 statistics.median(samples),
                 _sorted_percentile(samples, 0.99),
                 max(samples),
                 None,
                 None,
-                "1 client process, one run at a time, the two methods taking turns",
+                "1 client process, one run at a time, the three ways taking turns",
             )
         )
     return rows
@@ -750,9 +756,11 @@ with `--coalesce-ms 0`, so the log holds one event per word, the worst case).
   and once through ListenBatches (a message carries every event the listener has not yet got),
   each on a run of its own. Baseline, measured between the two with the same readers: the bare
   server's shared ticker broadcasting a wall-clock stamp every 20 ms to as many streams.
-- first delta: one run at a time, Listen and ListenBatches (the client SDK's way) taking turns
-  run by run; from sending Create to reading the first PARTIAL_MESSAGE of a stream opened right
-  after Create returned.
+- first delta: one run at a time, three ways taking turns run by run: Create then Listen, Create
+  then ListenBatches (a stream opened right after Create returned), and CreateAndListen (additive:
+  one call that creates the run as Create does and streams its events from index 0, so the first
+  delta needs no second round trip; what the client SDK's `create_and_stream` makes); from sending
+  the Create (or CreateAndListen) to reading the first PARTIAL_MESSAGE.
 - burst: {burst:,} streams opened at once from {processes} Python processes (one channel each) on a
   run waiting for a tool result; a stream is attached once it has read the run's TOOL_CALLS event
   (bare: its first message). Listen, then ListenBatches (what the Python client opens now).

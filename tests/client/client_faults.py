@@ -69,6 +69,23 @@ class DropResponses(grpc.UnaryUnaryClientInterceptor):
         return outcome
 
 
+class DropStreamStarts(grpc.UnaryStreamClientInterceptor):
+    """The first `fail_first` streams of `method` reach the server and send their first message,
+    which is lost with the connection: the client sees UNAVAILABLE before any message."""
+
+    def __init__(self, method: str, fail_first: int = 1) -> None:
+        self.record = Recorder(method, fail_first)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        fail = self.record.see(details.method, request)
+        call = continuation(details, request)
+        if fail:
+            next(call)  # the server acted and began to answer...
+            call.cancel()
+            raise LostResponse()  # ...but nothing arrives
+        return call
+
+
 class BreakStreams(grpc.UnaryStreamClientInterceptor):
     """Every server-streaming call fails at once with `code` (a proxy that cannot stream, or a
     server out of room for more streams: RESOURCE_EXHAUSTED)."""
@@ -126,6 +143,22 @@ class AsyncDropResponses(grpc.aio.UnaryUnaryClientInterceptor):
         call = await continuation(details, request)
         if fail:
             await call
+            raise _aio_unavailable()
+        return call
+
+
+class AsyncDropStreamStarts(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, method: str, fail_first: int = 1) -> None:
+        self.record = Recorder(method, fail_first)
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        fail = self.record.see(details.method, request)
+        call = await continuation(details, request)
+        if fail:
+            await call.read()
+            call.cancel()
             raise _aio_unavailable()
         return call
 

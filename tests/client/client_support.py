@@ -84,12 +84,14 @@ class Restarter:
 
 class ListenOnlyProxy:
     """A real gRPC server in front of a Spindle server that routes every method but ListenBatches
-    (an older server, or a proxy that does not know it): those answer UNIMPLEMENTED, as grpc does
+    and CreateAndListen (an older server, or a proxy that does not know them): those answer
+    UNIMPLEMENTED, as grpc does
     for any method it has no handler for. Requests and responses pass as bytes; `calls` counts
     what it saw by method name, routed or not."""
 
     STREAMS = frozenset({"/spindle.v1.RunService/Listen"})
-    ABSENT = "/spindle.v1.RunService/ListenBatches"
+    # A server older than ListenBatches is older than CreateAndListen too.
+    ABSENT = frozenset({"/spindle.v1.RunService/ListenBatches", "/spindle.v1.RunService/CreateAndListen"})
 
     def __init__(self, target: str) -> None:
         self.calls: dict[str, int] = {}
@@ -115,7 +117,7 @@ class ListenOnlyProxy:
     def route(self, method: str) -> grpc.RpcMethodHandler | None:
         with self._lock:
             self.calls[method] = self.calls.get(method, 0) + 1
-        if method == self.ABSENT:
+        if method in self.ABSENT:
             return None
         if method in self.STREAMS:
             return grpc.unary_stream_rpc_method_handler(functools.partial(self._stream, method))
@@ -140,6 +142,13 @@ class ListenOnlyProxy:
             yield from call
         except grpc.RpcError as error:
             _relay(error, context)
+
+
+class NoCreateAndListenProxy(ListenOnlyProxy):
+    """Routes every method but CreateAndListen: a server older than it, with ListenBatches."""
+
+    STREAMS = frozenset({"/spindle.v1.RunService/Listen", "/spindle.v1.RunService/ListenBatches"})
+    ABSENT = frozenset({"/spindle.v1.RunService/CreateAndListen"})
 
 
 class _Routes(grpc.GenericRpcHandler):

@@ -104,11 +104,17 @@ class OldEventsProxy(ListenOnlyProxy):
     """Relays every method, streams included, and clears `done.run` from the events: what a
     server older than that field sends."""
 
-    STREAMS = frozenset({"/spindle.v1.RunService/Listen", "/spindle.v1.RunService/ListenBatches"})
-    ABSENT = ""
+    STREAMS = frozenset(
+        {
+            "/spindle.v1.RunService/Listen",
+            "/spindle.v1.RunService/ListenBatches",
+            "/spindle.v1.RunService/CreateAndListen",
+        }
+    )
+    ABSENT = frozenset()
 
     def _stream(self, method: str, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        batched = method.endswith("ListenBatches")
+        batched = not method.endswith("/Listen")
         for raw in super()._stream(method, request, context):
             message: Any = (run_pb2.StreamEventBatch if batched else run_pb2.StreamEvent).FromString(raw)
             for event in message.events if batched else (message,):
