@@ -942,6 +942,22 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   could run during the insert's commit, when the loop is idle, if the insert said whether a
   message reached the thread meanwhile; and 2 ms is below what this client and gRPC cost on a
   loaded machine, whatever the server does.
+- Create -> first delta, fourth pass (one call): a third way, its own first-delta row, `CreateAndListen`
+  (additive RPC, Create's request: the run is created as Create does, then streamed from index 0
+  by ListenBatches' own follower on the same call, reading the feed Create holds), drops the
+  client's second round trip (Create's answer to the client 0.45 ms, its ListenBatches to the
+  server 0.7 ms in the third pass's timeline). A/B (a script, not committed: one client process,
+  the three ways taking turns run by run, 30 of each as warm-up, then 400 each; two runs at load
+  average 2.1-2.3): Create then Listen p50 2.77 / 2.61 ms (p90 3.74 / 3.41, p99 7.07 / 6.18),
+  Create then ListenBatches 2.50 / 2.39 (p90 3.40 / 3.26, p99 6.96 / 6.26), CreateAndListen
+  2.06 / 1.98 (p90 2.67 / 2.61, p99 5.27 / 5.86); paired by run, CreateAndListen minus
+  ListenBatches -0.40 / -0.34 ms (faster in 332 / 324 of 400 runs), minus Listen -0.64 / -0.55
+  ms (357 / 354). It saves 0.35-0.4 ms, not the 1.15 ms the second call took: that call ran
+  while the server committed the first delta (committed at 2.5 ms from the client's send, Listen
+  arriving at 2.6 ms), so without it the stream waits for that commit. The path is now Create's
+  work and the insert's commit, the run's start, the first delta's commit and one write; p50
+  about 2.0 ms on a quiet machine. The client SDK's `create_and_stream` makes this call (Create,
+  then ListenBatches, on a server without it).
 - Broadcast, 1,000 listeners at 50 events/s, read by h2load and the Python sample. Listen sends
   one message per event per listener, 50,000 messages/s: in that pass's run (load 6-11) p50 4.1 s,
   p99 6.1 s, and the bare ticker, the same readers, p50 5.3 s, p99 12.0 s: with cheap readers it
