@@ -13,6 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from spindle.v1 import run_pb2
 from spindle_server import ids
@@ -186,3 +188,23 @@ def test_a_client_gone_mid_run_leaves_the_run_to_finish(make_server: MakeServer,
     assert finished.reply.content[0].text.text == "You said: finish without me"
     assert_invariants(stubs, [run_id], history)
     stubs.close()
+
+
+def test_reflection_describes_the_method(limited: ServerProcess) -> None:
+    """grpcurl finds it (the README's walkthrough calls it): the server's reflection describes
+    RunService with CreateAndListen, a server stream of StreamEventBatch for a CreateRunRequest."""
+    with grpc.insecure_channel(limited.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        asked = reflection_pb2.ServerReflectionRequest(file_containing_symbol="spindle.v1.RunService")
+        (answer,) = stub.ServerReflectionInfo(iter([asked]), timeout=10)
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in answer.file_descriptor_response.file_descriptor_proto
+    ]
+    (service,) = [s for f in files for s in f.service if s.name == "RunService"]
+    (method,) = [m for m in service.method if m.name == "CreateAndListen"]
+    assert method.server_streaming and not method.client_streaming
+    assert (method.input_type, method.output_type) == (
+        ".spindle.v1.CreateRunRequest",
+        ".spindle.v1.StreamEventBatch",
+    )
