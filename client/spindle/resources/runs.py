@@ -201,6 +201,11 @@ class Runs:
     ) -> RunResult:
         """Create a run and stream it with callbacks (see ``Run.stream``); returns its result.
 
+        One call, CreateAndListen, where the server has it (its first delta needs no second
+        round trip): retried with the same ``request_id`` (generated if not given) if it fails
+        before its first event, resumed with ListenBatches if it breaks later. A server without
+        it (asked once per client) gets Create, then the run's stream.
+
         ``tools`` answer the run's tool calls; with ``declare_tools`` they are also declared as the
         run's tools (from their signatures), replacing the assistant's.
         """
