@@ -952,11 +952,13 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   Create then ListenBatches 2.50 / 2.39 (p90 3.40 / 3.26, p99 6.96 / 6.26), CreateAndListen
   2.06 / 1.98 (p90 2.67 / 2.61, p99 5.27 / 5.86); paired by run, CreateAndListen minus
   ListenBatches -0.40 / -0.34 ms (faster in 332 / 324 of 400 runs), minus Listen -0.64 / -0.55
-  ms (357 / 354). It saves 0.35-0.4 ms, not the 1.15 ms the second call took: that call ran
-  while the server committed the first delta (committed at 2.5 ms from the client's send, Listen
-  arriving at 2.6 ms), so without it the stream waits for that commit. The path is now Create's
-  work and the insert's commit, the run's start, the first delta's commit and one write; p50
-  about 2.0 ms on a quiet machine. The client SDK's `create_and_stream` makes this call (Create,
+  ms (357 / 354); a third run at load 2.6-2.7, p50 2.97 / 2.83 / 2.23 ms (p99 10.5 / 12.1 /
+  10.4), paired -0.59 ms against ListenBatches (faster in 325 of 400). It saves 0.35-0.6 ms, not
+  the 1.15 ms the second call took: that call ran while the server committed the first delta
+  (committed at 2.5 ms from the client's send, Listen arriving at 2.6 ms), so without it the
+  stream waits for that commit. The path is now Create's work and the insert's commit, the run's
+  start, the first delta's commit and one write; p50 about 2.0 ms on a quiet machine (load 2),
+  2.2 ms at load 2.7. The client SDK's `create_and_stream` makes this call (Create,
   then ListenBatches, on a server without it).
 - Broadcast, 1,000 listeners at 50 events/s, read by h2load and the Python sample. Listen sends
   one message per event per listener, 50,000 messages/s: in that pass's run (load 6-11) p50 4.1 s,
