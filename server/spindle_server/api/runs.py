@@ -403,18 +403,28 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
         """gRPC's CreateAndListen: Create, then ListenBatches of the run from index 0 on the
         same call (its feed, held by Create, answers from memory). An error before the run
         exists is Create's own, raised before any message."""
-        self._listens.open(context.project())()  # out of streams: refused before a run is made
-        run = await self.Create(request, ctx)
+        run = await self._create_with_room(request, ctx)
         await self.write_stream(run_pb2.ListenRunRequest(run_id=run.id), ctx, batches=True)
 
     async def CreateAndListen(
         self, request: run_pb2.CreateRunRequest, ctx: grpc.aio.ServicerContext
     ) -> AsyncIterator[run_pb2.StreamEventBatch]:
         """CreateAndListen as messages (gRPC itself sends create_and_write's bytes)."""
-        self._listens.open(context.project())()
-        run = await self.Create(request, ctx)
+        run = await self._create_with_room(request, ctx)
         async for batch in self.ListenBatches(run_pb2.ListenRunRequest(run_id=run.id), ctx):
             yield batch
+
+    async def _create_with_room(
+        self, request: run_pb2.CreateRunRequest, ctx: grpc.aio.ServicerContext
+    ) -> run_pb2.Run:
+        """Create, holding a Listen slot of the project meanwhile: with no room for the stream,
+        it is refused before a run is made. The slot is given back for the stream's follower to
+        take at once: no await comes between, so no other stream can take it first."""
+        release = self._listens.open(context.project())
+        try:
+            return await self.Create(request, ctx)
+        finally:
+            release()
 
     async def _follow(
         self,
