@@ -73,6 +73,7 @@ class RunFeed:
         "_loading",
         "_publishes",
         "_recheck",
+        "_rechecked",
         "_status_changed",
         "_tail",
         "_tail_start",
@@ -98,6 +99,9 @@ class RunFeed:
         self._loading: dict[int, tuple[asyncio.Task[Block], int]] = {}
         self._publishes = 0
         self._recheck: asyncio.TimerHandle | None = None
+        # The safety net fired since the last publish: the store may hold events this feed
+        # was not told of (another process's commits), so the tail's end is not the log's.
+        self._rechecked = False
         self.final: int | None = None  # index of the run's terminal event, once seen
         # The run's project, set by the Create that holds the feed (EventHub.hold) once its
         # insert committed: until its terminal event, the run exists in that project.
@@ -135,6 +139,7 @@ class RunFeed:
 
     def _recheck_now(self) -> None:
         self._recheck = None
+        self._rechecked = True
         self._wake()
 
     def close(self) -> None:
@@ -151,6 +156,7 @@ class RunFeed:
 
     def publish(self, events: Sequence[run_pb2.StreamEvent]) -> None:
         self._publishes += 1
+        self._rechecked = False
         for event in events:
             if self._tail and event.index != self._tail_start + len(self._tail):
                 # Out of line (should not happen): restart the tail rather than keep a gap.
@@ -174,13 +180,22 @@ class RunFeed:
         if any(event.type in _STATUS_EVENTS for event in events):
             _resolve(self._status_changed)
 
-    def cached(self, start: int, wire: bool = False, *, framed: bool = False) -> Sequence[Any] | None:
+    def cached(
+        self, start: int, wire: bool = False, *, framed: bool = False, fresh: bool = False
+    ) -> Sequence[Any] | None:
         """Events (or their wire bytes, or those framed for a batch) from `start` if the tail
-        holds it; None if not."""
-        end = self._tail_start + len(self._tail)
-        if self._tail and self._tail_start <= start < end:
-            kept = self._framed if framed else self._wires if wire else self._tail
-            return kept[start - self._tail_start :]
+        holds it; None if not. Empty at the tail's end: every event after the tail is published
+        here when committed (this process's commits, and another replica's for a watched run),
+        so a listener in step waits for the next publish without a store read, unless the
+        recheck fired since the last publish, or the caller asks `fresh` (see read())."""
+        tail = self._tail
+        if tail:
+            offset = start - self._tail_start
+            if 0 <= offset < len(tail):
+                kept = self._framed if framed else self._wires if wire else tail
+                return kept[offset:]
+            if offset == len(tail) and not (fresh or self._rechecked):
+                return ()
         return None
 
     async def read(
@@ -191,7 +206,7 @@ class RunFeed:
         past the end of the log).
         `fresh`: the caller learned of a commit from the store itself, which may be read before
         that commit's publish reaches this feed: a read in flight may predate it, so not joined."""
-        cached = self.cached(start, wire, framed=framed)
+        cached = self.cached(start, wire, framed=framed, fresh=fresh)
         if cached is not None:
             return cached
         first = start - start % BLOCK

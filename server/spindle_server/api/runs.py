@@ -464,7 +464,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                     while True:
                         changed = feed.changed(changed)
                         # The tail answers without a coroutine (each live event, each listener).
-                        batch = feed.cached(next_index, wire, framed=batches)
+                        batch = feed.cached(next_index, wire, framed=batches, fresh=fresh)
                         if batch is None:
                             batch = await feed.read(next_index, load, wire, framed=batches, fresh=fresh)
                         if batch:
@@ -477,6 +477,7 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                             if ended:
                                 return
                             next_index += len(batch)
+                            stale = False  # woken by events: the run's status is theirs to tell
                             continue
                         if stale or status is None:
                             stale = False
