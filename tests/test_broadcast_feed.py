@@ -97,3 +97,31 @@ async def test_a_listener_cancelled_while_waiting_leaves_the_others_waiting() ->
     feed.publish([run_pb2.StreamEvent(run_id="run_1", index=0, type=run_pb2.StreamEvent.STATUS)])
     assert await staying == 1
     assert not feed._waiters  # woken futures are not kept
+
+
+async def test_the_tails_end_answers_empty_until_the_recheck_or_a_fresh_read() -> None:
+    """A listener at the end of the tail has every event this feed was told of: it gets nothing
+    to send without a store read. The store is asked again only where the tail may be short of
+    the log: after the safety-net recheck fired (another process's commits) until the next
+    publish, and for a fresh read (the caller saw the run end in the store)."""
+    reads: list[int] = []
+
+    async def load(start: int, limit: int) -> list[bytes]:
+        reads.append(start)
+        return []
+
+    feed = RunFeed()
+    assert feed.cached(0) is None  # nothing published yet: the log is the store's
+    feed.publish([run_pb2.StreamEvent(run_id="run_1", index=index) for index in (5, 6)])
+    assert list(await feed.read(6, load)) == [feed.cached(6)[0]]  # type: ignore[index]
+    assert feed.cached(7) == () and list(await feed.read(7, load, wire=True)) == []
+    assert feed.cached(8) is None  # past the end: a gap only the store can fill
+    assert reads == []
+    assert list(await feed.read(7, load, fresh=True)) == [] and reads == [0]
+    feed._recheck_now()  # the safety net fired: the store may hold more than the tail
+    assert feed.cached(7) is None
+    await feed.read(7, load)
+    assert reads == [0, 0]
+    feed.publish([run_pb2.StreamEvent(run_id="run_1", index=7)])
+    assert feed.cached(8) == () and reads == [0, 0]
+    feed.close()

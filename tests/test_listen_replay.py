@@ -1,6 +1,7 @@
 """Replays of a finished run's log: listeners read it in blocks that the server reads once for
 all of them, from any start index, and end at the terminal event; a listener that goes away
-while others wait on the same read does not fail them."""
+while others wait on the same read does not fail them; a listener in step with a live run
+reads no block at all."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import grpc
 
-from spindle.v1 import run_pb2
-from support.faults import Holds
+from spindle.v1 import common_pb2, run_pb2
+from support.faults import ENV, Holds
 from support.observe import open_listens, wait_until
 from support.server import ServerProcess
 from support.stubs import Stubs
@@ -118,3 +119,37 @@ def test_batches_split_before_one_mebibyte_and_a_larger_event_goes_alone() -> No
     batches = [run_pb2.StreamEventBatch.FromString(data) for data in frame_batches(wires)]
     assert [[e.index for e in batch.events] for batch in batches] == [[0, 1], [2], [3], [4]]
     assert [e.SerializeToString() for batch in batches for e in batch.events] == wires
+
+
+def test_a_listener_in_step_with_a_live_run_reads_no_block_of_the_log(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    """A listener that has every published event waits for the next publish and sends what it
+    brings from the feed's tail, without asking the store: before, every wake-up read a block of
+    the log past the tail's end (and the run's status) for each event of a live run."""
+    holds = Holds(tmp_path / "holds")
+    env = {ENV: f"{BLOCK_READ}={holds.action()};listen.idle={holds.action()}"}
+    server = make_server("--coalesce-ms", "0", env=env)
+    holds.release_all(BLOCK_READ, 100)  # block reads pass, counted
+    for nth in range(2, 100):
+        holds.release("listen.idle", nth)  # only the first wait is held
+    stubs = Stubs.connect(server.address)
+    assistant = stubs.tool_assistant("lookup")
+    run = stubs.run(assistant.id, stubs.thread("/tool lookup {}").id)
+    paused = stubs.wait(run.id)
+    assert paused.status == run_pb2.TOOL_CALLS
+    with ThreadPoolExecutor(1) as pool:
+        received = pool.submit(stubs.events, run.id, 0, 60)
+        # The log so far came from the store (the feed is new: its tail is empty), in two block
+        # reads: the events, then nothing past TOOL_CALLS; now the listener is about to wait.
+        holds.wait_reached("listen.idle", 1)
+        assert holds.is_reached(BLOCK_READ, 2) and not holds.is_reached(BLOCK_READ, 3)
+        words = " ".join(f"r{i}" for i in range(40))  # one event per word (coalescing off)
+        result = common_pb2.ToolResult(tool_call_id=paused.required_tool_calls[0].id, output=words)
+        stubs.runs.SubmitToolResults(run_pb2.SubmitToolResultsRequest(run_id=run.id, tool_results=[result]))
+        holds.release("listen.idle", 1)
+        events = received.result(timeout=60)
+    # The live part (every event after TOOL_CALLS) came from the feed's tail: no block read.
+    assert not holds.is_reached(BLOCK_READ, 3)
+    assert events == stubs.events(run.id) and events[-1].type == run_pb2.StreamEvent.DONE
+    assert sum(e.type == run_pb2.StreamEvent.PARTIAL_MESSAGE for e in events) >= 40

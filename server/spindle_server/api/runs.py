@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from spindle.v1 import assistant_pb2, run_pb2, run_pb2_grpc
-from spindle_server import clock, ids, metrics
+from spindle_server import clock, faults, ids, metrics
 from spindle_server.api import context, idempotency, registration, validation
 from spindle_server.api.errors import quota_exceeded
 from spindle_server.api.paging import next_page_token, page_query
@@ -490,6 +490,8 @@ class RunServicer(run_pb2_grpc.RunServiceServicer):
                             # from the store itself, before concluding we started past it.
                             fresh = True
                             continue
+                        if faults.ENABLED:  # tests steer a publish against a listener about to wait
+                            await faults.reached("listen.idle")
                         await changed  # this listener's own: cancelling it touches no other
                         stale = True
                 finally:
