@@ -5,7 +5,9 @@ own position and reads from the tail (or, behind the tail, from blocks of the st
 the feed reads once for all its listeners). Each event is serialized once, at publish or block
 read, and its bytes are what every listener sends. Publishing resolves each waiting listener's
 own future once (one wake-up each, no shared future to shield); a listener that does not read
-slows only itself. ListenBatches' framing of each event (its tag and length in
+slows only itself. A listener in step with the tail is woken by a publish, sends what it
+brought and waits again without asking the store (the store is read again only where the tail
+may be short of the log). ListenBatches' framing of each event (its tag and length in
 a StreamEventBatch) is made once too: a batch is a join of framed events, or one event's framed
 bytes as they are, shared by every listener in step.
 """
@@ -50,9 +52,9 @@ _STATUS_EVENTS = frozenset(
 )
 
 
-def _next(future: asyncio.Future[None] | None) -> asyncio.Future[None]:
+def _next(future: asyncio.Future[None] | None, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
     if future is None or future.done():
-        return asyncio.get_running_loop().create_future()
+        return loop.create_future()
     return future
 
 
@@ -71,6 +73,7 @@ class RunFeed:
         "_blocks",
         "_framed",
         "_loading",
+        "_loop",
         "_publishes",
         "_recheck",
         "_rechecked",
@@ -85,6 +88,9 @@ class RunFeed:
     )
 
     def __init__(self) -> None:
+        # Made by a listener on the loop: asking for the running loop costs a getpid() system
+        # call each time, once per listener per publish when done in changed().
+        self._loop = asyncio.get_running_loop()
         self._tail: list[run_pb2.StreamEvent] = []
         self._wires: list[bytes] = []
         self._framed: list[bytes] = []
@@ -116,10 +122,10 @@ class RunFeed:
         A listener that leaves gives it back with `forget`."""
         if waiter is not None and not waiter.done():
             return waiter
-        waiter = asyncio.get_running_loop().create_future()
+        waiter = self._loop.create_future()
         self._waiters[waiter] = None
         if self._recheck is None:
-            self._recheck = asyncio.get_running_loop().call_later(RECHECK_SECONDS, self._recheck_now)
+            self._recheck = self._loop.call_later(RECHECK_SECONDS, self._recheck_now)
         return waiter
 
     def known(self, project: str) -> bool:
@@ -151,7 +157,7 @@ class RunFeed:
     def status_changed(self) -> asyncio.Future[None]:
         """Like changed(), but only for events that change the run's status (Wait needs no
         wake-up, and no store read, for every streamed delta)."""
-        self._status_changed = _next(self._status_changed)
+        self._status_changed = _next(self._status_changed, self._loop)
         return self._status_changed
 
     def publish(self, events: Sequence[run_pb2.StreamEvent]) -> None:
