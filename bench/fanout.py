@@ -809,7 +809,42 @@ quiet run" below is an earlier full run (2026-12-06, load average 5 falling to 1
 before/after figures were taken with the two builds (or methods) taking turns at the load
 given; where absolute rates swing between rounds, compare ratios and the server's CPU per event.
 
-- Replay, per-event work (this pass). Syscalls counted with `perf stat` (tracepoints) over
+- Broadcast, per listener per publish (this pass). A Python-only harness (the real
+  `RunServicer.write_stream` and feed, a store that counts its calls, a ctx whose `write` only
+  counts; 1,000 listeners, 200 events published one at a time, process CPU) showed each listener
+  asking the store again after every event it sent: at the tail's end `cached()` answered None,
+  so `read()` ran (a block read of the store per publish, shared, and a shield per listener), and,
+  finding nothing, the listener re-read the run's status (`get_run`: a store call and a Run parse)
+  because it had been woken: per event, 1,000 `get_run` calls and a block read. Changed: the
+  tail's end answers "nothing new" without the store (every later event is published to the feed
+  when committed: this process's commits, and another replica's for a watched run), except after
+  the 30 s recheck fired (until the next publish) and for a fresh read; a listener that found
+  events does not re-read the status. Then py-spy (`--native`, 500 listeners) put 2.3% of the
+  server's samples in `getpid()`, called by `asyncio.get_running_loop()` in `changed()` once per
+  listener per publish: the feed keeps its loop. The harness, per listener per event (3 runs,
+  medians, load about 6): Listen 15.6 -> 2.7 us, ListenBatches 17.3 -> 2.6, the bare ticker's
+  loop (a shared asyncio.Event, a generator) 2.0. At the servers, main's and this build's taking
+  turns phase by phase (both idle in between; `/proc` CPU per event delivered): with 250
+  listeners (50 timed, 200 h2load; 10 s at 50 events/s, 3 rounds each, so that neither server
+  lags and coalesces) Listen 51.2 -> 46.2 and 58.7 -> 47.0 us (two A/Bs, load 1-5 and 3-7, lower
+  in 6 of 6 rounds; the second A/B with the loop kept), ListenBatches 55.0 -> 43.0 and 57.0 ->
+  49.5 (6 of 6); p99 within the noise (11-15 ms in the first A/B, 18-171 ms in the second, either
+  build). With 1,000 listeners (before the loop was kept; 5 rounds in two A/Bs, load 1-10, the
+  other engineers' benchmarks running) Listen: this build kept up in 2 of 5 rounds (p50 16.5 and
+  18.4 ms, p99 64 and 72 ms) and lagged in 3 (p50 0.6-4.4 s); main lagged in all 5 (p50 0.7-2.6
+  s, p99 1.7-6.4 s). ListenBatches p99 139-316 ms (median 219) against 71-390 (median 236): no
+  difference the load does not cover. A server that lags spends less CPU per event (a wake-up
+  brings several events, and the loop's poller takes many completions a wake-up), so at 1,000
+  listeners under load CPU per event compares lag, not code (main 24-26 us while lagging, this
+  build 39-42 us while keeping up). Replay is not touched by this (a finished run's feed has no
+  tail, and its listeners end at the terminal event without waiting): 0.93 in the table is
+  within the round-to-round swing (0.96 in an earlier run). Not changed: the GC
+  (`gc_collect_main`, 4.3% of the samples with 500 listeners, the
+  start-up heap is frozen already), and the rest of a listener's Python (about 0.7 us per event
+  above the bare ticker's loop: two feed calls and an async generator step per wake-up). Left:
+  the rest is gRPC's per-message send (sendmsg 16% of the samples, the loop's wake-up writes 12%),
+  as for the bare ticker.
+- Replay, per-event work (the pass before). Syscalls counted with `perf stat` (tracepoints) over
   one-listener replays: Spindle's Listen and the bare stream make the same calls per event
   (sendmsg 1.00, eventfd/socket writes 1.7-1.9, epoll 1.7-1.9, recvfrom 1.00, 3.6-4.0 context
   switches): one send, then a wake-up of the loop through grpc's poller thread, per message;
@@ -837,7 +872,7 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   broadcast p99 72.6 ms while the bare ticker's p99 was 7.9 s (the machine was busy); memory
   per idle stream 23.8 KB (Listen) and 26.6 KB (ListenBatches), bare 20.7 KB: 3.1 and 5.9 KB
   over the bare stream, as before (3.2 and 6.8 KB in the table's run).
-- Load generator (the pass before). Before, Python reader processes read every stream (4 for the
+- Load generator (an earlier pass). Before, Python reader processes read every stream (4 for the
   1,000-listener broadcast, 2 for replay) and cost more CPU than the server they measured (one
   run: 38.5 CPU-s in the readers for 506,441 ListenBatches messages, 23.7 CPU-s in the server).
   Now h2load (one C process per 450 streams, counts only) holds and drains 900 of the 1,000
