@@ -829,21 +829,32 @@ given; where absolute rates swing between rounds, compare ratios and the server'
   lags and coalesces) Listen 51.2 -> 46.2 and 58.7 -> 47.0 us (two A/Bs, load 1-5 and 3-7, lower
   in 6 of 6 rounds; the second A/B with the loop kept), ListenBatches 55.0 -> 43.0 and 57.0 ->
   49.5 (6 of 6); p99 within the noise (11-15 ms in the first A/B, 18-171 ms in the second, either
-  build). With 1,000 listeners (before the loop was kept; 5 rounds in two A/Bs, load 1-10, the
-  other engineers' benchmarks running) Listen: this build kept up in 2 of 5 rounds (p50 16.5 and
-  18.4 ms, p99 64 and 72 ms) and lagged in 3 (p50 0.6-4.4 s); main lagged in all 5 (p50 0.7-2.6
-  s, p99 1.7-6.4 s). ListenBatches p99 139-316 ms (median 219) against 71-390 (median 236): no
-  difference the load does not cover. A server that lags spends less CPU per event (a wake-up
-  brings several events, and the loop's poller takes many completions a wake-up), so at 1,000
-  listeners under load CPU per event compares lag, not code (main 24-26 us while lagging, this
-  build 39-42 us while keeping up). Replay is not touched by this (a finished run's feed has no
-  tail, and its listeners end at the terminal event without waiting): 0.93 in the table is
-  within the round-to-round swing (0.96 in an earlier run). Not changed: the GC
-  (`gc_collect_main`, 4.3% of the samples with 500 listeners, the
-  start-up heap is frozen already), and the rest of a listener's Python (about 0.7 us per event
-  above the bare ticker's loop: two feed calls and an async generator step per wake-up). Left:
-  the rest is gRPC's per-message send (sendmsg 16% of the samples, the loop's wake-up writes 12%),
-  as for the bare ticker.
+  build). With 1,000 listeners, the final code (3 rounds each, load 1.7-3.4, mostly the A/B's
+  own readers): Listen kept up in every round, p50 15.6-20.0 ms, p99 58-119 (median 77), where
+  main lagged in 2 of 3 (p50 0.8 and 1.3 s, p99 1.8 and 2.1 s; the third p50 29.5, p99 92);
+  ListenBatches p50 17.4 against 15.8 ms, p99 58-72 (median 65.5) against 60-60.4 (median
+  60.1), CPU per message 38.3-40.9 against 39.4-44.5 us: no difference three rounds resolve.
+  Before the loop was kept, at load 1-10 with other benchmarks running, Listen kept up in 2 of
+  5 rounds (p99 64 and 72 ms) and main in none. A server that lags spends less CPU per event (a
+  wake-up brings several events, and the loop's poller takes many completions a wake-up), so at
+  1,000 listeners CPU per event compares lag, not code: main's Listen 23.7-27.8 us (p50
+  0.03-1.3 s), this build's 39.0-41.6 while keeping up. The bare ticker's 21.3 us in the table is
+  such a figure (it lagged: p99 186 ms), not what a message costs a server that keeps up with
+  1,000 streams. One full run of this benchmark on this build (load 1.5-3, not the table's run):
+  ListenBatches p99 40.6 ms (p50 15.3); Listen p99 598 ms (p50 358, 23.0 us CPU per event: it
+  fell behind from the start and, one message per event, never caught up); the bare ticker p99
+  4.7 s (p50 2.0 s); replay to 50 listeners 0.90 (21.5 / 20.9 us), to 1 listener 0.66 (50.0 /
+  36.0 us); memory per idle stream 24.2 KB (Listen) and 26.7 KB (ListenBatches), bare 20.9 KB.
+  Listen with 1,000 listeners is bistable on this machine: a server that keeps up stays ahead
+  (p99 58-119 ms in the A/B above), one that falls behind cannot catch up, as every event is
+  still a message of its own; ListenBatches coalesces and recovers. Replay is not
+  touched by this (a finished run's feed has no tail, and its listeners end at the terminal
+  event without waiting): 0.93 in the table is within the round-to-round swing (0.96 in an
+  earlier run). Not changed: the GC (`gc_collect_main`, 4.3% of the samples with 500 listeners;
+  the start-up heap is frozen already), and the rest of a listener's Python (about 0.7 us per
+  event above the bare ticker's loop: two feed calls and an async generator step per wake-up).
+  Left: gRPC's per-message send (sendmsg 16% of the samples, the loop's wake-up writes 12%), as
+  for the bare ticker.
 - Replay, per-event work (the pass before). Syscalls counted with `perf stat` (tracepoints) over
   one-listener replays: Spindle's Listen and the bare stream make the same calls per event
   (sendmsg 1.00, eventfd/socket writes 1.7-1.9, epoll 1.7-1.9, recvfrom 1.00, 3.6-4.0 context
