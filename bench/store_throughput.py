@@ -272,20 +272,23 @@ system calls; old and new code as two servers taking turns window by window):
 Limits on this design (goals not reached, and why):
 
 - whole runs/s vs echo >= 0.15 (rpc-speed's row): needs at most 1.7 ms of server CPU per run;
-  it is now 3.3 ms under that load (4.1 before), about 13 echo calls' worth. Engine and store
+  it is now 2.7 ms under that load (Listen; 2.3 ms following the run with ListenBatches; 3.3
+  in the previous session's run, 4.1 before), about 15 echo calls' worth. Engine and store
   together are under a fifth of it (about 0.6 ms: the run's task and the commits' delivery);
   even free they would leave about 2.7 ms, most of it gRPC sending about 10 messages per run
   where an echo call sends one. The lever left is fewer messages per run: Listen sending the
   events of one commit together (the end's delta, usage and DONE are one commit;
   `ListenBatches` already frames them as one message), which is Listen's code, not the store's.
-- Create -> first PARTIAL_MESSAGE p50 <= 2 ms: the path is two durable commits in series (the
-  run's insert with its claim; the first delta), each an fsync (a commit's mean 0.4-1.1 ms in
-  these runs); it was three. Since then the run's task starts after its Create has answered and
-  a claimed run's row is written once; the final code's two `make bench` runs (quiet, load 2)
-  gave p50 3.9 and 2.8 ms (Listen), 3.7 and 2.6 ms (ListenBatches), p99 at most 7.3 ms. The
-  measured floor (listen-fanout's Profile): the same calls on a bare grpc.aio server take p50
-  1.2-1.4 ms and one synchronous=FULL commit about 0.3 ms, before any of Spindle's own work. A
-  durable first delta cannot be shown before its commit, so 2 ms p50 is out of reach here.
+- Create -> first PARTIAL_MESSAGE p50 <= 2 ms: met by one call, `CreateAndListen` (the client
+  SDK's `create_and_stream`): 1.9 ms p50, 3.2 ms p99 in the listen-fanout table's run (quiet,
+  load 0-2). Create and then a second call (Listen or ListenBatches) stays above it, 2.3-2.4 ms
+  p50 in the same run: the path is two durable commits in series (the run's insert with its
+  claim; the first delta), each an fsync, plus two round trips; the second call's is about 1.2
+  ms (Create's answer to the client, the stream's request to the server), of which about 0.4 ms
+  could not overlap with the first delta's commit. The measured floor (listen-fanout's
+  Profile): the same two calls on a bare grpc.aio server take p50 1.2-1.4 ms and one
+  synchronous=FULL commit about 0.3 ms, before any of Spindle's own work. A durable first delta
+  cannot be shown before its commit, so with two calls 2 ms p50 is out of reach here.
 - SQLite events/s >= 50,000: met in CPU (about 9-10 us an event, over 100,000 per CPU-second,
   plus an fsync per commit of about 900 events); on the wall clock it depends on the neighbours
   of a shared 2-core machine: 66,000-103,000/s in runs at load average 4-6, 40,000/s in an
