@@ -39,6 +39,14 @@ def _created(first: Batch | None) -> run_pb2.Run | None:
     return event.status_change.run if event.HasField("status_change") else None
 
 
+def _call_timeout(per_call: float, deadline: Deadline) -> float:
+    """The call's deadline: the time left, else the client's per-call timeout, as Create had. A
+    server that never sends the first message then fails the call rather than holding it for
+    ever; past the first event, the follower resumes a stream cut by it with ListenBatches."""
+    remaining = deadline.remaining()
+    return per_call if remaining is None else remaining
+
+
 # ---- sync -------------------------------------------------------------------------------------
 
 
@@ -54,7 +62,7 @@ def open_created(
             transport.runs.CreateAndListen,
             create.request,
             Batch,
-            timeout=deadline.remaining(),
+            timeout=_call_timeout(transport.settings.timeout, deadline),
             request_id=create.request_id,
         )
         try:
@@ -95,7 +103,7 @@ async def aopen_created(
             transport.runs.CreateAndListen,
             create.request,
             Batch,
-            timeout=deadline.remaining(),
+            timeout=_call_timeout(transport.settings.timeout, deadline),
             request_id=create.request_id,
         )
         try:

@@ -10,6 +10,12 @@ a stream broken after it resumes on ListenBatches from the next index.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 from client_faults import (
     AsyncCountStreams,
     AsyncCountUnary,
@@ -21,6 +27,7 @@ from client_faults import (
 from client_support import NoCreateAndListenProxy, Restarter
 
 import spindle
+from support.faults import Holds
 from support.server import ServerProcess
 
 RUNS = "/spindle.v1.RunService/"
@@ -151,3 +158,56 @@ def test_a_stream_broken_mid_run_resumes_with_listen_batches(restartable: Restar
     assert (
         counter.record.calls.get(ONE_CALL) == 1 and counter.record.calls.get(RUNS + "ListenBatches", 0) >= 1
     )
+
+
+HELD_CREATE = "engine.before_create_insert"
+
+
+def test_with_no_timeout_a_create_that_never_answers_fails_at_the_clients_per_call_timeout(
+    make_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """``timeout=None`` is no limit on the run, but not on its creation: the call waits for its
+    first message as long as Create would have (the client's per-call timeout), here a Create held
+    before its insert until the test ends."""
+    holds = Holds(tmp_path / "holds")
+    server = make_server(env=holds.env(HELD_CREATE))
+    with spindle.Client(server.address, timeout=20) as setup:
+        assistant = setup.assistants.create(name="echo")
+        thread = setup.threads.create(messages=["never created"])
+    failures: list[BaseException] = []
+
+    def stream() -> None:
+        with spindle.Client(server.address, timeout=1.0) as client:
+            try:
+                client.runs.create_and_stream(thread_id=thread, assistant_id=assistant, timeout=None)
+            except BaseException as error:  # handed to the test's thread
+                failures.append(error)
+
+    caller = threading.Thread(target=stream, daemon=True)
+    caller.start()
+    holds.wait_reached(HELD_CREATE)
+    caller.join(timeout=60)  # a failure bound: without the per-call timeout it never ends
+    holds.release(HELD_CREATE)
+    assert not caller.is_alive(), "create_and_stream(timeout=None) still waits for a held Create"
+    assert len(failures) == 1 and isinstance(failures[0], spindle.DeadlineExceeded)
+
+
+async def test_async_with_no_timeout_a_create_that_never_answers_fails_at_the_clients_per_call_timeout(
+    make_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    holds = Holds(tmp_path / "holds")
+    server = make_server(env=holds.env(HELD_CREATE))
+    async with spindle.AsyncClient(server.address, timeout=20) as setup:
+        assistant = await setup.assistants.create(name="echo")
+        thread = await setup.threads.create(messages=["never created, async"])
+    async with spindle.AsyncClient(server.address, timeout=1.0) as client:
+        call = asyncio.ensure_future(
+            client.runs.create_and_stream(thread_id=thread, assistant_id=assistant, timeout=None)
+        )
+        await asyncio.to_thread(holds.wait_reached, HELD_CREATE)
+        try:
+            # A failure bound: without the per-call timeout it never ends.
+            with pytest.raises(spindle.DeadlineExceeded):
+                await asyncio.wait_for(call, timeout=60)
+        finally:
+            holds.release(HELD_CREATE)
