@@ -115,6 +115,9 @@ def test_an_old_database_keeps_its_messages_order_and_page_tokens(
     server = make_server(database=path)
     stubs = Stubs.connect(server.address)
     try:
+        # The rebuild says what it did (it takes a while on a large database).
+        rebuilt = server.wait_for_log(lambda e: e.get("event") == "sqlite_messages_rebuilt", timeout=30)
+        assert rebuilt["messages"] == len(seqs)
         sql, indexes, counters = messages_table(path)
         assert "AUTOINCREMENT" not in sql.upper()
         assert indexes == ["messages_thread", "sqlite_autoindex_messages_1"]  # the thread's, UNIQUE(id)
