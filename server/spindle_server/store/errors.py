@@ -28,6 +28,14 @@ class StateError(StoreError):
         self.message = message
 
 
+def thread_busy(thread_id: str, run_id: str, action: str) -> StateError:
+    """The refusal of a change the thread's active run `run_id` does not allow."""
+    return StateError(
+        "THREAD_HAS_ACTIVE_RUN",
+        f"thread {thread_id} has an active run {run_id}; cannot {action} until it ends",
+    )
+
+
 class QuotaError(StoreError):
     """A limit counted in the store is reached (RESOURCE_EXHAUSTED), e.g. active runs of a project."""
 

@@ -55,6 +55,7 @@ from spindle_server.store.errors import (
     QuotaError,
     StateError,
     UnavailableError,
+    thread_busy,
 )
 from spindle_server.store.pg_fanout import CHANNEL, EventFanout, hint
 
@@ -96,14 +97,7 @@ def _message_refused(refused: str | None, thread_id: str) -> None:
         return
     if not refused:
         raise NotFoundError("thread", thread_id)
-    raise _thread_busy(thread_id, refused, "add a message")
-
-
-def _thread_busy(thread_id: str, run_id: str, action: str) -> StateError:
-    return StateError(
-        "THREAD_HAS_ACTIVE_RUN",
-        f"thread {thread_id} has an active run {run_id}; cannot {action} until it ends",
-    )
+    raise thread_busy(thread_id, refused, "add a message")
 
 
 class PostgresStore:
@@ -851,7 +845,7 @@ async def _require_no_active_run(conn: Conn, thread_id: str, action: str) -> Non
         f"SELECT id FROM runs WHERE thread_id = $1 AND status IN ({_ACTIVE})", thread_id
     )
     if active is not None:
-        raise _thread_busy(thread_id, active, action)
+        raise thread_busy(thread_id, active, action)
 
 
 async def _require_run_quota(conn: Conn, project: str, limit: int) -> None:

@@ -33,7 +33,13 @@ from spindle_server.store.base import (
     RunMutation,
     embed_stored_run,
 )
-from spindle_server.store.errors import FencedError, NotFoundError, QuotaError, StateError, StoreError
+from spindle_server.store.errors import (
+    FencedError,
+    NotFoundError,
+    QuotaError,
+    StoreError,
+    thread_busy,
+)
 from spindle_server.store.sqlite_db import SqliteDatabase
 
 M = TypeVar("M", bound=ProtoMessage)
@@ -825,10 +831,7 @@ def _require_no_active_run(conn: sqlite3.Connection, thread_id: str, action: str
         f"SELECT id FROM runs WHERE thread_id = ? AND status IN ({_ACTIVE})", (thread_id,)
     ).fetchone()
     if row is not None:
-        raise StateError(
-            "THREAD_HAS_ACTIVE_RUN",
-            f"thread {thread_id} has an active run {row[0]}; cannot {action} until it ends",
-        )
+        raise thread_busy(thread_id, row[0], action)
 
 
 _NEW_RUN_CHECKS = (
@@ -859,10 +862,7 @@ def _require_new_run_allowed(
     if not thread:
         raise NotFoundError("thread", thread_id)
     if active_run is not None:
-        raise StateError(
-            "THREAD_HAS_ACTIVE_RUN",
-            f"thread {thread_id} has an active run {active_run}; cannot start another run until it ends",
-        )
+        raise thread_busy(thread_id, active_run, "start another run")
     if max_active_runs is not None and active >= max_active_runs:
         raise QuotaError(
             "ACTIVE_RUNS_LIMIT",

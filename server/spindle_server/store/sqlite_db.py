@@ -434,9 +434,7 @@ class SqliteDatabase:
                 except Exception as exc:  # the caller gets it; the rest of the batch goes on
                     connection.execute("ROLLBACK TO op")
                     connection.execute("RELEASE op")
-                    if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O: not a bug
-                        exc = unavailable(exc, "write", self.path)
-                    outcomes.append((False, exc))
+                    outcomes.append((False, _write_failure(exc, self.path)))
             connection.execute("COMMIT")
         except sqlite3.Error as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -494,11 +492,15 @@ def _run_alone(connection: sqlite3.Connection, write: _Write, path: Path) -> tup
     except Exception as exc:  # the caller gets it
         if connection.in_transaction:
             connection.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O: not a bug
-            exc = unavailable(exc, "write", path)
-        return False, exc
+        return False, _write_failure(exc, path)
     connection.execute("COMMIT")
     return True, value
+
+
+def _write_failure(exc: Exception, path: Path) -> Exception:
+    """What a write's caller gets for its failure: an SQLite operational error (disk full, I/O:
+    not a bug) as the store being unavailable, any other as it is."""
+    return unavailable(exc, "write", path) if isinstance(exc, sqlite3.OperationalError) else exc
 
 
 def _no_fn(connection: sqlite3.Connection) -> None:
@@ -525,18 +527,11 @@ def _run_rows(
     failing the whole batch as a failed COMMIT does, since what went before is gone too."""
     try:
         outcomes = merge(connection, [write.row for write in writes])
-        return [
-            (False, unavailable(value, "write", path))
-            if not ok and isinstance(value, sqlite3.OperationalError)
-            else (ok, value)
-            for ok, value in outcomes
-        ]
+        return [(ok, value if ok else _write_failure(value, path)) for ok, value in outcomes]
     except Exception as exc:  # the callers get it; the rest of the batch goes on
         if isinstance(exc, sqlite3.Error) and not connection.in_transaction:
             raise
-        if isinstance(exc, sqlite3.OperationalError):  # disk full, I/O: not a bug
-            exc = unavailable(exc, "write", path)
-        return [(False, exc)] * len(writes)
+        return [(False, _write_failure(exc, path))] * len(writes)
 
 
 def _in_read_transaction(connection: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
