@@ -212,8 +212,6 @@ class Runs:
         deadline = Deadline(timeout)
         options = _requests.options_with_tools(overrides, tools, declare_tools)
         create = _requests.create_run(thread_id, assistant_id, options, request_id)
-        # One call, CreateAndListen, where the server has it: the first delta needs no second
-        # round trip. Else (an older server) Create, then the run's stream.
         opened = (
             _create_stream.open_created(self.transport, create, deadline)
             if self.transport.create_and_listen
