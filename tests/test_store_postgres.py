@@ -44,6 +44,7 @@ SHARED_TESTS = [
     sqlite_tests.test_every_write_records_its_answer,
     sqlite_tests.test_saved_answers_keep_the_first_and_expire,
     sqlite_tests.test_pages_follow_the_cursor,
+    sqlite_tests.test_a_draft_becomes_a_message_in_the_batch_that_writes_it,
     transition_tests.test_expire_refuses_a_run_whose_deadline_moved,
     transition_tests.test_tool_results_after_the_tool_deadline_are_refused,
     transition_tests.test_a_pause_keeps_the_text_said_before_the_calls_and_a_thread_delete_drops_it,

@@ -10,6 +10,7 @@ import pytest
 
 from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
 from spindle_server import clock
+from spindle_server.drafts import MessageDraft
 from spindle_server.engine import events, transitions
 from spindle_server.store.base import PageQuery, RequestKey, RequestReplayed, RunChange, RunFilter
 from spindle_server.store.errors import FencedError, NotFoundError, StateError, UnavailableError
@@ -313,6 +314,35 @@ async def test_a_lookup_reads_the_latest_commit_and_keeps_no_snapshot(store: Sql
         await store.get_run("other", "run_1")
     assert (await store.get_last_run(PROJECT, "thread_1")).labels == {"k": "v"}
     assert await store.db.checkpoint()
+
+
+async def test_a_draft_becomes_a_message_in_the_batch_that_writes_it(store: SqliteStore) -> None:
+    """MessageService.Create's hot path: the store builds each draft's message (a new id, the
+    commit's time) and answers its bytes as written; one refused fails alone."""
+    await store.insert_thread(PROJECT, thread_pb2.Thread(id="thread_a"), [])
+    await queued_run(store, "thread_busy", "run_busy")
+    parts = [message_pb2.ContentPart(text=message_pb2.TextPart(text="two"))]
+    drafts = [
+        (PROJECT, MessageDraft("thread_a", message_pb2.MESSAGE_ROLE_UNSPECIFIED, "one", {}, PROJECT)),
+        (PROJECT, MessageDraft("thread_missing", message_pb2.USER, "lost", {}, PROJECT)),
+        ("other", MessageDraft("thread_a", message_pb2.USER, "elsewhere", {}, "other")),
+        (PROJECT, MessageDraft("thread_busy", message_pb2.USER, "busy", {}, PROJECT)),
+        (PROJECT, MessageDraft("thread_a", message_pb2.ASSISTANT, parts, {"k": "v"}, PROJECT)),
+    ]
+    before = clock.now()
+    outcomes = await asyncio.gather(*(store.create_message(p, d) for p, d in drafts), return_exceptions=True)
+    after = clock.now()
+    assert isinstance(outcomes[1], NotFoundError) and isinstance(outcomes[2], NotFoundError)
+    assert isinstance(outcomes[3], StateError) and outcomes[3].reason == "THREAD_HAS_ACTIVE_RUN"
+    first, last = (message_pb2.Message.FromString(outcomes[i]) for i in (0, 4))  # type: ignore[arg-type]
+    assert first.id.startswith("msg_") and last.id.startswith("msg_") and first.id != last.id
+    assert (first.thread_id, first.role, first.content[0].text.text) == ("thread_a", message_pb2.USER, "one")
+    assert (last.role, dict(last.labels), list(last.content)) == (message_pb2.ASSISTANT, {"k": "v"}, parts)
+    assert first.created_by == last.created_by == PROJECT
+    assert before <= clock.seconds_of(first.created_at) <= after
+    stored = await store.list_messages(PROJECT, "thread_a", PageQuery(limit=10, descending=False))
+    assert {m.id: m for m in stored.items} == {first.id: first, last.id: last}  # any order (PostgreSQL)
+    assert (await store.list_messages(PROJECT, "thread_busy", PageQuery(limit=10))).items == []
 
 
 def _message(message_id: str, thread_id: str) -> message_pb2.Message:

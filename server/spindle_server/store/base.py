@@ -16,11 +16,12 @@ taken (its own transaction rolls back and it reads the answer).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
+from spindle_server.drafts import MessageDraft
 
 ACTIVE_STATUSES: frozenset[int] = frozenset(
     {run_pb2.PENDING, run_pb2.IN_PROGRESS, run_pb2.TOOL_CALLS, run_pb2.CANCELLING}
@@ -227,6 +228,12 @@ class Store(Protocol):
     ) -> bytes:
         """StateError while the thread has an active run. Returns the message as stored (its
         serialized bytes): MessageService.Create answers them as they are."""
+        ...
+
+    def create_message(self, project: str, draft: MessageDraft) -> Awaitable[bytes]:
+        """insert_message of the message `draft` builds (a new id, created now), built where it
+        costs least: SQLite builds it on its writer thread, in the batch that writes it, off
+        the event loop. MessageService.Create's hot path (no request_id). To await."""
         ...
 
     async def get_message(self, project: str, message_id: str) -> message_pb2.Message: ...

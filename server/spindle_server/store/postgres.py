@@ -31,6 +31,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
 from spindle_server import clock, faults, metrics
+from spindle_server.drafts import MessageDraft
 from spindle_server.store import pg_schema
 from spindle_server.store.base import (
     TERMINAL_STATUSES,
@@ -412,6 +413,9 @@ class PostgresStore:
             await write(conn)
         metrics.record_commit(began, 1)
         return body
+
+    async def create_message(self, project: str, draft: MessageDraft) -> bytes:
+        return await self.insert_message(project, draft.build(clock.now()))
 
     async def get_message(self, project: str, message_id: str) -> message_pb2.Message:
         return await self._get("messages", message_pb2.Message, "message", project, message_id)

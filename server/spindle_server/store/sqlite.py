@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import sqlite3
@@ -15,6 +16,7 @@ from google.protobuf.message import Message as ProtoMessage
 
 from spindle.v1 import assistant_pb2, message_pb2, run_pb2, thread_pb2
 from spindle_server import clock, faults
+from spindle_server.drafts import MessageDraft
 from spindle_server.store.base import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -467,6 +469,10 @@ class SqliteStore:
         await self._write(write, record, lambda _: body)
         return body
 
+    def create_message(self, project: str, draft: MessageDraft) -> asyncio.Future[bytes]:
+        # Not a coroutine: the caller awaits the write's future, one coroutine fewer.
+        return self.db.write_row(_insert_drafts, (project, draft))
+
     async def get_message(self, project: str, message_id: str) -> message_pb2.Message:
         return await self._get("messages", message_pb2.Message, "message", project, message_id)
 
@@ -907,6 +913,22 @@ def _insert_messages_checked(conn: sqlite3.Connection, rows: list[Any]) -> list[
         )
     }
     return [(True, None) if row[0] in stored else (False, _message_refused(conn, row)) for row in rows]
+
+
+def _insert_drafts(conn: sqlite3.Connection, rows: list[Any]) -> list[tuple[bool, Any]]:
+    """create_message's writes (SqliteDatabase.write_row): each (project, draft)'s message built
+    here, on the writer thread, then all of them in one statement as _insert_messages_checked
+    writes them; each one's outcome is its bytes."""
+    now = clock.now()
+    checked = []
+    for project, draft in rows:
+        message = draft.build(now)
+        checked.append((message.id, project, message.thread_id, "", message.SerializeToString()))
+    outcomes = _insert_messages_checked(conn, checked)
+    return [
+        (True, row[4]) if ok else (False, failure)
+        for row, (ok, failure) in zip(checked, outcomes, strict=True)
+    ]
 
 
 def _insert_message_alone(conn: sqlite3.Connection, row: Any) -> tuple[bool, Any]:
