@@ -345,6 +345,18 @@ async def test_a_draft_becomes_a_message_in_the_batch_that_writes_it(store: Sqli
     assert (await store.list_messages(PROJECT, "thread_busy", PageQuery(limit=10))).items == []
 
 
+async def test_a_draft_that_cannot_be_built_fails_alone(store: SqliteStore) -> None:
+    await store.insert_thread(PROJECT, thread_pb2.Thread(id="thread_a"), [])
+    broken = MessageDraft("thread_a", message_pb2.USER, "bad", {"k": 1}, PROJECT)  # type: ignore[dict-item]
+    fine = MessageDraft("thread_a", message_pb2.USER, "fine", {}, PROJECT)
+    outcomes = await asyncio.gather(
+        store.create_message(PROJECT, broken), store.create_message(PROJECT, fine), return_exceptions=True
+    )
+    assert isinstance(outcomes[0], TypeError)
+    stored = await store.list_messages(PROJECT, "thread_a", PageQuery(limit=10))
+    assert [m.SerializeToString() for m in stored.items] == [outcomes[1]]
+
+
 def _message(message_id: str, thread_id: str) -> message_pb2.Message:
     return message_pb2.Message(id=message_id, thread_id=thread_id, role=message_pb2.USER)
 

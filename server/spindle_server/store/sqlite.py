@@ -918,17 +918,25 @@ def _insert_messages_checked(conn: sqlite3.Connection, rows: list[Any]) -> list[
 def _insert_drafts(conn: sqlite3.Connection, rows: list[Any]) -> list[tuple[bool, Any]]:
     """create_message's writes (SqliteDatabase.write_row): each (project, draft)'s message built
     here, on the writer thread, then all of them in one statement as _insert_messages_checked
-    writes them; each one's outcome is its bytes."""
+    writes them; each one's outcome is its bytes. A draft that cannot be built fails alone."""
     now = clock.now()
+    outcomes: list[tuple[bool, Any]] = []
     checked = []
     for project, draft in rows:
-        message = draft.build(now)
-        checked.append((message.id, project, message.thread_id, "", message.SerializeToString()))
-    outcomes = _insert_messages_checked(conn, checked)
-    return [
-        (True, row[4]) if ok else (False, failure)
-        for row, (ok, failure) in zip(checked, outcomes, strict=True)
-    ]
+        try:
+            message = draft.build(now)
+            body = message.SerializeToString()
+        except Exception as exc:  # its caller gets it; the others are written
+            outcomes.append((False, exc))
+            continue
+        outcomes.append((True, body))
+        checked.append((message.id, project, message.thread_id, "", body))
+    written = iter(_insert_messages_checked(conn, checked) if checked else ())
+    for index, (built, body) in enumerate(outcomes):
+        if built:
+            ok, failure = next(written)
+            outcomes[index] = (True, body) if ok else (False, failure)
+    return outcomes
 
 
 def _insert_message_alone(conn: sqlite3.Connection, row: Any) -> tuple[bool, Any]:
