@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from spindle_server.config import parse_config
+from spindle_server.server import tune_collector
 
 
 @pytest.mark.parametrize(
@@ -20,6 +23,7 @@ from spindle_server.config import parse_config
         ["--grace-period", "nan"],
         ["--grace-period", "-1"],
         ["--coalesce-ms", "nan"],
+        ["--gc-threshold", "-1"],
         # The separator of a lease owner's replica and incarnation; an empty id would match all.
         ["--replica-id", "a/b"],
         ["--replica-id", ""],
@@ -39,3 +43,17 @@ def test_a_replica_id_is_kept_and_none_means_random_per_process() -> None:
 def test_a_provider_model_as_default_is_accepted() -> None:
     config = parse_config(["--provider", "local=http://127.0.0.1:9/v1", "--default-model", "local/llama"])
     assert config.default_model == "local/llama"
+
+
+def test_the_collector_runs_every_gc_threshold_allocations_and_start_up_is_frozen() -> None:
+    assert parse_config([]).gc_threshold == 50_000
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    try:
+        tune_collector(parse_config(["--gc-threshold", "12345"]).gc_threshold)
+        assert gc.get_threshold() == (12345, *before[1:])
+        assert gc.get_freeze_count() > frozen
+        tune_collector(0)  # Python's own threshold is left as it is
+        assert gc.get_threshold() == (12345, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

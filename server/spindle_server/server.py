@@ -414,6 +414,20 @@ def warn_if_writable_by_others(path: Path) -> None:
         log.warning("api_keys_file_writable_by_others", path=str(path), advice="chmod 600")
 
 
+def tune_collector(threshold: int) -> None:
+    """Once started. What start-up loaded (modules, descriptors, the config) lives as long as
+    the process: frozen, out of the cyclic collector's passes, which under load would walk all
+    of it again and again. And the collector runs every `threshold` allocations rather than
+    Python's 700: each pass promotes the objects of calls in flight, so with many streams
+    open, promotions soon trigger a full pass over every stream's objects (1,000 Listen
+    streams: about one a second, 10-85 ms each; BENCHMARKS.md, listen fan-out). Almost nothing
+    here makes cycles; what does is still collected, in fewer, larger passes."""
+    gc.freeze()
+    if threshold > 0:
+        _, middle, oldest = gc.get_threshold()
+        gc.set_threshold(threshold, middle, oldest)
+
+
 async def serve(config: ServerConfig) -> None:
     server = SpindleServer(config)
     loop = asyncio.get_running_loop()
@@ -444,9 +458,7 @@ async def serve(config: ServerConfig) -> None:
     if starting.exception() is not None:
         stopping.cancel()
     port = starting.result()
-    # What start-up loaded (modules, descriptors, the config) lives as long as the process:
-    # kept out of the collector's passes, which under load would walk all of it again and again.
-    gc.freeze()
+    tune_collector(config.gc_threshold)
     # One machine-readable line on stdout (tests and scripts read the port from it).
     serving = {
         "event": "serving",
