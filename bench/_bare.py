@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
 
+Setup = Callable[[], Awaitable[None]]
 
-async def _serve(service: str, handlers: Mapping[str, grpc.RpcMethodHandler], options: Sequence[Any]) -> None:
+
+async def _serve(
+    service: str, handlers: Mapping[str, grpc.RpcMethodHandler], options: Sequence[Any], setup: Setup | None
+) -> None:
+    if setup is not None:
+        await setup()  # in the loop that serves: what it opens (a pool) belongs to this loop
     server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, dict(handlers)),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -20,11 +26,17 @@ async def _serve(service: str, handlers: Mapping[str, grpc.RpcMethodHandler], op
     await server.wait_for_termination()
 
 
-def serve(service: str, handlers: Mapping[str, grpc.RpcMethodHandler], options: Sequence[Any] = ()) -> None:
-    """Serve `service` until terminated (uvloop when installed, as Spindle's server runs)."""
+def serve(
+    service: str,
+    handlers: Mapping[str, grpc.RpcMethodHandler],
+    options: Sequence[Any] = (),
+    setup: Setup | None = None,
+) -> None:
+    """Serve `service` until terminated (uvloop when installed, as Spindle's server runs), after
+    awaiting `setup` in the serving loop when given."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(service, handlers, options))
+        asyncio.run(_serve(service, handlers, options, setup))
         return
-    uvloop.run(_serve(service, handlers, options))
+    uvloop.run(_serve(service, handlers, options, setup))

@@ -95,8 +95,11 @@ class BenchServer(ServedProcess):
         self._folder.cleanup()
 
 
-def echo_server(durable_dir: Path | None = None) -> ServedProcess:
+def echo_server(durable_dir: Path | None = None, postgres: str | None = None) -> ServedProcess:
     """The bare grpc.aio baseline (`bench/echo_server.py`); with `durable_dir`, its floor of a
-    durable write too (`Append`, a SQLite file in that folder)."""
+    durable write too (`Append`, a SQLite file in that folder); with `postgres` (a DSN), its
+    floors of a PostgreSQL read and durable write (`PgGet`, `PgAppend`) on that database."""
     flags = [] if durable_dir is None else ["--durable-dir", str(durable_dir)]
+    if postgres is not None:
+        flags += ["--postgres", postgres]
     return ServedProcess([sys.executable, "-m", "bench.echo_server", *flags])

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import _mode, _postgres, h2load, rpc_client
+from bench import _mode, _pg_floor, _postgres, h2load, rpc_client
 from bench._server import BenchServer, ServedProcess, echo_server
 from bench.load import cpu_seconds
 from spindle.v1 import (
@@ -48,6 +48,8 @@ from spindle.v1 import (
 ECHO = "/bench.Echo/Echo"
 FLOOR = "/bench.Echo/GetRun"  # protobuf in and out, the Run from memory: Get's floor
 DURABLE_FLOOR = "/bench.Echo/Append"  # the request committed to SQLite, then echoed: Create's floor
+PG_READ_FLOOR = "/bench.Echo/PgGet"  # the Run's row read from PostgreSQL: Get's floor there
+PG_DURABLE_FLOOR = "/bench.Echo/PgAppend"  # the request committed to PostgreSQL: Create's floor there
 GET = "/spindle.v1.RunService/Get"
 CREATE_MESSAGE = "/spindle.v1.MessageService/Create"
 # Spindle as an operator runs it: access log at info (errors and slow calls), metrics served.
@@ -169,10 +171,13 @@ class Spindle:
 @dataclass(frozen=True)
 class EchoFixture:
     """The echo's request: Get's bytes, echoed back by the echo and answered by the floor with
-    the Run Spindle answered (`floor_response_frame` bytes framed)."""
+    the Run Spindle answered (`floor_response_frame` bytes framed); and the PostgreSQL floors'
+    cluster (None without them), whose read answers that Run's bytes as Spindle answered them."""
 
     request: bytes
     floor_response_frame: int
+    cluster: _postgres.Cluster | None = None
+    postgres_read_frame: int = 0
 
 
 def prepare(address: str) -> Fixture:
@@ -199,15 +204,23 @@ def prepare(address: str) -> Fixture:
     return Fixture(assistant.id, run.id, notes.id, get_request, got, create_request)
 
 
-def prepare_echo(echo_address: str, spindle: Fixture) -> EchoFixture:
+def prepare_echo(echo_address: str, spindle: Fixture, cluster: _postgres.Cluster | None) -> EchoFixture:
     """The echo answers Get's request bytes back; the floor answers Get's request with the Run
-    that Spindle answered (given it once with `Remember`)."""
+    that Spindle answered (given it once with `Remember`, which also writes it to PostgreSQL
+    when the echo has its PostgreSQL floors: `cluster`)."""
     with grpc.insecure_channel(echo_address) as channel:
         assert channel.unary_unary(ECHO)(spindle.get_request) == spindle.get_request
         channel.unary_unary(f"{ECHO.rsplit('/', 1)[0]}/Remember")(spindle.get_response)
         floor = channel.unary_unary(FLOOR)(spindle.get_request)
         assert run_pb2.Run.FromString(floor) == run_pb2.Run.FromString(spindle.get_response)
-    return EchoFixture(spindle.get_request, len(h2load.grpc_frame(floor)))
+        if cluster is None:
+            return EchoFixture(spindle.get_request, len(h2load.grpc_frame(floor)))
+        read = channel.unary_unary(PG_READ_FLOOR)(spindle.get_request)
+        assert read == spindle.get_response, "PgGet must answer the Run's bytes as Spindle's Get did"
+        assert channel.unary_unary(PG_DURABLE_FLOOR)(spindle.get_request) == spindle.get_request
+    return EchoFixture(
+        spindle.get_request, len(h2load.grpc_frame(floor)), cluster, len(h2load.grpc_frame(read))
+    )
 
 
 def rpc_counts(metrics_port: int, method: str) -> dict[str, float]:
@@ -272,13 +285,32 @@ def _log_tail(served: ServedProcess, lines: int = 12) -> str:
 
 
 def _echo_window(
-    echo: ServedProcess, request: bytes, load: h2load.Load, method: str = ECHO, frame: int | None = None
+    echo: ServedProcess,
+    request: bytes,
+    load: h2load.Load,
+    method: str = ECHO,
+    frame: int | None = None,
+    cluster: _postgres.Cluster | None = None,
 ) -> Sample:
+    """One checked h2load window on the echo server; with `cluster` (a PostgreSQL floor's), that
+    cluster's CPU per call too, as for Spindle's PostgreSQL rows."""
     cpu = cpu_seconds(echo.pid)
+    store_cpu = cluster.cpu_seconds() if cluster is not None else 0.0
     window = h2load.run(echo.address, method, request, load)
     cpu = cpu_seconds(echo.pid) - cpu
     window.check(len(h2load.grpc_frame(request)) if frame is None else frame)
-    return Sample(window.per_second, cpu / window.succeeded * 1e6)
+    postgres_us = None
+    if cluster is not None:
+        postgres_us = (cluster.cpu_seconds() - store_cpu) / window.succeeded * 1e6
+    return Sample(window.per_second, cpu / window.succeeded * 1e6, postgres_us)
+
+
+def _postgres_floor_window(
+    echo: ServedProcess, fixture: EchoFixture, load: h2load.Load, method: str
+) -> Sample:
+    """A PostgreSQL floor's window: the read answers the Run's bytes, the write echoes."""
+    frame = fixture.postgres_read_frame if method == PG_READ_FLOOR else None
+    return _echo_window(echo, fixture.request, load, method, frame, fixture.cluster)
 
 
 def _whole_runs_window(spindle: Spindle, seconds: float, follow: str) -> Sample:
@@ -324,6 +356,16 @@ DURABLE_FLOOR_NAME = (
     "floor of a durable write: bare grpc.aio method committing its request to SQLite (WAL,"
     " synchronous=FULL, one writer thread, a loop turn's requests in one INSERT), then echoing it"
 )
+PG_READ_FLOOR_NAME = (
+    f"floor of a PostgreSQL read: bare grpc.aio method reading one row through an asyncpg pool of"
+    f" {_pg_floor.POOL_MAX} connections (the request parsed, the row's bytes answered)"
+)
+PG_DURABLE_FLOOR_NAME = (
+    "floor of a PostgreSQL durable write: bare grpc.aio method committing its request with one"
+    f" INSERT in its own transaction (WAL flushed) through an asyncpg pool of {_pg_floor.POOL_MAX}"
+    " connections, then echoing it"
+)
+PG_FLOOR_NAMES = (PG_READ_FLOOR_NAME, PG_DURABLE_FLOOR_NAME)
 WHOLE_NAME = "whole run: thread + Create + Listen to DONE (runs/s, vs echo calls/s)"
 WHOLE_BATCHES_NAME = (
     "whole run: thread + Create + ListenBatches to DONE, as the client SDK follows a run"
@@ -339,7 +381,8 @@ FLOOR_WHOLE_NAME = (
 def measure(spindles: list[Spindle], echo: ServedProcess) -> list[Row]:
     """Every row's windows, in turns: per turn, each load shape on the echo and then on each
     Spindle server, then the whole runs on each; median of the turns."""
-    echo_fixture = prepare_echo(echo.address, spindles[0].fixture)
+    cluster = next((spindle.cluster for spindle in spindles if spindle.cluster is not None), None)
+    echo_fixture = prepare_echo(echo.address, spindles[0].fixture, cluster)
     get_load = read_load()
     loads = create_loads()
     echo_loads = sorted({get_load, *loads}, key=lambda x: x.in_flight)
@@ -352,6 +395,9 @@ def measure(spindles: list[Spindle], echo: ServedProcess) -> list[Row]:
     # allocations: by count, not time, so a slow first call cannot leave a warm-up window empty.
     warm = h2load.Load(1, 16, _mode.seconds(1.0, 0.2), requests=_mode.sized(2000, 100))
     _echo_window(echo, echo_fixture.request, warm)
+    if cluster is not None:
+        for method in (PG_READ_FLOOR, PG_DURABLE_FLOOR):
+            _postgres_floor_window(echo, echo_fixture, warm, method)
     for spindle in spindles:
         f = spindle.fixture
         _spindle_window(spindle, GET, f.get_request, warm, f.get_response_frame)
@@ -371,6 +417,17 @@ def measure(spindles: list[Spindle], echo: ServedProcess) -> list[Row]:
                     load,
                     _echo_window(echo, echo_fixture.request, load, DURABLE_FLOOR),
                 )
+            if cluster is not None:
+                if load == get_load:
+                    add(
+                        PG_READ_FLOOR_NAME,
+                        "",
+                        load,
+                        _postgres_floor_window(echo, echo_fixture, load, PG_READ_FLOOR),
+                    )
+                if load in loads:
+                    sample = _postgres_floor_window(echo, echo_fixture, load, PG_DURABLE_FLOOR)
+                    add(PG_DURABLE_FLOOR_NAME, "", load, sample)
             for spindle in spindles:
                 f = spindle.fixture
                 if load == get_load:
@@ -411,10 +468,17 @@ def measure(spindles: list[Spindle], echo: ServedProcess) -> list[Row]:
             windows_of[("echo", "", get_load)],
         )
     ]
-    rows += [row(GET_NAME, store, get_load, get_load) for store in stores]
+    # Each PostgreSQL floor next to the PostgreSQL row it is the floor of.
+    for store in stores:
+        if store == "PostgreSQL":
+            rows.append(row(PG_READ_FLOOR_NAME, "", get_load, get_load))
+        rows.append(row(GET_NAME, store, get_load, get_load))
     for load in loads:
         rows.append(row(DURABLE_FLOOR_NAME, "", load, load))
-        rows += [row(CREATE_NAME, store, load, load) for store in stores]
+        for store in stores:
+            if store == "PostgreSQL":
+                rows.append(row(PG_DURABLE_FLOOR_NAME, "", load, load))
+            rows.append(row(CREATE_NAME, store, load, load))
     rows.append(row(FLOOR_WHOLE_NAME, "", None, echo_for_whole))
     rows += [row(name, store, None, echo_for_whole) for name in WHOLE_RUNS for store in stores]
     return rows
@@ -424,11 +488,12 @@ def run_benchmark() -> list[Row]:
     """Against SQLite, and against PostgreSQL where it is installed (else said, and left out)."""
     with contextlib.ExitStack() as stack:
         durable_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spindle-bench-floor-")))
-        echo = stack.enter_context(echo_server(durable_dir))
+        cluster = stack.enter_context(_postgres.Cluster()) if _postgres.available() else None
+        # The echo's PostgreSQL floors on a database of their own in the same cluster.
+        echo = stack.enter_context(echo_server(durable_dir, cluster.database() if cluster else None))
         sqlite = stack.enter_context(BenchServer(*SERVER_FLAGS))
         spindles = [Spindle("SQLite", sqlite, prepare(sqlite.address))]
-        if _postgres.available():
-            cluster = stack.enter_context(_postgres.Cluster())
+        if cluster is not None:
             served = stack.enter_context(BenchServer(*SERVER_FLAGS, postgres=cluster.database()))
             spindles.append(Spindle("PostgreSQL", served, prepare(served.address), cluster))
             print(
@@ -516,6 +581,9 @@ connections); the echo, the SQLite server and the PostgreSQL server take turns i
 windows. Its "PostgreSQL CPU" is the whole cluster's (postmaster, backends, and the backends
 that ended) over the server's calls: work SQLite does inside the server process, shown apart
 because it runs beside the server, on the other core (the "by CPU" ratio leaves it out).
+The two PostgreSQL floors are the echo server's methods making one round trip a call to the same
+cluster (`bench/_pg_floor.py`, a database of their own, the store's default pool), in the same
+windows; their PostgreSQL CPU is the cluster's over the floor's calls the same way.
 """
 
 
@@ -809,7 +877,75 @@ def reading_postgres(rows: list[Row]) -> str:
             f"{row.cpu_us:,.0f} us against {sqlite.cpu_us:,.0f}, plus {row.postgres_cpu_us or 0:,.0f} us in "
             "PostgreSQL)"
         )
-    return "Reading the PostgreSQL rows: " + "; ".join(pairs) + ". " + READING_POSTGRES
+    floors = reading_postgres_floors(rows)
+    return "Reading the PostgreSQL rows: " + "; ".join(pairs) + ". " + READING_POSTGRES + floors
+
+
+def reading_postgres_floors(rows: list[Row]) -> str:
+    """What the PostgreSQL floors say about Get's and Create's goals there, from this run's
+    figures ("" when the run had none)."""
+    reads = [row for row in rows if row.name == PG_READ_FLOOR_NAME]
+    writes = [row for row in rows if row.name == PG_DURABLE_FLOOR_NAME]
+    if not reads or not writes:
+        return ""
+
+    def against(floor: Row, name: str) -> tuple[str, Row]:
+        spindle = next(r for r in rows if r.name == name and r.store == "PostgreSQL" and r.load == floor.load)
+        said = (
+            f"the floor **{floor.ratio:.2f}** of the echo ({floor.cpu_us:,.0f} us of server CPU a call, "
+            f"{floor.cpu_ratio:.2f} by CPU, plus {floor.postgres_cpu_us or 0:,.0f} us in PostgreSQL), "
+            f"Spindle's {spindle.ratio:.2f} ({spindle.cpu_us:,.0f} us, plus "
+            f"{spindle.postgres_cpu_us or 0:,.0f} in PostgreSQL), "
+            f"{spindle.ratio / floor.ratio if floor.ratio else 0:.2f} of the floor's rate"
+        )
+        return said, spindle
+
+    def verdict(floors: list[Row], goal: float, name: str) -> str:
+        spindles = [against(floor, name)[1] for floor in floors]
+        best = f"Spindle's best figure here {max(row.ratio for row in spindles):.2f}"
+        met = ", met by Spindle's row" if all(row.ratio >= goal for row in spindles) else ""
+        reached = [floor for floor in floors if floor.ratio >= goal]
+        if len(reached) == len(floors):
+            gap = statistics.median(
+                row.cpu_us - floor.cpu_us for row, floor in zip(spindles, floors, strict=True)
+            )
+            return (
+                f"{goal} is within reach of a grpc.aio service making that round trip here{met}: what "
+                f"Spindle adds is its own work on the call, about {gap:,.0f} us of server CPU above the "
+                f"floor's ({best})"
+            )
+        if reached:
+            loads = ", ".join(floor.load for floor in reached)
+            return f"{goal} is within the floor's reach at {loads} only, beyond it at the other load ({best})"
+        return (
+            f"{goal} is beyond reach of any grpc.aio service making one PostgreSQL round trip a call on "
+            f"this machine: the floor itself does not get there ({best})"
+        )
+
+    read, _ = against(reads[0], GET_NAME)
+    slower = [floor for floor in reads + writes if floor.ratio < floor.cpu_ratio]
+    waits = (
+        "Each call waits for a backend, another process: its wake-up, its answer and the loop's "
+        "wake-up on it take turns for the same 2 cores with the load, so "
+        + (
+            "every floor's rate is further below the echo's than its server CPU per call is."
+            if len(slower) == len(reads + writes)
+            else f"{len(slower)} of the {len(reads + writes)} floors' rates are further below the "
+            "echo's than their server CPU per call is."
+        )
+    )
+    writes_said = "; ".join(f"at {floor.load}: {against(floor, CREATE_NAME)[0]}" for floor in writes)
+    return (
+        "\nThe floors of a PostgreSQL round trip (`bench/_pg_floor.py`): the echo server's methods "
+        f"making one round trip a call through an asyncpg pool of {_pg_floor.POOL_MAX} connections "
+        "opened as Spindle's store opens it (no reset query on release), on a database of their own "
+        "in the same cluster, and nothing else. A read (the GetRunRequest parsed, `SELECT body FROM "
+        "floor_runs WHERE id = $1`, the row's bytes answered: the Run Spindle's Get answers): "
+        f"{read}; so {verdict(reads, 0.85, GET_NAME)}. A durable write (one INSERT in its own "
+        "transaction, answered once committed with the WAL flushed, then the request echoed; no "
+        f"lock, no check, no message built): {writes_said}; so {verdict(writes, 0.6, CREATE_NAME)}. "
+        f"{waits}\n"
+    )
 
 
 # Why PostgreSQL differs (measured as it says, with the profile below); the figures above are the run's.
@@ -926,6 +1062,12 @@ def reading_durable_floor(rows: list[Row]) -> str:
         if within
         else "The goal is beyond the floor here: no work on top of such a durable write can reach it."
     )
+    postgres = (
+        " On PostgreSQL the same floor is one INSERT in its own transaction through the store's pool"
+        " (`bench/_pg_floor.py`; read in the PostgreSQL rows' reading below)."
+        if any(row.name == PG_DURABLE_FLOOR_NAME for row in rows)
+        else ""
+    )
     return (
         "The floor of a durable write: the echo method "
         "committing each request to a SQLite file the way Spindle's store does (one writer thread, "
@@ -934,7 +1076,7 @@ def reading_durable_floor(rows: list[Row]) -> str:
         "no index, no thread's check. " + ". ".join(parts) + ". A durable write pays a commit "
         "(an fdatasync and the WAL's frames) shared by the writes that arrived while the one before "
         "was on disk, and the hand-off to the writer thread and back, on the same 2 cores as the "
-        f"load. {verdict}\n"
+        f"load. {verdict}{postgres}\n"
     )
 
 
