@@ -918,8 +918,9 @@ def reading_postgres_floors(rows: list[Row]) -> str:
             loads = ", ".join(floor.load for floor in reached)
             return f"{goal} is within the floor's reach at {loads} only, beyond it at the other load ({best})"
         return (
-            f"{goal} is beyond reach of any grpc.aio service making one PostgreSQL round trip a call on "
-            f"this machine: the floor itself does not get there ({best})"
+            f"{goal} is beyond reach of a grpc.aio service making one PostgreSQL round trip a call "
+            "through an asyncpg pool like Spindle's on this machine: the floor itself does not get "
+            f"there ({best})"
         )
 
     read, _ = against(reads[0], GET_NAME)

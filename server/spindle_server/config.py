@@ -45,7 +45,7 @@ class ServerConfig:
     grpc_max_pending_seconds: int = 120  # how long such a call may wait before grpc cancels it
     max_concurrent_rpcs: int = 0  # calls in progress at once, more: RESOURCE_EXHAUSTED (0: no limit)
     # Objects allocated between passes of the cyclic collector's youngest generation (0: Python's
-    # 700). Python's default, under load with many streams, runs a full pass every second or so.
+    # own, 700 on 3.11-3.13, which under load with many streams runs a full pass every second).
     gc_threshold: int = 50_000
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         int,
         defaults.gc_threshold,
         "objects allocated between passes of Python's cyclic garbage collector (0: Python's "
-        "default, 700, which under load with many open streams pauses the server for tens of ms "
+        "own, 700 on 3.11-3.13, which under load with many open streams pauses the server for tens of ms "
         "about once a second)",
     )
     option("log-level", str, defaults.log_level, "debug | info | warning | error")

@@ -187,6 +187,7 @@ class CallInterceptor:
                 self._finish(_Call(method, ctx, started=started, code="CANCELLED"))  # the client went away
                 raise
             except Exception as exc:
+                request = None  # not kept by the abort's traceback (see _fail)
                 call = _Call(method, ctx, started=started)
                 try:
                     await self._fail(call, ctx, exc)
@@ -257,6 +258,9 @@ class CallInterceptor:
         call.reason = error.reason
         if error.code == grpc.StatusCode.INTERNAL:
             log.error("unhandled_error", method=call.method, exc_info=exc)
+        # Logged if it had to be: its frames (the handler's, with the request) go, or the abort's
+        # error, kept by the call's state, would keep them in a cycle until a full collection.
+        exc.__traceback__ = None
         call.record()  # now: abort sends the status, and the client may scrape at once
         await ctx.abort(error.code, error.message, trailing_metadata=trailing_metadata(error))
 

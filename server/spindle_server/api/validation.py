@@ -245,7 +245,7 @@ class Validator:
         self, field: str, content: Sequence[message_pb2.ContentPart], text: str
     ) -> list[message_pb2.ContentPart] | str:
         """Check `content`/`text` and return what to store: the parts, or the text alone (one
-        text part, which `threads.new_message` makes in place)."""
+        text part, which `MessageDraft.build` makes in place)."""
         limit = self.limits.max_message_chars
         if text:  # the common case first: no list of the (empty) parts
             if content:

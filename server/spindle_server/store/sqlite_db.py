@@ -29,7 +29,13 @@ from typing import Any, TypeVar
 import structlog
 
 from spindle_server import faults, metrics
-from spindle_server.store.errors import STORAGE_BUSY, STORAGE_FULL, STORAGE_UNAVAILABLE, UnavailableError
+from spindle_server.store.errors import (
+    STORAGE_BUSY,
+    STORAGE_FULL,
+    STORAGE_UNAVAILABLE,
+    StoreError,
+    UnavailableError,
+)
 from spindle_server.store.sqlite_cache import BodyCache
 
 T = TypeVar("T")
@@ -499,8 +505,15 @@ def _run_alone(connection: sqlite3.Connection, write: _Write, path: Path) -> tup
 
 def _write_failure(exc: Exception, path: Path) -> Exception:
     """What a write's caller gets for its failure: an SQLite operational error (disk full, I/O:
-    not a bug) as the store being unavailable, any other as it is."""
-    return unavailable(exc, "write", path) if isinstance(exc, sqlite3.OperationalError) else exc
+    not a bug) as the store being unavailable, any other as it is. A refusal (StoreError: no
+    such thread, an active run) is an answer, not a fault: it leaves without its traceback,
+    whose frames (the writer's, holding the whole batch, the refusal among its outcomes) would
+    make a cycle that keeps every write of the batch until a full pass of the collector."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return unavailable(exc, "write", path)
+    if isinstance(exc, StoreError):
+        return exc.with_traceback(None)
+    return exc
 
 
 def _no_fn(connection: sqlite3.Connection) -> None:
