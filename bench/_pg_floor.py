@@ -17,9 +17,11 @@ import asyncpg
 import grpc
 
 from spindle.v1 import run_pb2
+from spindle_server.config import ServerConfig
+from spindle_server.store.postgres import keep_session
 
-POOL_MIN = 2  # Spindle's defaults: config.py's pg_pool_min and pg_pool_max
-POOL_MAX = 10
+POOL_MIN = ServerConfig().pg_pool_min  # Spindle's defaults
+POOL_MAX = ServerConfig().pg_pool_max
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS floor_runs (id TEXT PRIMARY KEY, body BYTEA NOT NULL);
 CREATE TABLE IF NOT EXISTS floor_log (seq BIGSERIAL PRIMARY KEY, body BYTEA NOT NULL);
@@ -35,7 +37,7 @@ class PostgresFloor:
 
     async def open(self) -> None:
         self._pool = await asyncpg.create_pool(
-            self._dsn, min_size=POOL_MIN, max_size=POOL_MAX, command_timeout=60.0, reset=_keep_session
+            self._dsn, min_size=POOL_MIN, max_size=POOL_MAX, command_timeout=60.0, reset=keep_session
         )
         async with self._pool.acquire() as conn:
             await conn.execute(SCHEMA)
@@ -68,7 +70,3 @@ class PostgresFloor:
         async with self.pool.acquire() as conn:
             await conn.execute("INSERT INTO floor_log(body) VALUES ($1)", request)
         return request
-
-
-async def _keep_session(_conn: asyncpg.Connection) -> None:
-    """No reset query on release, as Spindle's pool (store/postgres.py's `_keep_session`)."""

@@ -134,7 +134,7 @@ class PostgresStore:
                 min_size=self._pool_min,
                 max_size=self._pool_max,
                 command_timeout=self._command_timeout,
-                reset=_keep_session,
+                reset=keep_session,
                 server_settings=self._settings,
             )
             async with self._pool.acquire() as conn:
@@ -780,7 +780,7 @@ class PostgresStore:
         return int(status.split()[-1])
 
 
-async def _keep_session(_conn: Conn) -> None:
+async def keep_session(_conn: Conn) -> None:
     """The pool's reset on release, instead of asyncpg's default query (advisory unlock all,
     CLOSE ALL, UNLISTEN *, RESET ALL): one more round trip for every store call, 8% of a
     replica's CPU under load (bench/replicas.py). Nothing here leaves session state behind:
